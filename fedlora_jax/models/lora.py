@@ -1,0 +1,150 @@
+"""LoRA for NNX models: injection into named linear layers, trainable/frozen split, merging.
+
+Paper notation throughout: for a frozen linear map with Flax kernel ``W`` of shape
+[d_in, d_out], LoRA adds ``delta W = s * B @ A`` in the math orientation (d_out x d_in), with
+``B`` of shape [d_out, r] (zero init) and ``A`` of shape [r, d_in]. The factors are stored in
+this orientation (``lora_b``, ``lora_a``) so that stacked client factors are directly
+``B [U, d_out, r]`` and ``A [U, r, d_in]``; the only place that converts to the Flax kernel
+orientation is :func:`LoRALinear.__call__` (and :func:`merge_lora`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+ALL_LINEAR = "all-linear"
+
+
+class LoRAParam(nnx.Param):
+    """Variable type of LoRA factors (trainable)."""
+
+
+# Trainable = LoRA factors + the task head (a submodule called ``head``). Everything else is frozen.
+TRAINABLE = nnx.Any(LoRAParam, nnx.All(nnx.Param, nnx.PathContains("head")))
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """Where and how LoRA is injected.
+
+    Attributes:
+      rank: r, the adapter rank (> 0).
+      alpha: scaling numerator; the scale is alpha / r (or alpha / sqrt(r) with ``rslora``).
+      targets: names of linear layers to adapt. A name matches a layer whose attribute name
+        equals it, or whose dotted path (``layers.0.attention.query``) it fully matches as a
+        regular expression. ``("all-linear",)`` adapts every linear layer except the head.
+        ``None`` uses the model's ``default_lora_targets``.
+      rslora: use rank-stabilised scaling alpha / sqrt(r).
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: Sequence[str] | None = None
+    rslora: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"lora rank must be a positive integer, got {self.rank!r}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+
+class LoRALinear(nnx.Module):
+    """A frozen linear layer plus a low-rank update: y = x W + b + s * (x A^T) B^T.
+
+    Shapes: kernel [d_in, d_out] (Flax), bias [d_out] or None, lora_a [r, d_in],
+    lora_b [d_out, r].
+    """
+
+    def __init__(self, base: nnx.Linear, rank: int, scaling: float, key: jax.Array):
+        d_in, d_out = base.kernel.value.shape
+        self.in_features, self.out_features = d_in, d_out
+        self.kernel = base.kernel
+        self.bias = base.bias
+        self.scaling = float(scaling)
+        bound = 1.0 / math.sqrt(d_in)  # HF PEFT: kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(d_in), +)
+        dtype = base.kernel.value.dtype
+        self.lora_a = LoRAParam(jax.random.uniform(key, (rank, d_in), dtype, -bound, bound))
+        self.lora_b = LoRAParam(jnp.zeros((d_out, rank), dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.kernel.value
+        if self.bias is not None and self.bias.value is not None:
+            y = y + self.bias.value
+        return y + self.scaling * ((x @ self.lora_a.value.T) @ self.lora_b.value.T)
+
+
+def _path_name(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _matches(path: tuple, targets: Sequence[str]) -> bool:
+    if not path:
+        return False
+    if ALL_LINEAR in targets:
+        return not any(p in ("head", "lm_head") for p in path)
+    name, dotted = str(path[-1]), _path_name(path)
+    return any(name == t or re.fullmatch(t, dotted) for t in targets)
+
+
+def _get_child(parent, key):
+    return parent[key] if isinstance(key, int) else getattr(parent, key)
+
+
+def inject_lora(model: nnx.Module, config: LoRAConfig, key: jax.Array) -> list[str]:
+    """Replaces target ``nnx.Linear`` layers of ``model`` in place by :class:`LoRALinear`.
+
+    Each adapted layer draws its A from ``fold_in(key, i)``, so one server-side key fixes every
+    client's initial A (FFA-LoRA relies on this). Returns the dotted paths adapted; raises
+    ``ValueError`` when nothing matches.
+    """
+    targets = tuple(config.targets or getattr(model, "default_lora_targets", ()))
+    if not targets:
+        raise ValueError("no LoRA targets given and the model declares no default_lora_targets")
+    found = [
+        (path, module)
+        for path, module in nnx.iter_graph(model)
+        if isinstance(module, nnx.Linear) and _matches(path, targets)
+    ]
+    if not found:
+        raise ValueError(f"LoRA targets {list(targets)} match no linear layer of {type(model).__name__}")
+    for i, (path, module) in enumerate(found):
+        parent = model
+        for p in path[:-1]:
+            parent = _get_child(parent, p)
+        adapted = LoRALinear(module, config.rank, config.scaling, jax.random.fold_in(key, i))
+        if isinstance(path[-1], int):
+            parent[path[-1]] = adapted
+        else:
+            setattr(parent, path[-1], adapted)
+    return [_path_name(p) for p, _ in found]
+
+
+def lora_layers(model: nnx.Module) -> dict[str, LoRALinear]:
+    """The model's LoRA layers by dotted path."""
+    return {_path_name(p): m for p, m in nnx.iter_graph(model) if isinstance(m, LoRALinear)}
+
+
+def merge_lora(model: nnx.Module) -> None:
+    """Folds every adapter into its base kernel in place (W += s (B A)^T) and zeroes B."""
+    for layer in lora_layers(model).values():
+        delta = layer.scaling * (layer.lora_b.value @ layer.lora_a.value)
+        layer.kernel.value = layer.kernel.value + delta.T.astype(layer.kernel.value.dtype)
+        layer.lora_b.value = jnp.zeros_like(layer.lora_b.value)
+
+
+def split_model(model: nnx.Module):
+    """Splits a model once into (graphdef, trainable state, frozen state).
+
+    Trainable is the LoRA factors plus the task head; frozen is everything else.
+    """
+    return nnx.split(model, TRAINABLE, ...)

@@ -1,0 +1,239 @@
+"""The run loop: build everything from a config, run rounds, evaluate, log, summarise.
+
+Python runs only between rounds. Everything that can fail on bad input (config, data, model)
+is built before the run directory is created, so a bad run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from fedlora_jax import models
+from fedlora_jax.client import LocalTrainer, make_optimizer, make_schedule
+from fedlora_jax.config import Config, ConfigError, cohort_size
+from fedlora_jax.data.base import FederatedData
+from fedlora_jax.data.synthetic import make_synthetic
+from fedlora_jax.evaluate import Evaluator, pad_rows, score, weighted_client_metrics
+from fedlora_jax.methods import make_method
+from fedlora_jax.models.lora import LoRAConfig, inject_lora, split_model
+from fedlora_jax.params import trainable_layout
+from fedlora_jax.server import ClientShards, Federation, ServerState, device_shards, init_server_state
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything a run needs, built and validated from a config."""
+
+    config: Config
+    data: FederatedData
+    graphdef: Any
+    params: Any
+    frozen: Any
+    federation: Federation
+    evaluator: Evaluator
+    lora_modules: list[str]
+
+
+def build_data(config: Config) -> FederatedData:
+    d = config.data
+    if d.source == "synthetic":
+        return make_synthetic(
+            num_clients=d.num_clients, examples_per_client=tuple(d.examples_per_client), vocab_size=d.vocab_size,
+            seq_len=d.seq_len, num_labels=d.num_labels, label_skew_alpha=d.label_skew_alpha,
+            signal_tokens=d.signal_tokens, test_examples=d.test_examples,
+            local_test_fraction=d.local_test_fraction, seed=config.seed)
+    raise ConfigError(f"config key 'data.source': unknown source {d.source!r} (available: synthetic)")
+
+
+def build_model(config: Config, data: FederatedData):
+    """The model with LoRA injected; returns (model, adapted module paths)."""
+    m = config.model
+    dtype = jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32
+    num_labels = 1 if data.task == "regression" else data.num_labels
+    if m.pretrained:
+        model = models.load_pretrained(m.pretrained, task=data.task, num_labels=num_labels, dtype=dtype, seed=config.seed)
+    else:
+        model = models.create_model(m.arch, dict(m.config), task=data.task, num_labels=num_labels,
+                                    seed=config.seed, dtype=dtype)
+    lora = LoRAConfig(rank=config.lora.rank, alpha=config.lora.alpha,
+                      targets=tuple(config.lora.targets) if config.lora.targets else None, rslora=config.lora.rslora)
+    adapted = inject_lora(model, lora, jax.random.key(config.seed + 1))
+    return model, adapted
+
+
+def build_experiment(config: Config, data: FederatedData | None = None) -> Experiment:
+    """Builds data, model, local trainer and federation; raises on bad input, writes nothing."""
+    data = data if data is not None else build_data(config)
+    if data.num_clients != config.data.num_clients:
+        raise ConfigError(f"data has {data.num_clients} clients but data.num_clients is {config.data.num_clients}")
+    model, adapted = build_model(config, data)
+    graphdef, params, frozen = split_model(model)
+    f = config.federation
+    trainer = LocalTrainer(graphdef, data.task, make_optimizer(config.optim),
+                           make_schedule(config.optim, f.rounds * f.local_steps), f.local_steps, f.batch_size)
+    method = make_method(f.method, f.method_options, lora_rank=config.lora.rank)
+    federation = Federation(trainer, method, trainable_layout(params), cohort_size(config), data.num_clients,
+                            f.clients_per_chunk)
+    evaluator = Evaluator(graphdef, data.task, config.eval.batch_size)
+    return Experiment(config, data, graphdef, params, frozen, federation, evaluator, adapted)
+
+
+class RunLog:
+    """The run directory: resolved config, metrics.jsonl, divergence.jsonl, summary.json."""
+
+    def __init__(self, out_dir: Path | None, config: Config):
+        self.dir = out_dir
+        if out_dir is None:
+            return
+        if out_dir.exists() and any(out_dir.iterdir()):
+            raise ConfigError(f"run directory {out_dir} already exists and is not empty")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+    def append(self, filename: str, record: dict) -> None:
+        if self.dir is not None:
+            with open(self.dir / filename, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def write(self, filename: str, record: dict) -> None:
+        if self.dir is not None:
+            (self.dir / filename).write_text(json.dumps(record, indent=2) + "\n")
+
+
+@dataclasses.dataclass
+class RunResult:
+    history: list[dict]
+    state: ServerState
+    experiment: Experiment
+    out_dir: Path | None
+    compile_s: float
+
+
+class Evaluation:
+    """Host-side wrapper of the jitted evaluators with the padded test arrays prepared once."""
+
+    def __init__(self, exp: Experiment):
+        bs = exp.evaluator.batch_size
+        self.exp = exp
+        self.global_fn, self.local_fn = exp.evaluator.compile()
+        test = exp.data.global_test
+        self.global_n = len(next(iter(test.values())))
+        self.global_arrays = pad_rows(test, bs)
+        self.local_arrays = pad_rows(exp.data.local_test, bs, axis=1)
+        self.global_device = {k: jnp.asarray(v) for k, v in self.global_arrays.items()}
+
+    def global_metrics(self, state: ServerState) -> dict:
+        preds, losses = jax.device_get(self.global_fn(state.params, state.frozen, self.global_device))
+        valid = np.arange(len(losses)) < self.global_n
+        return score(self.exp.data.name, self.exp.data.task, preds, losses, self.global_arrays, valid)
+
+    def local_metrics(self, state: ServerState, client_params, cohort: np.ndarray) -> dict:
+        sizes = self.exp.data.num_local_test[cohort]
+        if sizes.sum() == 0:
+            return {}
+        arrays = {k: v[cohort] for k, v in self.local_arrays.items()}
+        preds, losses = jax.device_get(self.local_fn(client_params, state.frozen, {k: jnp.asarray(v) for k, v in arrays.items()}))
+        per_client = []
+        for i, n in enumerate(sizes):
+            valid = np.arange(losses.shape[1]) < n
+            client = {k: v[i] for k, v in arrays.items()}
+            per_client.append(score(self.exp.data.name, self.exp.data.task, preds[i], losses[i], client, valid) if n else {})
+        return weighted_client_metrics(per_client, sizes)
+
+
+def _headline(task: str) -> str:
+    return {"causal_lm": "token_accuracy", "regression": "pearson"}.get(task, "accuracy")
+
+
+def run(config: Config, out_dir: str | Path | None = None, progress: bool = True,
+        console: Console | None = None, experiment: Experiment | None = None) -> RunResult:
+    """Runs a federated simulation; writes the run directory when ``out_dir`` is given."""
+    exp = experiment or build_experiment(config)
+    console = console or Console(stderr=True)
+    log = RunLog(Path(out_dir) if out_dir is not None else None, config)
+    fed = exp.federation
+    shards: ClientShards = device_shards(exp.data)
+    state = init_server_state(exp.params, exp.frozen, config.seed)
+    round_fn = fed.compile_round()
+    evaluation = Evaluation(exp)
+    headline = _headline(exp.data.task)
+    rounds, every = config.federation.rounds, config.eval.every
+    module_names = [m.name for m in fed.layout.modules]
+
+    t0 = time.perf_counter()
+    compiled = round_fn.lower(state, shards).compile()
+    compile_s = time.perf_counter() - t0
+
+    history: list[dict] = []
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
+        task_id = bar.add_task(f"{config.name} [{fed.method.name}]", total=rounds, status="compiled in %.1fs" % compile_s)
+        for r in range(rounds):
+            t_round = time.perf_counter()
+            state, out = compiled(state, shards)
+            train_loss = float(out.train_loss)
+            wall_s = time.perf_counter() - t_round
+            bytes_up, bytes_down = fed.communication_bytes(state.params, r)
+            divergence = np.asarray(out.divergence)
+            record = {"round": r + 1, "train_loss": train_loss, "divergence": float(divergence.mean()) if divergence.size else 0.0,
+                      "wall_s": wall_s, "bytes_up": bytes_up, "bytes_down": bytes_down}
+            if (r + 1) % every == 0 or r + 1 == rounds:
+                t_eval = time.perf_counter()
+                record.update({f"global_{k}": v for k, v in evaluation.global_metrics(state).items()})
+                if config.eval.local:
+                    local = evaluation.local_metrics(state, out.client_params, np.asarray(out.cohort))
+                    record.update({f"local_{k}": v for k, v in local.items()})
+                    if f"local_{headline}" in record:
+                        record["local_global_gap"] = record[f"local_{headline}"] - record[f"global_{headline}"]
+                record["eval_s"] = time.perf_counter() - t_eval
+            history.append(record)
+            log.append("metrics.jsonl", record)
+            log.append("divergence.jsonl", {"round": r + 1, **dict(zip(module_names, map(float, divergence)))})
+            status = f"loss {train_loss:.4f}"
+            if f"global_{headline}" in record:
+                status += f"  {headline} {record[f'global_{headline}']:.4f}"
+            bar.update(task_id, advance=1, status=status)
+    summary = summarise(history, headline, compile_s)
+    log.write("summary.json", summary)
+    if progress:
+        console.print(summary_table(summary, title=f"{config.name}: {fed.method.name}, {rounds} rounds"))
+    return RunResult(history, state, exp, log.dir, compile_s)
+
+
+def summarise(history: list[dict], headline: str, compile_s: float) -> dict:
+    """Final and best values of the evaluated metrics, totals of bytes and time."""
+    evaluated = [h for h in history if f"global_{headline}" in h]
+    last = evaluated[-1] if evaluated else history[-1]
+    out = {"rounds": len(history), "final_train_loss": history[-1]["train_loss"]}
+    for key in sorted(k for k in last if k.startswith(("global_", "local_"))):
+        out[f"final_{key}"] = last[key]
+    if evaluated:
+        out[f"best_global_{headline}"] = max(h[f"global_{headline}"] for h in evaluated)
+    out["total_bytes_up"] = int(sum(h["bytes_up"] for h in history))
+    out["total_bytes_down"] = int(sum(h["bytes_down"] for h in history))
+    out["mean_divergence"] = float(np.mean([h["divergence"] for h in history]))
+    out["compile_s"] = compile_s
+    out["train_s"] = float(sum(h["wall_s"] for h in history))
+    return out
+
+
+def summary_table(summary: dict, title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in summary.items():
+        table.add_row(k, f"{v:,}" if isinstance(v, int) else f"{v:.4f}")
+    return table
