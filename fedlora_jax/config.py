@@ -44,11 +44,25 @@ class DataConfig:
 
     ``source: synthetic`` needs no files: token sequences whose label is set by planted
     class-specific tokens, with per-client label skew Dirichlet(``label_skew_alpha``).
+    ``source: glue | files | gsm8k`` reads real data with the loader options in ``load``
+    (e.g. ``{task: sst2, dir: ../shared/data/glue/SST-2}``), tokenises with ``tokenizer``
+    (default: the model's directory) and partitions with ``partition``
+    (``{scheme: iid | dirichlet | label_proportions | imbalanced | quantity, ...options}``).
     """
 
     source: str = "synthetic"
     num_clients: int = 10
     local_test_fraction: float = 0.2
+    # real data
+    load: dict = dataclasses.field(default_factory=dict)
+    tokenizer: str | None = None
+    max_length: int = 128
+    train_split: str = "train"
+    test_split: str = "validation"
+    max_train_examples: int | None = None
+    max_test_examples: int | None = None
+    partition: dict = dataclasses.field(default_factory=lambda: {"scheme": "iid"})
+    cache_dir: str | None = None
     # synthetic task
     vocab_size: int = 128
     seq_len: int = 16

@@ -24,6 +24,7 @@ from fedlora_jax import models
 from fedlora_jax.client import LocalTrainer, make_optimizer, make_schedule
 from fedlora_jax.config import Config, ConfigError, cohort_size
 from fedlora_jax.data.base import FederatedData
+from fedlora_jax.data.sources import SOURCES, load_federated
 from fedlora_jax.data.synthetic import make_synthetic
 from fedlora_jax.evaluate import Evaluator, pad_rows, score, weighted_client_metrics
 from fedlora_jax.methods import make_method
@@ -54,7 +55,14 @@ def build_data(config: Config) -> FederatedData:
             seq_len=d.seq_len, num_labels=d.num_labels, label_skew_alpha=d.label_skew_alpha,
             signal_tokens=d.signal_tokens, test_examples=d.test_examples,
             local_test_fraction=d.local_test_fraction, seed=config.seed)
-    raise ConfigError(f"config key 'data.source': unknown source {d.source!r} (available: synthetic)")
+    if d.source not in SOURCES:
+        raise ConfigError(f"config key 'data.source': unknown source {d.source!r} (known: {', '.join(SOURCES)})")
+    tokenizer = d.tokenizer or config.model.pretrained
+    if not tokenizer:
+        raise ConfigError("config key 'data.tokenizer' is needed when model.pretrained is not set")
+    return load_federated(d.source, d.load, tokenizer, d.num_clients, d.partition, config.seed, d.max_length,
+                          d.train_split, d.test_split, d.local_test_fraction, d.max_train_examples,
+                          d.max_test_examples, d.cache_dir)
 
 
 def build_model(config: Config, data: FederatedData):

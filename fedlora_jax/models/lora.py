@@ -66,21 +66,21 @@ class LoRALinear(nnx.Module):
     """
 
     def __init__(self, base: nnx.Linear, rank: int, scaling: float, key: jax.Array):
-        d_in, d_out = base.kernel.value.shape
+        d_in, d_out = base.kernel[...].shape
         self.in_features, self.out_features = d_in, d_out
         self.kernel = base.kernel
         self.bias = base.bias
         self.scaling = float(scaling)
         bound = 1.0 / math.sqrt(d_in)  # HF PEFT: kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(d_in), +)
-        dtype = base.kernel.value.dtype
+        dtype = base.kernel[...].dtype
         self.lora_a = LoRAParam(jax.random.uniform(key, (rank, d_in), dtype, -bound, bound))
         self.lora_b = LoRAParam(jnp.zeros((d_out, rank), dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = x @ self.kernel.value
-        if self.bias is not None and self.bias.value is not None:
-            y = y + self.bias.value
-        return y + self.scaling * ((x @ self.lora_a.value.T) @ self.lora_b.value.T)
+        y = x @ self.kernel[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y + self.scaling * ((x @ self.lora_a[...].T) @ self.lora_b[...].T)
 
 
 def _path_name(path: tuple) -> str:
@@ -137,9 +137,9 @@ def lora_layers(model: nnx.Module) -> dict[str, LoRALinear]:
 def merge_lora(model: nnx.Module) -> None:
     """Folds every adapter into its base kernel in place (W += s (B A)^T) and zeroes B."""
     for layer in lora_layers(model).values():
-        delta = layer.scaling * (layer.lora_b.value @ layer.lora_a.value)
-        layer.kernel.value = layer.kernel.value + delta.T.astype(layer.kernel.value.dtype)
-        layer.lora_b.value = jnp.zeros_like(layer.lora_b.value)
+        delta = layer.scaling * (layer.lora_b[...] @ layer.lora_a[...])
+        layer.kernel[...] = layer.kernel[...] + delta.T.astype(layer.kernel.dtype)
+        layer.lora_b[...] = jnp.zeros_like(layer.lora_b[...])
 
 
 def split_model(model: nnx.Module):

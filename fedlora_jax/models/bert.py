@@ -1,0 +1,354 @@
+"""BERT and RoBERTa encoders in Flax NNX, numerically matching Hugging Face PyTorch (eager).
+
+The models are deterministic: there is no dropout anywhere (the federated/DP training this
+library runs treats the forward pass as a pure function of the parameters). Every linear layer
+is a plain ``nnx.Linear`` so that :func:`fedlora_jax.models.lora.inject_lora` can replace it; the
+attention projections are named ``query``, ``key``, ``value`` as in Hugging Face.
+
+Module tree (dotted paths, which LoRA target regexes match)::
+
+    embeddings.{word_embeddings, position_embeddings, token_type_embeddings, layer_norm}
+    layers.<i>.attention.{query, key, value}
+    layers.<i>.{attention_output, attention_norm, intermediate, output, output_norm}
+    pooler                                   (BERT sequence classification only; frozen)
+
+:class:`BertForSequenceClassification` wraps that tree under ``bert`` and adds the trainable
+task ``head``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+}
+HEAD_KINDS = ("bert", "roberta")
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """Hyperparameters of a BERT/RoBERTa encoder, named as in Hugging Face ``config.json``.
+
+    Attributes:
+      roberta_positions: position ids start at ``pad_token_id + 1`` and skip padding tokens
+        (RoBERTa's ``create_position_ids_from_input_ids``); BERT uses 0..L-1.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    initializer_range: float = 0.02
+    roberta_positions: bool = False
+
+    def __post_init__(self):
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; expected one of {sorted(ACTIVATIONS)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any]) -> BertConfig:
+        """Builds the config from a Hugging Face ``config.json`` dict (model_type bert or roberta)."""
+        position_type = hf.get("position_embedding_type", "absolute")
+        if position_type != "absolute":
+            raise ValueError(f"unsupported position_embedding_type {position_type!r}; only 'absolute' is implemented")
+        is_roberta = hf.get("model_type") == "roberta"
+        pad = hf.get("pad_token_id")
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=hf["num_attention_heads"],
+            intermediate_size=hf["intermediate_size"],
+            hidden_act=hf.get("hidden_act", "gelu"),
+            max_position_embeddings=hf.get("max_position_embeddings", 512),
+            type_vocab_size=hf.get("type_vocab_size", 2),
+            layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+            pad_token_id=(1 if is_roberta else 0) if pad is None else pad,
+            initializer_range=hf.get("initializer_range", 0.02),
+            roberta_positions=is_roberta,
+        )
+
+
+def roberta_position_ids(input_ids: jax.Array, pad_token_id: int) -> jax.Array:
+    """RoBERTa position ids: pad_token_id+1, +2, ... over real tokens; pad_token_id on padding.
+
+    Args:
+      input_ids: [B, L] token ids.
+      pad_token_id: the padding token id (also the padding position index).
+
+    Returns:
+      [B, L] int32 position ids.
+    """
+    is_token = (input_ids != pad_token_id).astype(jnp.int32)
+    return jnp.cumsum(is_token, axis=1) * is_token + pad_token_id
+
+
+def padding_attention(query: jax.Array, key: jax.Array, value: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """Bidirectional multi-head attention over non-padded keys.
+
+    Args:
+      query, key, value: [B, L, N, D].
+      attention_mask: [B, L], 1 (or True) for real tokens.
+
+    Returns:
+      [B, L, N, D]; softmax is computed in float32.
+    """
+    key_mask = attention_mask.astype(bool)[:, None, None, :]
+    return jax.nn.dot_product_attention(query, key, value, mask=key_mask)
+
+
+def _linear(d_in: int, d_out: int, config: BertConfig, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(
+        d_in,
+        d_out,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nnx.initializers.normal(config.initializer_range),
+        rngs=rngs,
+    )
+
+
+def _layer_norm(config: BertConfig, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    return nnx.LayerNorm(
+        config.hidden_size,
+        epsilon=config.layer_norm_eps,
+        use_fast_variance=False,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+
+
+class BertEmbeddings(nnx.Module):
+    """Word + position + token-type embeddings followed by LayerNorm."""
+
+    def __init__(self, config: BertConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(config.initializer_range)
+        embed = functools.partial(nnx.Embed, dtype=dtype, param_dtype=param_dtype, embedding_init=init, rngs=rngs)
+        self.word_embeddings = embed(config.vocab_size, config.hidden_size)
+        self.position_embeddings = embed(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = embed(config.type_vocab_size, config.hidden_size)
+        self.layer_norm = _layer_norm(config, dtype, param_dtype, rngs)
+        self.roberta_positions = config.roberta_positions
+        self.pad_token_id = config.pad_token_id
+
+    def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array) -> jax.Array:
+        """[B, L] ids and token types -> [B, L, H] embeddings."""
+        longest = input_ids.shape[1] + (self.pad_token_id + 1 if self.roberta_positions else 0)
+        if longest > self.position_embeddings.num_embeddings:
+            raise ValueError(
+                f"sequence length {input_ids.shape[1]} needs {longest} position embeddings; "
+                f"the model has {self.position_embeddings.num_embeddings}"
+            )
+        if self.roberta_positions:
+            positions = roberta_position_ids(input_ids, self.pad_token_id)
+        else:
+            positions = jnp.arange(input_ids.shape[1])[None, :]
+        hidden = (
+            self.word_embeddings(input_ids)
+            + self.token_type_embeddings(token_type_ids)
+            + self.position_embeddings(positions)
+        )
+        return self.layer_norm(hidden)
+
+
+class BertSelfAttention(nnx.Module):
+    """The ``query``/``key``/``value`` projections and scaled dot-product attention."""
+
+    def __init__(self, config: BertConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        hidden = config.hidden_size
+        self.query = _linear(hidden, hidden, config, dtype, param_dtype, rngs)
+        self.key = _linear(hidden, hidden, config, dtype, param_dtype, rngs)
+        self.value = _linear(hidden, hidden, config, dtype, param_dtype, rngs)
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+
+    def __call__(self, hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        """[B, L, H] hidden states, [B, L] mask -> [B, L, H] attention output (before projection)."""
+        batch, length, _ = hidden.shape
+        head_shape = (batch, length, self.num_heads, self.head_dim)
+        out = padding_attention(
+            self.query(hidden).reshape(head_shape),
+            self.key(hidden).reshape(head_shape),
+            self.value(hidden).reshape(head_shape),
+            attention_mask,
+        )
+        return out.reshape(batch, length, self.num_heads * self.head_dim)
+
+
+class BertLayer(nnx.Module):
+    """Post-LayerNorm transformer block: attention + residual + LN, MLP + residual + LN."""
+
+    def __init__(self, config: BertConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        hidden, inner = config.hidden_size, config.intermediate_size
+        self.attention = BertSelfAttention(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.attention_output = _linear(hidden, hidden, config, dtype, param_dtype, rngs)
+        self.attention_norm = _layer_norm(config, dtype, param_dtype, rngs)
+        self.intermediate = _linear(hidden, inner, config, dtype, param_dtype, rngs)
+        self.output = _linear(inner, hidden, config, dtype, param_dtype, rngs)
+        self.output_norm = _layer_norm(config, dtype, param_dtype, rngs)
+        self.hidden_act = config.hidden_act
+
+    def __call__(self, hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        """[B, L, H], [B, L] -> [B, L, H]."""
+        hidden = self.attention_norm(hidden + self.attention_output(self.attention(hidden, attention_mask)))
+        inner = ACTIVATIONS[self.hidden_act](self.intermediate(hidden))
+        return self.output_norm(hidden + self.output(inner))
+
+
+class BertModel(nnx.Module):
+    """BERT/RoBERTa encoder: embeddings + a stack of :class:`BertLayer` (+ optional pooler).
+
+    Args:
+      config: the encoder hyperparameters.
+      add_pooler: add BERT's pooler (dense + tanh on the first token), used by the BERT
+        classification head. It is part of the (frozen) encoder.
+      dtype: compute dtype (None: that of the parameters).
+      param_dtype: parameter dtype.
+      rngs: initialisation randomness.
+    """
+
+    default_lora_targets = ("query", "value")
+
+    def __init__(
+        self,
+        config: BertConfig,
+        *,
+        add_pooler: bool = False,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.config = config
+        self.embeddings = BertEmbeddings(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.layers = nnx.List(
+            [
+                BertLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                for _ in range(config.num_hidden_layers)
+            ]
+        )
+        hidden = config.hidden_size
+        self.pooler = _linear(hidden, hidden, config, dtype, param_dtype, rngs) if add_pooler else None
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """Encodes a batch.
+
+        Args:
+          input_ids: [B, L] int token ids.
+          attention_mask: [B, L], 1 for real tokens, 0 for padding (None: all real).
+          token_type_ids: [B, L] segment ids (None: all 0).
+
+        Returns:
+          [B, L, H] last hidden states.
+        """
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros(input_ids.shape, jnp.int32)
+        hidden = self.embeddings(input_ids, token_type_ids)
+        for layer in self.layers:
+            hidden = layer(hidden, attention_mask)
+        return hidden
+
+    def pool(self, hidden: jax.Array) -> jax.Array:
+        """BERT pooler: [B, L, H] -> [B, H] = tanh(dense(hidden[:, 0]))."""
+        if self.pooler is None:
+            raise ValueError("this BertModel was built without a pooler (add_pooler=False)")
+        return jnp.tanh(self.pooler(hidden[:, 0]))
+
+
+class RobertaClassificationHead(nnx.Module):
+    """RoBERTa sequence head: out_proj(tanh(dense(hidden[:, 0])))."""
+
+    def __init__(self, config: BertConfig, num_labels: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        hidden = config.hidden_size
+        self.dense = _linear(hidden, hidden, config, dtype, param_dtype, rngs)
+        self.out_proj = _linear(hidden, num_labels, config, dtype, param_dtype, rngs)
+
+    def __call__(self, hidden: jax.Array) -> jax.Array:
+        """[B, L, H] -> [B, num_labels]."""
+        return self.out_proj(jnp.tanh(self.dense(hidden[:, 0])))
+
+
+class BertForSequenceClassification(nnx.Module):
+    """Encoder + sequence-level task head; ``num_labels == 1`` is a regression head.
+
+    The trainable head is the submodule ``head`` (the trainable filter matches that name):
+    for ``head="bert"`` it is the classifier ``nnx.Linear`` applied to the frozen pooler
+    output; for ``head="roberta"`` it is :class:`RobertaClassificationHead` (dense + tanh +
+    out_proj on the first token, no pooler).
+
+    Args:
+      config: the encoder hyperparameters.
+      num_labels: number of outputs (1: regression).
+      head: "bert" or "roberta".
+      dtype: compute dtype (None: that of the parameters).
+      param_dtype: parameter dtype.
+      rngs: initialisation randomness.
+    """
+
+    default_lora_targets = ("query", "value")
+
+    def __init__(
+        self,
+        config: BertConfig,
+        num_labels: int,
+        head: str = "bert",
+        *,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if head not in HEAD_KINDS:
+            raise ValueError(f"unknown head {head!r}; expected one of {HEAD_KINDS}")
+        if num_labels < 1:
+            raise ValueError(f"num_labels must be >= 1, got {num_labels}")
+        self.num_labels = num_labels
+        self.head_kind = head
+        self.bert = BertModel(config, add_pooler=head == "bert", dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if head == "bert":
+            self.head = _linear(config.hidden_size, num_labels, config, dtype, param_dtype, rngs)
+        else:
+            self.head = RobertaClassificationHead(config, num_labels, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """[B, L] ids, [B, L] mask, optional [B, L] token types -> [B, num_labels] logits."""
+        hidden = self.bert(input_ids, attention_mask, token_type_ids)
+        if self.head_kind == "bert":
+            return self.head(self.bert.pool(hidden))
+        return self.head(hidden)

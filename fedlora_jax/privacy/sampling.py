@@ -1,0 +1,150 @@
+"""Batch selection with static shapes: Poisson sampling and shuffled fixed-size batches.
+
+A client's examples live in an array padded to ``max_examples`` rows, of which the first
+``num_examples`` are real (``num_examples`` may be traced, one per client). Both samplers return
+``buffer_size`` indices into that array plus a mask of real sampled positions, so the shapes are
+the same for every client and every step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from fedlora_jax.privacy._checks import check_positive_int, concrete_value
+
+
+def _smallest_keys_first(sort_keys: jax.Array, size: int) -> jax.Array:
+    """Indices of the ``size`` smallest entries of ``sort_keys`` [n], ascending; int32 [size].
+
+    When ``size`` exceeds n, the tail is padded with index 0 (callers mask it out).
+    """
+    count = min(size, sort_keys.shape[0])
+    _, indices = jax.lax.top_k(-sort_keys, count)
+    indices = indices.astype(jnp.int32)
+    return jnp.pad(indices, (0, size - count))
+
+
+def poisson_sample(
+    key: jax.Array,
+    num_examples,
+    sampling_rate,
+    buffer_size: int,
+    max_examples: int,
+) -> tuple[jax.Array, jax.Array]:
+    """Poisson sampling of a client's examples into a fixed-size buffer.
+
+    Each of the first ``num_examples`` rows is included independently with probability
+    ``sampling_rate``; padding rows (index >= num_examples) never are. The included rows are
+    placed first in the buffer, in uniformly random order. If more than ``buffer_size`` rows are
+    included, a uniformly random ``buffer_size`` of them are kept and the rest dropped; this
+    truncation slightly changes the mechanism, so choose ``buffer_size`` with
+    :func:`poisson_buffer_size` to make it negligible (probability < 1e-6 per step).
+
+    Args:
+      key: PRNG key.
+      num_examples: the client's number of real examples, int scalar (may be traced),
+        0 <= num_examples <= max_examples.
+      sampling_rate: q in [0, 1], inclusion probability (scalar, may be traced); for
+        accounting, q = expected batch size / num_examples.
+      buffer_size: static number of buffer slots (> 0).
+      max_examples: static padded length of the client's data array (> 0).
+
+    Returns:
+      ``(indices, mask)``: int32 [buffer_size] row indices (always valid rows of the padded
+      array) and bool [buffer_size], True at slots holding an included example.
+
+    Raises:
+      ValueError: if buffer_size or max_examples is not a positive int, or a concrete
+        sampling_rate is outside [0, 1].
+    """
+    check_positive_int("buffer_size", buffer_size)
+    check_positive_int("max_examples", max_examples)
+    rate = concrete_value(sampling_rate)
+    if rate is not None and not 0.0 <= rate <= 1.0:
+        raise ValueError(f"sampling_rate must be in [0, 1], got {sampling_rate!r}")
+    uniforms = jax.random.uniform(key, (max_examples,))
+    included = (uniforms < sampling_rate) & (jnp.arange(max_examples) < num_examples)
+    # Given inclusion, uniforms are i.i.d. uniform on [0, q), so sorting by them orders the
+    # included rows uniformly at random; excluded rows sort after every included one.
+    indices = _smallest_keys_first(jnp.where(included, uniforms, 2.0), buffer_size)
+    mask = included[indices] & (jnp.arange(buffer_size) < max_examples)
+    return indices, mask
+
+
+def poisson_buffer_size(
+    expected_batch_size: float,
+    overflow_probability: float = 1e-6,
+    max_examples: int | None = None,
+) -> int:
+    """Smallest buffer for Poisson sampling whose overflow probability is below a bound (host-side).
+
+    The number of included examples X is a sum of independent Bernoullis with mean
+    mu = expected_batch_size (for any client size), so the Chernoff bound
+    P(X >= t) <= exp(t - mu - t log(t / mu)) (t > mu) holds. The result is the smallest B >= mu
+    with that bound at t = B + 1 below ``overflow_probability``, capped at ``max_examples`` (a
+    client never includes more rows than it has).
+
+    Args:
+      expected_batch_size: mu >= 0, expected number of sampled examples per step.
+      overflow_probability: target bound on P(X > B), in (0, 1).
+      max_examples: optional static padded client size; the buffer never exceeds it.
+
+    Returns:
+      The buffer size B as a Python int >= 1.
+
+    Raises:
+      ValueError: on a negative or non-finite expected_batch_size or an overflow_probability
+        outside (0, 1).
+    """
+    if not 0.0 <= expected_batch_size < math.inf:
+        raise ValueError(f"expected_batch_size must be finite and >= 0, got {expected_batch_size!r}")
+    if not 0.0 < overflow_probability < 1.0:
+        raise ValueError(f"overflow_probability must be in (0, 1), got {overflow_probability!r}")
+    if max_examples is not None:
+        check_positive_int("max_examples", max_examples)
+    mu = float(expected_batch_size)
+    log_target = math.log(overflow_probability)
+    buffer = max(math.ceil(mu), 1)
+    if mu > 0.0:
+        while (buffer + 1) - mu - (buffer + 1) * math.log((buffer + 1) / mu) > log_target:
+            buffer += 1
+    return buffer if max_examples is None else min(buffer, max_examples)
+
+
+def shuffled_batch(
+    key: jax.Array,
+    num_examples,
+    batch_size: int,
+    max_examples: int,
+) -> tuple[jax.Array, jax.Array]:
+    """A fixed-size batch drawn uniformly without replacement from a client's real examples.
+
+    Common in practice but NOT what the accountant assumes: :func:`fedlora_jax.privacy.epsilon`
+    analyses Poisson sampling, and reporting it for shuffled fixed-size batches is an
+    approximation (see docs/privacy.md). Use :func:`poisson_sample` for a sound guarantee.
+
+    Args:
+      key: PRNG key.
+      num_examples: the client's number of real examples, int scalar (may be traced),
+        0 <= num_examples <= max_examples.
+      batch_size: static batch size (> 0).
+      max_examples: static padded length of the client's data array (> 0).
+
+    Returns:
+      ``(indices, mask)``: int32 [batch_size] row indices, always valid rows of the padded array
+      and distinct where the mask is True (real rows first, in random order), and bool
+      [batch_size], True at positions < min(batch_size, num_examples).
+
+    Raises:
+      ValueError: if batch_size or max_examples is not a positive int.
+    """
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("max_examples", max_examples)
+    uniforms = jax.random.uniform(key, (max_examples,))
+    is_real = jnp.arange(max_examples) < num_examples
+    indices = _smallest_keys_first(jnp.where(is_real, uniforms, 2.0), batch_size)
+    mask = jnp.arange(batch_size) < jnp.minimum(batch_size, num_examples)
+    return indices, mask

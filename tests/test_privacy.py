@@ -1,0 +1,432 @@
+"""Tests of fedlora_jax.privacy: accounting, DP-SGD, sampling and user-level DP-FedAvg."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from fedlora_jax import privacy
+
+# ---------------------------------------------------------------- accounting
+
+# Published TF-Privacy compute_dp_sgd_privacy results (RDP, add-or-remove-one).
+TF_PRIVACY_CASES = [
+    # n, batch, sigma, epochs, delta, epsilon
+    (60000, 150, 1.3, 15, 1e-5, 0.7242),
+    (100000, 100, 1.0, 30, 1e-7, 1.4155),
+]
+
+
+@pytest.mark.parametrize("n, batch, sigma, epochs, delta, expected", TF_PRIVACY_CASES)
+def test_epsilon_reproduces_tf_privacy_and_pld_is_tighter(n, batch, sigma, epochs, delta, expected):
+    q, steps = batch / n, epochs * n // batch
+    rdp_epsilon = privacy.epsilon(sigma, q, steps, delta)
+    assert rdp_epsilon == pytest.approx(expected, abs=1e-3)
+    pld_epsilon = privacy.epsilon(sigma, q, steps, delta, accountant="pld")
+    assert 0.0 < pld_epsilon < rdp_epsilon
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_noise_multiplier_for_inverts_epsilon(accountant):
+    q, steps, delta = 150 / 60000, 6000, 1e-5
+    target = privacy.epsilon(1.3, q, steps, delta, accountant)
+    sigma = privacy.noise_multiplier_for(target, q, steps, delta, accountant)
+    assert sigma == pytest.approx(1.3, rel=0.01)
+    achieved = privacy.epsilon(sigma, q, steps, delta, accountant)
+    assert achieved <= target * (1 + 1e-9)
+    assert achieved == pytest.approx(target, rel=0.01)
+
+
+def test_epsilon_edge_cases():
+    assert privacy.epsilon(0.0, 0.01, 10, 1e-5) == math.inf
+    assert privacy.epsilon(0.0, 0.01, 10, 1e-5, accountant="pld") == math.inf
+    assert privacy.epsilon(1.0, 0.01, 0, 1e-5) == 0.0
+    assert privacy.noise_multiplier_for(1.0, 0.01, 0, 1e-5) == 0.0
+    full_batch = privacy.epsilon(1.0, 1.0, 10, 1e-5)
+    assert math.isfinite(full_batch) and full_batch > privacy.epsilon(1.0, 0.5, 10, 1e-5)
+    assert privacy.epsilon(2.0, 0.01, 100, 1e-5) < privacy.epsilon(1.0, 0.01, 100, 1e-5)
+
+
+def test_user_level_epsilon_is_epsilon_over_clients_and_rounds():
+    assert privacy.user_level_epsilon(1.1, 0.05, 200, 1e-6) == privacy.epsilon(1.1, 0.05, 200, 1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(noise_multiplier=-1.0), "noise_multiplier"),
+        (dict(sampling_rate=0.0), "sampling_rate"),
+        (dict(sampling_rate=1.5), "sampling_rate"),
+        (dict(steps=-1), "steps"),
+        (dict(steps=2.5), "steps"),
+        (dict(delta=0.0), "delta"),
+        (dict(delta=1.0), "delta"),
+        (dict(accountant="moments"), "accountant"),
+    ],
+)
+def test_epsilon_rejects_bad_input(kwargs, message):
+    args = dict(noise_multiplier=1.0, sampling_rate=0.01, steps=10, delta=1e-5) | kwargs
+    with pytest.raises(ValueError, match=message):
+        privacy.epsilon(**args)
+
+
+@pytest.mark.parametrize("target", [0.0, -1.0, math.inf])
+def test_noise_multiplier_for_rejects_bad_target(target):
+    with pytest.raises(ValueError, match="target_epsilon"):
+        privacy.noise_multiplier_for(target, 0.01, 10, 1e-5)
+
+
+# ---------------------------------------------------------------- DP-SGD
+
+D_IN, D_OUT, RANK, BATCH = 5, 3, 2, 6
+
+
+def make_params(key):
+    key_a, key_b, key_h = jax.random.split(key, 3)
+    return {
+        "lora_a": jax.random.normal(key_a, (RANK, D_IN)),
+        "lora_b": jax.random.normal(key_b, (D_OUT, RANK)),
+        "head": jax.random.normal(key_h, (D_OUT,)),
+    }
+
+
+def make_batch(key, size=BATCH, scale=1.0):
+    key_x, key_y = jax.random.split(key)
+    return {"x": scale * jax.random.normal(key_x, (size, D_IN)), "y": jax.random.normal(key_y, (size, D_OUT))}
+
+
+def example_loss(params, example):
+    prediction = params["lora_b"] @ (params["lora_a"] @ example["x"]) + params["head"]
+    return 0.5 * jnp.sum((prediction - example["y"]) ** 2)
+
+
+def tree_allclose(a, b, **tolerances):
+    return all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(np.allclose(x, y, **tolerances)), a, b)))
+
+
+def test_without_noise_or_clipping_equals_mean_gradient_of_real_examples():
+    params, batch = make_params(jax.random.key(0)), make_batch(jax.random.key(1))
+    mask = jnp.array([1, 1, 0, 1, 0, 1], jnp.float32)
+    noisy, stats = privacy.private_gradient(
+        example_loss, params, batch, mask, jax.random.key(2),
+        clip_norm=1e9, noise_multiplier=0.0, expected_batch_size=4,
+    )
+
+    def mean_loss(p):
+        losses = jax.vmap(example_loss, in_axes=(None, 0))(p, batch)
+        return jnp.sum(losses * mask) / 4
+
+    assert tree_allclose(noisy, jax.grad(mean_loss)(params), rtol=1e-5, atol=1e-6)
+    assert float(stats.num_examples) == 4.0
+    assert float(stats.fraction_clipped) == 0.0
+    assert float(stats.mean_loss) == pytest.approx(float(mean_loss(params)), rel=1e-5)
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_clipping_bounds_each_example_contribution(per_layer):
+    params = make_params(jax.random.key(0))
+    batch = make_batch(jax.random.key(1), scale=1e3)
+    mask = jnp.array([1, 1, 1, 0, 1, 0], jnp.float32)
+    clip_norm, expected = 0.5, 5.0
+    kwargs = dict(
+        clip_norm=clip_norm, noise_multiplier=0.0, expected_batch_size=expected, per_layer=per_layer
+    )
+    noisy, stats = privacy.private_gradient(example_loss, params, batch, mask, jax.random.key(2), **kwargs)
+    assert float(privacy.tree_l2_norm(noisy)) <= clip_norm * 4 / expected * (1 + 1e-5)
+    assert float(stats.fraction_clipped) == 1.0
+    assert float(stats.mean_grad_norm) > 100 * clip_norm
+    single, _ = privacy.private_gradient(
+        example_loss, params, batch, jnp.array([1, 0, 0, 0, 0, 0.0]), jax.random.key(2), **kwargs
+    )
+    if per_layer:  # every leaf is clipped to C / sqrt(3) exactly
+        for leaf in jax.tree.leaves(single):
+            leaf_norm = float(jnp.linalg.norm(leaf)) * expected
+            assert leaf_norm == pytest.approx(clip_norm / math.sqrt(3), rel=1e-4)
+    else:
+        assert float(privacy.tree_l2_norm(single)) * expected == pytest.approx(clip_norm, rel=1e-4)
+
+
+def test_noise_std_matches_sigma_clip_over_expected_batch():
+    params = {"w": jnp.zeros((40, 25)), "v": jnp.zeros((100,))}
+    batch = {"x": jnp.ones((4, 3))}
+    sigma, clip_norm, expected = 1.5, 2.0, 8.0
+
+    @jax.jit
+    @jax.vmap
+    def noise_draw(key):
+        noisy, _ = privacy.private_gradient(
+            lambda p, ex: 0.0 * jnp.sum(p["w"]) + 0.0 * jnp.sum(p["v"]) * jnp.sum(ex["x"]),
+            params, batch, jnp.ones(4), key,
+            clip_norm=clip_norm, noise_multiplier=sigma, expected_batch_size=expected,
+        )
+        return noisy
+
+    draws = noise_draw(jax.random.split(jax.random.key(0), 64))
+    target = sigma * clip_norm / expected
+    for leaf in jax.tree.leaves(draws):
+        assert float(jnp.std(leaf)) == pytest.approx(target, rel=0.05)
+        assert abs(float(jnp.mean(leaf))) < 0.05 * target
+    # Leaves and draws are independent: no correlation between the first coords of w and v.
+    w_first, v_first = draws["w"].reshape(64, -1)[:, :100], draws["v"]
+    assert abs(float(jnp.corrcoef(w_first.ravel(), v_first.ravel())[0, 1])) < 0.05
+
+
+def test_padding_examples_do_not_change_the_update():
+    params, batch = make_params(jax.random.key(0)), make_batch(jax.random.key(1))
+    mask = jnp.array([1, 0, 1, 0, 1, 0], jnp.float32)
+    garbage = {
+        "x": batch["x"].at[1].set(jnp.nan).at[3].set(1e30).at[5].set(-7.0),
+        "y": batch["y"].at[1].set(jnp.inf).at[3].set(3.0),
+    }
+    kwargs = dict(clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=3)
+    key = jax.random.key(5)
+    clean, clean_stats = privacy.private_gradient(example_loss, params, batch, mask, key, **kwargs)
+    dirty, dirty_stats = privacy.private_gradient(example_loss, params, garbage, mask, key, **kwargs)
+    assert tree_allclose(clean, dirty, rtol=0, atol=0)
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(dirty))
+    assert tree_allclose(clean_stats, dirty_stats, rtol=0, atol=0)
+
+
+def test_grad_mask_freezes_leaf_without_gradient_noise_or_clipping_share():
+    params, batch = make_params(jax.random.key(0)), make_batch(jax.random.key(1), scale=10.0)
+    mask = jnp.ones(BATCH)
+    grad_mask = {"lora_a": 0.0, "lora_b": jnp.ones((D_OUT, RANK)), "head": 1.0}
+    noisy, _ = privacy.private_gradient(
+        example_loss, params, batch, mask, jax.random.key(3),
+        clip_norm=1.0, noise_multiplier=2.0, expected_batch_size=BATCH, grad_mask=grad_mask,
+    )
+    assert float(jnp.max(jnp.abs(noisy["lora_a"]))) == 0.0
+    assert float(jnp.min(jnp.abs(noisy["lora_b"]))) > 0.0
+
+    # Without noise, clipping sees only the unmasked leaves' norm.
+    clip_norm = 1.0
+    clipped, stats = privacy.private_gradient(
+        example_loss, params, batch, mask, jax.random.key(3),
+        clip_norm=clip_norm, noise_multiplier=0.0, expected_batch_size=1.0, grad_mask=grad_mask,
+    )
+    grads = jax.vmap(jax.grad(example_loss), in_axes=(None, 0))(params, batch)
+    trainable_norms = jnp.sqrt(
+        jnp.sum(grads["lora_b"] ** 2, axis=(1, 2)) + jnp.sum(grads["head"] ** 2, axis=1)
+    )
+    scales = jnp.minimum(1.0, clip_norm / trainable_norms)
+    expected_b = jnp.tensordot(scales, grads["lora_b"], axes=1)
+    assert np.allclose(clipped["lora_b"], expected_b, rtol=1e-5)
+    assert float(stats.mean_grad_norm) == pytest.approx(float(jnp.mean(trainable_norms)), rel=1e-5)
+
+
+def test_per_layer_clip_counts_only_unmasked_leaves():
+    params, batch = make_params(jax.random.key(0)), make_batch(jax.random.key(1), scale=1e3)
+    single = jnp.array([1, 0, 0, 0, 0, 0.0])
+    grad_mask = {"lora_a": 0.0, "lora_b": 1.0, "head": 1.0}
+    clipped, _ = privacy.private_gradient(
+        example_loss, params, batch, single, jax.random.key(0),
+        clip_norm=1.0, noise_multiplier=0.0, expected_batch_size=1.0, per_layer=True, grad_mask=grad_mask,
+    )
+    assert float(jnp.linalg.norm(clipped["lora_b"])) == pytest.approx(1 / math.sqrt(2), rel=1e-4)
+    assert float(privacy.tree_l2_norm(clipped)) == pytest.approx(1.0, rel=1e-4)
+
+
+def test_vmap_over_clients_equals_per_client_calls():
+    clients = 3
+    params = jax.vmap(make_params)(jax.random.split(jax.random.key(0), clients))
+    batches = jax.vmap(make_batch)(jax.random.split(jax.random.key(1), clients))
+    masks = jnp.array([[1, 1, 1, 1, 1, 1], [1, 0, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]], jnp.float32)
+    keys = jax.random.split(jax.random.key(2), clients)
+
+    def client_step(p, b, m, k):
+        return privacy.private_gradient(
+            example_loss, p, b, m, k, clip_norm=0.7, noise_multiplier=0.8, expected_batch_size=4.0
+        )
+
+    stacked, stacked_stats = jax.jit(jax.vmap(client_step))(params, batches, masks, keys)
+    for u in range(clients):
+        one, one_stats = jax.jit(client_step)(*jax.tree.map(lambda x: x[u], (params, batches, masks, keys)))
+        assert tree_allclose(jax.tree.map(lambda x: x[u], stacked), one, rtol=1e-5, atol=1e-6)
+        assert tree_allclose(jax.tree.map(lambda x: x[u], stacked_stats), one_stats, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:optax.global_norm is deprecated:DeprecationWarning")
+def test_matches_jax_privacy_clipped_grad():
+    import jax_privacy  # test extra: jax-privacy>=2.0
+
+    params, batch = make_params(jax.random.key(0)), make_batch(jax.random.key(1), scale=3.0)
+    mask = jnp.array([1, 1, 0, 1, 1, 0], bool)
+    grads = jax.vmap(jax.grad(example_loss), in_axes=(None, 0))(params, batch)
+    clip_norm = float(np.median(jax.vmap(privacy.tree_l2_norm)(grads)))  # clips about half
+    reference_fn = jax_privacy.clipped_grad(example_loss, l2_clip_norm=clip_norm, keep_batch_dim=False)
+    reference = reference_fn(params, batch, is_padding_example=~mask)
+    ours, stats = privacy.private_gradient(
+        example_loss, params, batch, mask, jax.random.key(0),
+        clip_norm=clip_norm, noise_multiplier=0.0, expected_batch_size=1.0,
+    )
+    assert 0.0 < float(stats.fraction_clipped) < 1.0
+    assert tree_allclose(ours, reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(clip_norm=0.0), "clip_norm"),
+        (dict(noise_multiplier=-0.1), "noise_multiplier"),
+        (dict(expected_batch_size=0), "expected_batch_size"),
+    ],
+)
+def test_private_gradient_rejects_bad_input(kwargs, message):
+    args = dict(clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=2.0) | kwargs
+    with pytest.raises(ValueError, match=message):
+        privacy.private_gradient(
+            example_loss, make_params(jax.random.key(0)), make_batch(jax.random.key(1)),
+            jnp.ones(BATCH), jax.random.key(2), **args,
+        )
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def test_poisson_sample_inclusion_rate_and_range():
+    max_examples, num_examples, rate, buffer = 50, 20, 0.3, 20
+    draws = 4000
+    indices, masks = jax.jit(
+        jax.vmap(lambda k: privacy.poisson_sample(k, num_examples, rate, buffer, max_examples))
+    )(jax.random.split(jax.random.key(0), draws))
+    indices, masks = np.asarray(indices), np.asarray(masks)
+    assert indices.shape == (draws, buffer) and indices.dtype == np.int32
+    sampled = indices[masks]
+    assert sampled.max() < num_examples and sampled.min() >= 0
+    counts = np.bincount(sampled, minlength=num_examples) / draws
+    # Per-index inclusion rate: binomial std sqrt(0.3 * 0.7 / 4000) ~ 0.0072; allow 5 std.
+    assert np.all(np.abs(counts - rate) < 0.036)
+    assert masks.sum(axis=1).mean() == pytest.approx(rate * num_examples, rel=0.03)
+    # Included examples come first and are distinct within a draw.
+    assert np.all(np.diff(masks.astype(int), axis=1) <= 0)
+    for row, row_mask in zip(indices[:100], masks[:100]):
+        assert len(set(row[row_mask])) == row_mask.sum()
+
+
+def test_poisson_sample_per_client_rates_under_vmap():
+    num_examples = jnp.array([10, 40])
+    rates = 4.0 / num_examples  # the same expected batch of 4 from clients of different sizes
+
+    def sample(key):
+        return jax.vmap(lambda k, n, q: privacy.poisson_sample(k, n, q, 16, 40))(
+            jax.random.split(key, 2), num_examples, rates
+        )
+
+    indices, masks = jax.jit(jax.vmap(sample))(jax.random.split(jax.random.key(1), 3000))
+    mean_counts = np.asarray(masks).sum(axis=-1).mean(axis=0)
+    assert np.allclose(mean_counts, 4.0, rtol=0.05)
+    assert np.asarray(indices)[:, 0][np.asarray(masks)[:, 0]].max() < 10
+
+
+def test_poisson_sample_truncates_and_pads():
+    indices, mask = privacy.poisson_sample(jax.random.key(0), 30, 1.0, 8, 30)
+    assert bool(mask.all()) and len(set(np.asarray(indices).tolist())) == 8
+    indices, mask = privacy.poisson_sample(jax.random.key(0), 3, 1.0, 8, 5)
+    assert np.asarray(mask).tolist() == [True] * 3 + [False] * 5
+    assert sorted(np.asarray(indices)[:3].tolist()) == [0, 1, 2]
+    assert np.asarray(indices).max() < 5
+
+
+@pytest.mark.parametrize("expected_batch", [1.0, 16.0, 64.0, 500.0])
+def test_poisson_buffer_size_bounds_overflow(expected_batch):
+    buffer = privacy.poisson_buffer_size(expected_batch)
+    num_examples = 100_000
+    exact_tail = scipy_stats.binom.sf(buffer, num_examples, expected_batch / num_examples)
+    assert exact_tail < 1e-6
+    smallest_sufficient = int(scipy_stats.binom.isf(1e-6, num_examples, expected_batch / num_examples))
+    assert buffer <= 1.25 * smallest_sufficient + 3
+    assert privacy.poisson_buffer_size(expected_batch, max_examples=10) == min(buffer, 10)
+
+
+def test_poisson_buffer_size_rejects_bad_input():
+    with pytest.raises(ValueError, match="expected_batch_size"):
+        privacy.poisson_buffer_size(-1.0)
+    with pytest.raises(ValueError, match="overflow_probability"):
+        privacy.poisson_buffer_size(8.0, overflow_probability=0.0)
+
+
+def test_shuffled_batch_draws_distinct_real_examples():
+    indices, mask = jax.jit(lambda k: privacy.shuffled_batch(k, 12, 5, 20))(jax.random.key(0))
+    assert bool(mask.all())
+    assert len(set(np.asarray(indices).tolist())) == 5 and np.asarray(indices).max() < 12
+    indices, mask = privacy.shuffled_batch(jax.random.key(1), 3, 5, 20)
+    assert np.asarray(mask).tolist() == [True] * 3 + [False] * 2
+    assert sorted(np.asarray(indices)[:3].tolist()) == [0, 1, 2]
+    first_index = jax.vmap(lambda k: privacy.shuffled_batch(k, 12, 5, 20)[0][0])
+    firsts = first_index(jax.random.split(jax.random.key(2), 2400))
+    frequencies = np.bincount(np.asarray(firsts), minlength=12) / 2400
+    assert np.all(np.abs(frequencies - 1 / 12) < 0.03)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.0])
+def test_samplers_reject_non_static_sizes(bad):
+    with pytest.raises(ValueError, match="buffer_size"):
+        privacy.poisson_sample(jax.random.key(0), 5, 0.5, bad, 10)
+    with pytest.raises(ValueError, match="batch_size"):
+        privacy.shuffled_batch(jax.random.key(0), 5, bad, 10)
+
+
+# ---------------------------------------------------------------- user-level DP-FedAvg
+
+
+def make_updates(key, clients=4):
+    key_b, key_a = jax.random.split(key)
+    return {
+        "lora_b": jax.random.normal(key_b, (clients, D_OUT, RANK)),
+        "lora_a": jax.random.normal(key_a, (clients, RANK, D_IN)),
+    }
+
+
+def test_clip_update_bounds_norm_and_keeps_small_updates():
+    update = jax.tree.map(lambda x: x[0], make_updates(jax.random.key(0)))
+    norm = float(privacy.tree_l2_norm(update))
+    clipped = privacy.clip_update(update, norm / 4)
+    assert float(privacy.tree_l2_norm(clipped)) == pytest.approx(norm / 4, rel=1e-5)
+    assert tree_allclose(privacy.clip_update(update, 2 * norm), update, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="clip_norm"):
+        privacy.clip_update(update, -1.0)
+
+
+def test_noisy_mean_without_noise_clips_each_client():
+    updates = make_updates(jax.random.key(0))
+    updates = jax.tree.map(lambda x: x.at[2].multiply(1e4), updates)  # one outlier client
+    weights = jnp.array([1.0, 1.0, 1.0, 0.0])
+    clip_norm = 1e5
+    mean = privacy.noisy_mean_of_updates(updates, weights, clip_norm, 0.0, jax.random.key(1), 3.0)
+    plain = jax.tree.map(lambda x: jnp.tensordot(weights, x, axes=1) / 3.0, updates)
+    assert tree_allclose(mean, plain, rtol=1e-5)
+
+    clip_norm = 0.5
+    mean = privacy.noisy_mean_of_updates(updates, weights, clip_norm, 0.0, jax.random.key(1), 3.0)
+    assert float(privacy.tree_l2_norm(mean)) <= clip_norm * 3 / 3.0 * (1 + 1e-5)
+    outlier_only = privacy.noisy_mean_of_updates(
+        updates, jnp.array([0.0, 0.0, 1.0, 0.0]), clip_norm, 0.0, jax.random.key(1), 1.0
+    )
+    assert float(privacy.tree_l2_norm(outlier_only)) == pytest.approx(clip_norm, rel=1e-5)
+    # Weights above 1 are clamped: the outlier still contributes at most S.
+    heavy = privacy.noisy_mean_of_updates(
+        updates, jnp.array([0.0, 0.0, 50.0, 0.0]), clip_norm, 0.0, jax.random.key(1), 1.0
+    )
+    assert float(privacy.tree_l2_norm(heavy)) == pytest.approx(clip_norm, rel=1e-5)
+
+
+def test_noisy_mean_noise_std_matches():
+    updates = jax.tree.map(jnp.zeros_like, make_updates(jax.random.key(0), clients=5))
+    updates = {"w": jnp.zeros((5, 50, 40))} | updates
+    sigma, clip_norm, expected = 1.2, 0.8, 4.0
+    draws = jax.jit(
+        jax.vmap(lambda k: privacy.noisy_mean_of_updates(updates, jnp.ones(5), clip_norm, sigma, k, expected))
+    )(jax.random.split(jax.random.key(3), 40))
+    assert float(jnp.std(draws["w"])) == pytest.approx(sigma * clip_norm / expected, rel=0.05)
+    assert draws["lora_b"].shape == (40, D_OUT, RANK)
+
+
+def test_noisy_mean_rejects_bad_input():
+    updates = make_updates(jax.random.key(0))
+    with pytest.raises(ValueError, match="expected_clients"):
+        privacy.noisy_mean_of_updates(updates, jnp.ones(4), 1.0, 1.0, jax.random.key(0), 0.0)
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        privacy.noisy_mean_of_updates(updates, jnp.ones(4), 1.0, -1.0, jax.random.key(0), 4.0)
