@@ -1,8 +1,9 @@
 """A client's local update: ``local_steps`` optimiser steps on its own shard, as one pure function.
 
 The engine vmaps :func:`local_update` over the cohort's client axis; the frozen base is closed
-over unbatched. Everything here has static shapes: a client's shard is padded to ``capacity``
-rows and batches are index gathers with a mask.
+over unbatched. Everything here has static shapes: a client's shard is padded to n_max rows and
+batches are index gathers with a mask. With record-level DP, each step is a DP-SGD step
+(per-example gradients of the trainable leaves only, clipped, noised).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import optax
 from flax import nnx
 
 from fedlora_jax.config import OptimConfig
+from fedlora_jax.privacy import poisson_sample, private_gradient, shuffled_batch
 from fedlora_jax.tasks import forward, per_example_loss
 
 
@@ -47,24 +49,21 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
 
 
-def sample_batch(key: jax.Array, num_examples: jax.Array, capacity: int, batch_size: int):
-    """A uniformly random subset (without replacement) of a client's real rows.
+@dataclasses.dataclass(frozen=True)
+class RecordDP:
+    """Record-level DP-SGD settings of every client (static).
 
-    Args:
-      key: PRNG key.
-      num_examples: the client's real example count (traced int); rows >= it are padding.
-      capacity: padded shard size n_max (static).
-      batch_size: b (static).
-    Returns:
-      indices [min(b, capacity)] int32 and mask [min(b, capacity)] float32 (0 where the client
-      has fewer than b examples).
+    Each step samples a client's examples with rate q_u = min(1, batch_size / n_u), either by
+    Poisson sampling into a ``buffer_size`` buffer (what the accountant assumes) or as a
+    shuffled fixed-size batch, and privatises the gradient with
+    :func:`fedlora_jax.privacy.private_gradient` (expected batch q_u * n_u).
     """
-    size = min(batch_size, capacity)
-    rows = jnp.arange(capacity)
-    scores = jnp.where(rows < num_examples, jax.random.uniform(key, (capacity,)), 2.0)
-    indices = jnp.argsort(scores)[:size].astype(jnp.int32)
-    mask = (jnp.arange(size) < num_examples).astype(jnp.float32)
-    return indices, mask
+
+    clip_norm: float
+    noise_multiplier: float
+    per_layer: bool = False
+    poisson: bool = True
+    buffer_size: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +76,7 @@ class LocalTrainer:
     schedule: Callable
     local_steps: int
     batch_size: int
+    dp: RecordDP | None = None
 
     def loss(self, params, frozen, batch: dict, mask: jax.Array) -> jax.Array:
         """Masked mean of per-example losses."""
@@ -100,16 +100,11 @@ def local_update(trainer: LocalTrainer, frozen, params, data: dict, num_examples
     Returns:
       (params after training, mean training loss over the steps).
     """
-    capacity = jax.tree.leaves(data)[0].shape[0]
     opt_state = trainer.optimizer.init(params)
-    grad_fn = jax.value_and_grad(trainer.loss)
 
     def step(carry, t):
         params, opt_state = carry
-        indices, mask = sample_batch(jax.random.fold_in(key, t), num_examples, capacity, trainer.batch_size)
-        batch = jax.tree.map(lambda x: x[indices], data)
-        loss, grads = grad_fn(params, frozen, batch, mask)
-        grads = jax.tree.map(lambda g, m: g * m.astype(g.dtype), grads, train_mask)
+        loss, grads = _gradient(trainer, frozen, params, data, num_examples, jax.random.fold_in(key, t), train_mask)
         direction, opt_state = trainer.optimizer.update(grads, opt_state, params)
         lr = trainer.schedule(round_index * trainer.local_steps + t)
         params = jax.tree.map(lambda p, d, m: p - (lr * m * d).astype(p.dtype), params, direction, train_mask)
@@ -117,3 +112,29 @@ def local_update(trainer: LocalTrainer, frozen, params, data: dict, num_examples
 
     (params, _), losses = jax.lax.scan(step, (params, opt_state), jnp.arange(trainer.local_steps))
     return params, jnp.mean(losses)
+
+
+def _gradient(trainer: LocalTrainer, frozen, params, data: dict, num_examples, key, train_mask):
+    """(loss, gradient) of one local step; DP-SGD when ``trainer.dp`` is set."""
+    capacity = jax.tree.leaves(data)[0].shape[0]
+    batch_key, noise_key = jax.random.split(key)
+    dp = trainer.dp
+    if dp is None or not dp.poisson:
+        indices, mask = shuffled_batch(batch_key, num_examples, trainer.batch_size, capacity)
+    if dp is None:
+        batch = jax.tree.map(lambda x: x[indices], data)
+        loss, grads = jax.value_and_grad(trainer.loss)(params, frozen, batch, mask.astype(jnp.float32))
+        return loss, jax.tree.map(lambda g, m: g * m.astype(g.dtype), grads, train_mask)
+    n = jnp.maximum(num_examples, 1).astype(jnp.float32)
+    rate = jnp.minimum(1.0, trainer.batch_size / n)
+    if dp.poisson:
+        indices, mask = poisson_sample(batch_key, num_examples, rate, dp.buffer_size, capacity)
+    batch = jax.tree.map(lambda x: x[indices], data)
+
+    def example_loss(p, example):
+        return trainer.loss(p, frozen, jax.tree.map(lambda x: x[None], example), jnp.ones((1,), jnp.float32))
+
+    grads, stats = private_gradient(example_loss, params, batch, mask, noise_key, clip_norm=dp.clip_norm,
+                                    noise_multiplier=dp.noise_multiplier, expected_batch_size=rate * n,
+                                    per_layer=dp.per_layer, grad_mask=train_mask)
+    return stats.mean_loss, grads

@@ -110,6 +110,36 @@ class OptimConfig:
 
 
 @dataclasses.dataclass
+class PrivacyConfig:
+    """Differential privacy (see docs/privacy.md for the threat models).
+
+    Record-level (``record_level: true``): DP-SGD on every client: per-example clipping to
+    ``clip_norm``, Gaussian noise ``noise_multiplier`` (or calibrated before round 1 from
+    ``target_epsilon`` for the worst-case client), Poisson sampling with expected batch
+    ``federation.batch_size`` (``sampling: shuffle`` uses fixed-size batches, an approximation
+    for accounting). ``epsilon`` (max over clients) is logged every round; with a
+    ``target_epsilon`` the run stops before a round that would exceed it.
+
+    User-level (``user_level: true``): DP-FedAvg: each client's update is clipped to
+    ``user_clip_norm`` and Gaussian noise ``user_noise_multiplier`` (or calibrated from
+    ``user_target_epsilon``) is added once at the server; logged as ``user_epsilon``.
+    """
+
+    record_level: bool = False
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    clip_norm: float = 1.0
+    per_layer_clipping: bool = False
+    sampling: str = "poisson"
+    user_level: bool = False
+    user_clip_norm: float = 1.0
+    user_noise_multiplier: float | None = None
+    user_target_epsilon: float | None = None
+    delta: float = 1e-5
+    accountant: str = "rdp"
+
+
+@dataclasses.dataclass
 class EvalConfig:
     every: int = 5
     batch_size: int = 64
@@ -126,6 +156,7 @@ class Config:
     federation: FederationConfig = dataclasses.field(default_factory=FederationConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    privacy: PrivacyConfig = dataclasses.field(default_factory=PrivacyConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -275,6 +306,18 @@ def validate(c: Config) -> None:
     _require(c.eval.every >= 1, f"config key 'eval.every' must be >= 1, got {c.eval.every}")
     _require(c.eval.batch_size >= 1, f"config key 'eval.batch_size' must be >= 1, got {c.eval.batch_size}")
     _require(c.model.dtype in ("float32", "bfloat16"), f"config key 'model.dtype' must be float32 or bfloat16, got {c.model.dtype!r}")
+    p = c.privacy
+    _require(p.sampling in ("poisson", "shuffle"), f"config key 'privacy.sampling' must be poisson or shuffle, got {p.sampling!r}")
+    _require(p.accountant in ("rdp", "pld"), f"config key 'privacy.accountant' must be rdp or pld, got {p.accountant!r}")
+    _require(0 < p.delta < 1, f"config key 'privacy.delta' must be in (0, 1), got {p.delta}")
+    for level, sigma, target, clip in (("", p.noise_multiplier, p.target_epsilon, p.clip_norm),
+                                       ("user_", p.user_noise_multiplier, p.user_target_epsilon, p.user_clip_norm)):
+        enabled = p.user_level if level else p.record_level
+        _require(clip > 0, f"config key 'privacy.{level}clip_norm' must be > 0, got {clip}")
+        _require(sigma is None or sigma >= 0, f"config key 'privacy.{level}noise_multiplier' must be >= 0, got {sigma}")
+        _require(target is None or target > 0, f"config key 'privacy.{level}target_epsilon' must be > 0, got {target}")
+        _require(not enabled or sigma is not None or target is not None,
+                 f"privacy.{level.rstrip('_') or 'record'}_level needs privacy.{level}noise_multiplier or privacy.{level}target_epsilon")
     lo_hi = c.data.examples_per_client
     _require(len(lo_hi) == 2 and all(isinstance(v, int) and v >= 1 for v in lo_hi) and lo_hi[0] <= lo_hi[1],
              f"config key 'data.examples_per_client' must be [min, max] with 1 <= min <= max, got {lo_hi}")

@@ -18,6 +18,7 @@ from fedlora_jax import aggregation
 from fedlora_jax.client import LocalTrainer, local_update
 from fedlora_jax.data.base import FederatedData
 from fedlora_jax.methods import Method, weighted_mean
+from fedlora_jax.privacy import noisy_mean_of_updates
 from fedlora_jax.params import TrainableLayout, factor_mask, leaf_bytes
 
 
@@ -28,12 +29,15 @@ class ServerState(NamedTuple):
     frozen: frozen base state (changes only for methods that fold updates into it).
     round: the next round's index (int32 scalar).
     key: PRNG key, split every round.
+    local_b: per-client B factors kept by methods where B never leaves the client (FedSA): one
+      [U, d_out, r] array per LoRA module; () otherwise.
     """
 
     params: Any
     frozen: Any
     round: jax.Array
     key: jax.Array
+    local_b: tuple = ()
 
 
 class ClientShards(NamedTuple):
@@ -52,12 +56,27 @@ class RoundOutput(NamedTuple):
     client_params: Any  # trained client states, leaves [K, ...]
 
 
-def init_server_state(params, frozen, seed: int) -> ServerState:
-    return ServerState(params, frozen, jnp.zeros((), jnp.int32), jax.random.key(seed))
+def init_server_state(params, frozen, seed: int, federation: "Federation | None" = None) -> ServerState:
+    """Round 0 state; with a FedSA-like method, every client's B starts as the global B."""
+    local_b = ()
+    if federation is not None and federation.method.keeps_local_b:
+        leaves = jax.tree.leaves(params)
+        local_b = tuple(jnp.broadcast_to(leaves[m.b_index], (federation.num_clients,) + m.b_shape)
+                        for m in federation.layout.modules)
+    return ServerState(params, frozen, jnp.zeros((), jnp.int32), jax.random.key(seed), local_b)
 
 
 def device_shards(data: FederatedData) -> ClientShards:
     return ClientShards({k: jnp.asarray(v) for k, v in data.train.items()}, jnp.asarray(data.num_train))
+
+
+@dataclasses.dataclass(frozen=True)
+class UserDP:
+    """User-level DP-FedAvg at the server: clip each client's update to ``clip_norm``, add
+    Gaussian noise ``noise_multiplier * clip_norm`` once to the sum, divide by the cohort size."""
+
+    clip_norm: float
+    noise_multiplier: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +89,25 @@ class Federation:
     cohort_size: int
     num_clients: int
     clients_per_chunk: int | None = None
+    user_dp: UserDP | None = None
     lora_scaling: float = 1.0
+    base_kernels: tuple[int, ...] = ()  # frozen-leaf index of each LoRA module's kernel [d_in, d_out]
+
+    def __post_init__(self):
+        if self.user_dp is not None and not self.method.mean_based:
+            raise ValueError(f"user-level DP needs a method that averages uploads (fedit, ffa, rolora), not {self.method.name!r}")
+
+    def split_key(self, key):
+        """(next round's key, cohort key, training key, server-noise key)."""
+        return tuple(jax.random.split(key, 4))
+
+    def sample_cohort(self, cohort_key) -> jax.Array:
+        """K distinct client ids, uniformly at random."""
+        return jax.random.choice(cohort_key, self.num_clients, (self.cohort_size,), replace=False)
+
+    def next_cohort(self, state: ServerState) -> jax.Array:
+        """The cohort the next round will sample (host-side preview, e.g. for privacy budgets)."""
+        return self.sample_cohort(self.split_key(state.key)[1])
 
     def run_clients(self, frozen, start_params, shards: dict, counts, keys, round_index, train_mask):
         """Local updates of K clients: vmapped, or mapped over chunks of ``clients_per_chunk``.
@@ -88,47 +125,82 @@ class Federation:
             return jax.vmap(one)(args)
         return jax.lax.map(one, args, batch_size=chunk)
 
-    def aggregate(self, client_params, weights, round_index):
-        """New global trainable state from the cohort's states [K, ...], plus per-module divergence."""
+    def aggregate(self, client_params, weights, round_index, key, frozen):
+        """New global trainable state from the cohort's states [K, ...], the (possibly updated)
+        frozen state, and the per-module divergence."""
         leaves, treedef = jax.tree.flatten(client_params)
+        frozen_leaves, frozen_def = jax.tree.flatten(frozen)
         new = [None] * len(leaves)
         divergence = [None] * len(self.layout.modules)
         position = {m.name: i for i, m in enumerate(self.layout.modules)}
         for group in self.layout.shape_groups():
             b = jnp.stack([leaves[m.b_index] for m in group])  # [M, K, d_out, r]
             a = jnp.stack([leaves[m.a_index] for m in group])  # [M, K, r, d_in]
-            out = jax.vmap(self.method.aggregate_fn, in_axes=(0, 0, None, None))(b, a, weights, round_index)
+            keys = jax.random.split(jax.random.fold_in(key, position[group[0].name]), len(group))
+            out = jax.vmap(self.method.aggregate_fn, in_axes=(0, 0, None, None, 0))(b, a, weights, round_index, keys)
             div = jax.vmap(aggregation.divergence, in_axes=(0, 0, None, 0, 0))(b, a, weights, out.b, out.a)
             for i, m in enumerate(group):
                 new[m.b_index], new[m.a_index] = out.b[i], out.a[i]
                 divergence[position[m.name]] = div[i]
+                if out.base_delta is not None:
+                    j = self.base_kernels[position[m.name]]
+                    kernel = frozen_leaves[j]
+                    frozen_leaves[j] = (kernel + self.lora_scaling * out.base_delta[i].T).astype(kernel.dtype)
         for i in self.layout.other_indices:
             new[i] = weighted_mean(leaves[i], weights)
-        return jax.tree.unflatten(treedef, new), jnp.stack(divergence)
+        if self.method.modifies_base:
+            # FedEx: the residual makes base + B_bar A_bar exact; FLoRA: the product moved into the base
+            divergence = [jnp.zeros_like(d) for d in divergence]
+        return jax.tree.unflatten(treedef, new), jax.tree.unflatten(frozen_def, frozen_leaves), jnp.stack(divergence)
+
+    def private_mean(self, global_params, client_params, key):
+        """User-level DP-FedAvg: global + noisy mean of clipped client updates (uniform weights)."""
+        deltas = jax.tree.map(lambda c, g: c - g[None], client_params, global_params)
+        uniform = jnp.ones((self.cohort_size,), jnp.float32)
+        mean_delta = noisy_mean_of_updates(deltas, uniform, self.user_dp.clip_norm, self.user_dp.noise_multiplier,
+                                           key, expected_clients=self.cohort_size)
+        params = jax.tree.map(lambda g, d: g + d.astype(g.dtype), global_params, mean_delta)
+        leaves, b_a = jax.tree.leaves(client_params), jax.tree.leaves(params)
+        weights = uniform / self.cohort_size
+        divergence = jnp.stack([aggregation.divergence(leaves[m.b_index], leaves[m.a_index], weights,
+                                                       b_a[m.b_index], b_a[m.a_index]) for m in self.layout.modules])
+        return params, divergence
 
     def round(self, state: ServerState, shards: ClientShards) -> tuple[ServerState, RoundOutput]:
         """One federated round (pure; jit it with :meth:`compile_round`)."""
-        key, cohort_key, train_key = jax.random.split(state.key, 3)
-        cohort = jax.random.choice(cohort_key, self.num_clients, (self.cohort_size,), replace=False)
+        key, cohort_key, train_key, server_key = self.split_key(state.key)
+        cohort = self.sample_cohort(cohort_key)
         data = jax.tree.map(lambda x: x[cohort], shards.arrays)
         counts = shards.num_examples[cohort]
         weights = counts.astype(jnp.float32) / jnp.sum(counts)
         start = jax.tree.map(lambda x: jnp.broadcast_to(x, (self.cohort_size,) + x.shape), state.params)
+        if self.method.keeps_local_b:
+            start_leaves, start_def = jax.tree.flatten(start)
+            for m, bank in zip(self.layout.modules, state.local_b):
+                start_leaves[m.b_index] = bank[cohort]
+            start = jax.tree.unflatten(start_def, start_leaves)
         train_a, train_b = self.method.trains(state.round)
         mask = factor_mask(self.layout, state.params, train_a, train_b)
         keys = jax.random.split(train_key, self.cohort_size)
         client_params, losses = self.run_clients(state.frozen, start, data, counts, keys, state.round, mask)
-        params, divergence = self.aggregate(client_params, weights, state.round)
-        new_state = ServerState(params, state.frozen, state.round + 1, key)
+        frozen, local_b = state.frozen, state.local_b
+        if self.user_dp is None:
+            params, frozen, divergence = self.aggregate(client_params, weights, state.round, server_key, frozen)
+        else:
+            params, divergence = self.private_mean(state.params, client_params, server_key)
+        if self.method.keeps_local_b:
+            trained = jax.tree.leaves(client_params)
+            local_b = tuple(bank.at[cohort].set(trained[m.b_index]) for m, bank in zip(self.layout.modules, local_b))
+        new_state = ServerState(params, frozen, state.round + 1, key, local_b)
         return new_state, RoundOutput(jnp.sum(weights * losses), divergence, cohort, client_params)
 
     def compile_round(self):
         """The jitted round; the server state's buffers are donated."""
         return jax.jit(self.round, donate_argnums=0)
 
-    def communication_bytes(self, params, round_index: int) -> tuple[int, int]:
+    def communication_bytes(self, params, frozen, round_index: int) -> tuple[int, int]:
         """Exact (bytes_up, bytes_down) of one round over the whole cohort."""
-        sizes = leaf_bytes(params)
+        sizes, k = leaf_bytes(params), self.cohort_size
         head = int(sum(sizes[i] for i in self.layout.other_indices))
         up_a, up_b = self.method.uploads(round_index)
         down_a, down_b = self.method.downloads(round_index)
@@ -136,5 +208,10 @@ class Federation:
         def lora(send_a, send_b):
             return int(sum(sizes[m.a_index] * send_a + sizes[m.b_index] * send_b for m in self.layout.modules))
 
-        return self.cohort_size * (lora(up_a, up_b) + head), self.cohort_size * (lora(down_a, down_b) + head)
-
+        down = lora(down_a, down_b)
+        if self.method.download_stacked:  # FLoRA: [d_out, K r] and [K r, d_in] stacked factors
+            down = k * lora(True, True)
+        if self.method.modifies_base and not self.method.download_stacked:  # FedEx: updated base weights
+            frozen_sizes = leaf_bytes(frozen)
+            down += int(sum(frozen_sizes[j] for j in self.base_kernels))
+        return k * (lora(up_a, up_b) + head), k * (down + head)

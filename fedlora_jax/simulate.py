@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fedlora_jax import models
-from fedlora_jax.client import LocalTrainer, make_optimizer, make_schedule
+from fedlora_jax.client import LocalTrainer, RecordDP, make_optimizer, make_schedule
 from fedlora_jax.config import Config, ConfigError, cohort_size
 from fedlora_jax.data.base import FederatedData
 from fedlora_jax.data.sources import SOURCES, load_federated
@@ -29,8 +29,10 @@ from fedlora_jax.data.synthetic import make_synthetic
 from fedlora_jax.evaluate import Evaluator, pad_rows, score, weighted_client_metrics
 from fedlora_jax.methods import make_method
 from fedlora_jax.models.lora import LoRAConfig, inject_lora, split_model
-from fedlora_jax.params import trainable_layout
-from fedlora_jax.server import ClientShards, Federation, ServerState, device_shards, init_server_state
+from fedlora_jax.params import leaf_names, trainable_layout
+from fedlora_jax.privacy import poisson_buffer_size
+from fedlora_jax.privacy.ledger import BudgetExceeded, PrivacyLedger
+from fedlora_jax.server import ClientShards, Federation, ServerState, UserDP, device_shards, init_server_state
 
 
 @dataclasses.dataclass
@@ -45,6 +47,7 @@ class Experiment:
     federation: Federation
     evaluator: Evaluator
     lora_modules: list[str]
+    ledger: PrivacyLedger
 
 
 def build_data(config: Config) -> FederatedData:
@@ -88,14 +91,25 @@ def build_experiment(config: Config, data: FederatedData | None = None) -> Exper
         raise ConfigError(f"data has {data.num_clients} clients but data.num_clients is {config.data.num_clients}")
     model, adapted = build_model(config, data)
     graphdef, params, frozen = split_model(model)
-    f = config.federation
+    f, p = config.federation, config.privacy
+    ledger = PrivacyLedger.create(p, data.num_train, f.batch_size, f.local_steps, f.rounds, cohort_size(config))
+    record_dp = None
+    if p.record_level:
+        capacity = int(data.train["input_ids"].shape[1])
+        record_dp = RecordDP(p.clip_norm, ledger.noise_multiplier, p.per_layer_clipping, p.sampling == "poisson",
+                             poisson_buffer_size(f.batch_size, max_examples=capacity))
+    user_dp = UserDP(p.user_clip_norm, ledger.user_noise_multiplier) if p.user_level else None
     trainer = LocalTrainer(graphdef, data.task, make_optimizer(config.optim),
-                           make_schedule(config.optim, f.rounds * f.local_steps), f.local_steps, f.batch_size)
+                           make_schedule(config.optim, f.rounds * f.local_steps), f.local_steps, f.batch_size, record_dp)
     method = make_method(f.method, f.method_options, lora_rank=config.lora.rank)
-    federation = Federation(trainer, method, trainable_layout(params), cohort_size(config), data.num_clients,
-                            f.clients_per_chunk)
+    layout = trainable_layout(params)
+    frozen_index = {name: i for i, name in enumerate(leaf_names(frozen))}
+    base_kernels = tuple(frozen_index[m.name + ".kernel"] for m in layout.modules)
+    scaling = LoRAConfig(config.lora.rank, config.lora.alpha, rslora=config.lora.rslora).scaling
+    federation = Federation(trainer, method, layout, cohort_size(config), data.num_clients,
+                            f.clients_per_chunk, user_dp, scaling, base_kernels)
     evaluator = Evaluator(graphdef, data.task, config.eval.batch_size)
-    return Experiment(config, data, graphdef, params, frozen, federation, evaluator, adapted)
+    return Experiment(config, data, graphdef, params, frozen, federation, evaluator, adapted, ledger)
 
 
 class RunLog:
@@ -173,7 +187,7 @@ def run(config: Config, out_dir: str | Path | None = None, progress: bool = True
     log = RunLog(Path(out_dir) if out_dir is not None else None, config)
     fed = exp.federation
     shards: ClientShards = device_shards(exp.data)
-    state = init_server_state(exp.params, exp.frozen, config.seed)
+    state = init_server_state(exp.params, exp.frozen, config.seed, fed)
     round_fn = fed.compile_round()
     evaluation = Evaluation(exp)
     headline = _headline(exp.data.task)
@@ -189,15 +203,23 @@ def run(config: Config, out_dir: str | Path | None = None, progress: bool = True
                TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
         task_id = bar.add_task(f"{config.name} [{fed.method.name}]", total=rounds, status="compiled in %.1fs" % compile_s)
+        stopped = None
         for r in range(rounds):
+            try:
+                exp.ledger.check(np.asarray(fed.next_cohort(state)))
+            except BudgetExceeded as e:
+                stopped = str(e)
+                console.print(f"[yellow]{stopped}[/yellow]")
+                break
             t_round = time.perf_counter()
             state, out = compiled(state, shards)
             train_loss = float(out.train_loss)
             wall_s = time.perf_counter() - t_round
-            bytes_up, bytes_down = fed.communication_bytes(state.params, r)
+            bytes_up, bytes_down = fed.communication_bytes(state.params, state.frozen, r)
             divergence = np.asarray(out.divergence)
             record = {"round": r + 1, "train_loss": train_loss, "divergence": float(divergence.mean()) if divergence.size else 0.0,
                       "wall_s": wall_s, "bytes_up": bytes_up, "bytes_down": bytes_down}
+            record.update(exp.ledger.commit(np.asarray(out.cohort)))
             if (r + 1) % every == 0 or r + 1 == rounds:
                 t_eval = time.perf_counter()
                 record.update({f"global_{k}": v for k, v in evaluation.global_metrics(state).items()})
@@ -215,6 +237,12 @@ def run(config: Config, out_dir: str | Path | None = None, progress: bool = True
                 status += f"  {headline} {record[f'global_{headline}']:.4f}"
             bar.update(task_id, advance=1, status=status)
     summary = summarise(history, headline, compile_s)
+    if exp.ledger.noise_multiplier is not None:
+        summary["noise_multiplier"] = exp.ledger.noise_multiplier
+    if exp.ledger.user_noise_multiplier is not None:
+        summary["user_noise_multiplier"] = exp.ledger.user_noise_multiplier
+    if stopped:
+        summary["stopped"] = stopped
     log.write("summary.json", summary)
     if progress:
         console.print(summary_table(summary, title=f"{config.name}: {fed.method.name}, {rounds} rounds"))
@@ -223,6 +251,8 @@ def run(config: Config, out_dir: str | Path | None = None, progress: bool = True
 
 def summarise(history: list[dict], headline: str, compile_s: float) -> dict:
     """Final and best values of the evaluated metrics, totals of bytes and time."""
+    if not history:
+        return {"rounds": 0, "compile_s": compile_s}
     evaluated = [h for h in history if f"global_{headline}" in h]
     last = evaluated[-1] if evaluated else history[-1]
     out = {"rounds": len(history), "final_train_loss": history[-1]["train_loss"]}
@@ -230,6 +260,9 @@ def summarise(history: list[dict], headline: str, compile_s: float) -> dict:
         out[f"final_{key}"] = last[key]
     if evaluated:
         out[f"best_global_{headline}"] = max(h[f"global_{headline}"] for h in evaluated)
+    for key in ("epsilon", "user_epsilon"):
+        if key in history[-1]:
+            out[f"final_{key}"] = history[-1][key]
     out["total_bytes_up"] = int(sum(h["bytes_up"] for h in history))
     out["total_bytes_down"] = int(sum(h["bytes_down"] for h in history))
     out["mean_divergence"] = float(np.mean([h["divergence"] for h in history]))
@@ -243,5 +276,5 @@ def summary_table(summary: dict, title: str) -> Table:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in summary.items():
-        table.add_row(k, f"{v:,}" if isinstance(v, int) else f"{v:.4f}")
+        table.add_row(k, f"{v:,}" if isinstance(v, int) else v if isinstance(v, str) else f"{v:.4f}")
     return table

@@ -274,9 +274,10 @@ def test_jit_and_vmap_over_modules_match_plain_calls(name):
     plain = [function(B[m], A[m], w) for m in range(num_modules)]
     jitted = [jax.jit(function)(B[m], A[m], w) for m in range(num_modules)]
     vmapped = jax.jit(jax.vmap(function, in_axes=(0, 0, None)))(B, A, w)
+    vmapped_weights = jax.vmap(function)(B, A, np.tile(w, (num_modules, 1)))  # per-module weights
     for m in range(num_modules):
-        module_vmapped = jax.tree.map(lambda x: x[m], vmapped)
-        for other in (jitted[m], module_vmapped):
+        module_outputs = [jax.tree.map(lambda x: x[m], batched) for batched in (vmapped, vmapped_weights)]
+        for other in (jitted[m], *module_outputs):
             if compare_products:
                 np.testing.assert_allclose(product(*other), product(*plain[m]), rtol=1e-4, atol=1e-4)
             else:

