@@ -1,8 +1,16 @@
-"""Command line: ``fedlora-jax run CONFIG.yaml [--set key=value ...] [--out RUN_DIR]``."""
+"""Command line.
+
+  fedlora-jax run CONFIG.yaml [--set key=value ...] [--out RUN_DIR]
+  fedlora-jax compare CONFIG.yaml --methods fedit,ffa,fra,flora_na --seeds 0,1,2 [--set ...] [--out DIR]
+  fedlora-jax describe CONFIG.yaml [--set ...] [--out HEATMAP.png]
+
+Bad input prints one line ``fedlora-jax: error: ...`` and exits with status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,13 +19,28 @@ from pathlib import Path
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedlora-jax", description="Federated LoRA fine-tuning under DP, in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run one federated simulation from a YAML config")
-    run.add_argument("config", help="path to a YAML config")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config key (dotted), e.g. --set federation.rounds=5; repeatable")
-    run.add_argument("--out", help="run directory (default: runs/<name>-<time>)")
+
+    def add(name: str, help_text: str, out_help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("config", help="path to a YAML config")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key (dotted), e.g. --set federation.rounds=5; repeatable")
+        p.add_argument("--out", help=out_help)
+        return p
+
+    run = add("run", "run one federated simulation", "run directory (default: runs/<name>-<time>)")
     run.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
+    compare = add("compare", "run a config once per method and seed; CSV, plots and a summary table",
+                  "output directory (default: runs/compare-<name>-<time>)")
+    compare.add_argument("--methods", required=True, help="comma-separated method names, e.g. fedit,ffa,fra,flora_na")
+    compare.add_argument("--seeds", default="0", help="comma-separated integer seeds (default: 0)")
+    compare.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
+    add("describe", "print per-client sizes and label histograms", "PNG path for the client x label heat map")
     return parser
+
+
+def _stamp(config_path: str) -> str:
+    return f"{Path(config_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def _run(args) -> int:
@@ -32,12 +55,45 @@ def _run(args) -> int:
     return 0
 
 
+def _split(text: str, what: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise ValueError(f"--{what} is empty")
+    return items
+
+
+def _compare(args) -> int:
+    from fedlora_jax.compare import run_comparison
+
+    seeds = []
+    for s in _split(args.seeds, "seeds"):
+        if not s.lstrip("-").isdigit():
+            raise ValueError(f"--seeds: {s!r} is not an integer")
+        seeds.append(int(s))
+    out = Path(args.out) if args.out else Path("runs") / f"compare-{_stamp(args.config)}"
+    result = run_comparison(args.config, _split(args.methods, "methods"), seeds, args.overrides, out,
+                            progress=not args.quiet)
+    print(f"comparison directory: {result.out_dir}")
+    return 0
+
+
+def _describe(args) -> int:
+    from fedlora_jax.compare import describe
+
+    describe(args.config, args.overrides, heatmap_path=args.out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    # Small LAPACK calls (QR/SVD in aggregation) slow down badly with multi-threaded OpenBLAS
+    # competing with XLA's own threads on a CPU; one BLAS thread is faster.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     args = _parser().parse_args(argv)
     try:
-        return {"run": _run}[args.command](args)
+        return {"run": _run, "compare": _compare, "describe": _describe}[args.command](args)
     except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"fedlora-jax: error: {e}", file=sys.stderr)
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"fedlora-jax: error: {message}", file=sys.stderr)
         return 2
 
 

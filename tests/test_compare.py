@@ -6,9 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from matplotlib.image import imread
 
-from fedlora_jax.compare import LEADING_COLUMNS, describe, run_comparison
+from rich.console import Console
+
+from fedlora_jax.compare import (LEADING_COLUMNS, comparison_rows, comparison_table, describe, headline_metric,
+                                  method_curves, run_comparison, summarise_comparison)
 from fedlora_jax.config import load_config
 from fedlora_jax.simulate import build_data
 
@@ -26,7 +30,7 @@ TINY = {
     "optim": {"name": "adamw", "learning_rate": 1e-2},
     "eval": {"every": 1, "batch_size": 32},
 }
-METHODS = ["fedit"]
+METHODS = ["fedit", "ffa"]
 SEEDS = [0, 1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -63,10 +67,12 @@ def test_results_csv_has_every_method_seed_round_and_the_run_values(comparison):
                 for key, value in record.items():
                     assert float(row[key]) == pytest.approx(value, rel=1e-12), key
     # the overrides and the per-run seed reached every run's config
-    configs = {s: (out / "fedit" / f"seed{s}" / "config.yaml").read_text() for s in SEEDS}
-    assert all("clients_per_round: 3" in text for text in configs.values())
-    assert "seed: 0" in configs[0] and "seed: 1" in configs[1]
-    assert comparison.run_dirs[("fedit", 1)] == out / "fedit" / "seed1"
+    for method in METHODS:
+        configs = {s: yaml.safe_load((out / method / f"seed{s}" / "config.yaml").read_text()) for s in SEEDS}
+        assert all(c["federation"]["clients_per_round"] == 3 and c["federation"]["method"] == method
+                   for c in configs.values())
+        assert [configs[s]["seed"] for s in SEEDS] == SEEDS
+        assert comparison.run_dirs[(method, 1)] == out / method / "seed1"
 
 
 def test_summary_has_mean_and_std_over_seeds(comparison):
@@ -75,23 +81,24 @@ def test_summary_has_mean_and_std_over_seeds(comparison):
     columns, rows = read_csv(out / "summary.csv")
     assert [r["method"] for r in rows] == METHODS
     assert columns == list(comparison.summary[0])
-    histories = [run_history(out, "fedit", s) for s in SEEDS]
-    finals = [h[-1]["global_accuracy"] for h in histories]
-    bests = [max(r["global_accuracy"] for r in h) for h in histories]
-    gaps = [h[-1]["local_global_gap"] for h in histories]
-    row = rows[0]
-    assert int(row["seeds"]) == 2 and int(row["rounds"]) == 2
-    assert float(row["final_global_accuracy_mean"]) == pytest.approx(np.mean(finals))
-    assert float(row["final_global_accuracy_std"]) == pytest.approx(np.std(finals, ddof=1))
-    assert float(row["best_global_accuracy_mean"]) == pytest.approx(np.mean(bests))
-    assert float(row["best_global_accuracy_std"]) == pytest.approx(np.std(bests, ddof=1))
-    assert float(row["final_local_global_gap_mean"]) == pytest.approx(np.mean(gaps))
-    assert int(row["total_bytes_up"]) == int(np.mean([sum(r["bytes_up"] for r in h) for h in histories])) > 0
-    assert int(row["total_bytes_down"]) > 0
-    assert float(row["mean_divergence"]) == pytest.approx(np.mean([np.mean([r["divergence"] for r in h])
-                                                                    for h in histories]))
-    assert "final_epsilon_mean" not in row  # no DP in this config
-    assert comparison.summary[0]["final_global_accuracy_mean"] == pytest.approx(np.mean(finals))
+    for method, row, returned in zip(METHODS, rows, comparison.summary):
+        histories = [run_history(out, method, s) for s in SEEDS]
+        finals = [h[-1]["global_accuracy"] for h in histories]
+        bests = [max(r["global_accuracy"] for r in h) for h in histories]
+        gaps = [h[-1]["local_global_gap"] for h in histories]
+        assert int(row["seeds"]) == 2 and int(row["rounds"]) == 2
+        assert float(row["final_global_accuracy_mean"]) == pytest.approx(np.mean(finals))
+        assert float(row["final_global_accuracy_std"]) == pytest.approx(np.std(finals, ddof=1))
+        assert float(row["best_global_accuracy_mean"]) == pytest.approx(np.mean(bests))
+        assert float(row["best_global_accuracy_std"]) == pytest.approx(np.std(bests, ddof=1))
+        assert float(row["final_local_global_gap_mean"]) == pytest.approx(np.mean(gaps))
+        assert float(row["final_local_global_gap_std"]) == pytest.approx(np.std(gaps, ddof=1))
+        assert int(row["total_bytes_up"]) == int(np.mean([sum(r["bytes_up"] for r in h) for h in histories])) > 0
+        assert int(row["total_bytes_down"]) == int(np.mean([sum(r["bytes_down"] for r in h) for h in histories])) > 0
+        assert float(row["mean_divergence"]) == pytest.approx(np.mean([np.mean([r["divergence"] for r in h])
+                                                                        for h in histories]))
+        assert "final_epsilon_mean" not in row  # no DP in this config
+        assert returned["final_global_accuracy_mean"] == pytest.approx(np.mean(finals))
 
 
 def test_plots_are_valid_pngs(comparison):
@@ -134,6 +141,41 @@ def test_non_empty_out_dir_is_refused(tmp_path):
     with pytest.raises(ValueError, match="already exists and is not empty"):
         run_comparison(TINY, ["fedit"], [0], [], tmp_path, progress=False)
     assert [p.name for p in tmp_path.iterdir()] == ["results.csv"]
+
+
+def record(round_, loss, eps=None, **metrics):
+    out = {"round": round_, "train_loss": loss, "divergence": 0.1 * round_, "wall_s": 1.0, "bytes_up": 100,
+           "bytes_down": 50, **metrics}
+    return out if eps is None else {**out, "epsilon": eps}
+
+
+def test_summary_of_dp_runs_of_unequal_length():
+    """A DP run that stopped early at its budget: epsilon carried over, curves NaN-padded."""
+    histories = {
+        ("a", 0): [record(1, 0.9, 1.0), record(2, 0.8, 2.0, global_pearson=0.5, global_loss=1.0)],
+        ("a", 1): [record(1, 0.7, 1.5, global_pearson=0.7, global_loss=0.9)],
+        ("b", 0): [record(1, 0.6), record(2, 0.5, global_pearson=0.1), record(3, 0.4, global_pearson=0.3)],
+    }
+    rows, columns = comparison_rows(histories)
+    assert columns == [*LEADING_COLUMNS, "epsilon", "global_loss", "global_pearson"]
+    assert len(rows) == 6 and rows[0]["global_pearson"] is None and rows[1]["epsilon"] == 2.0
+    assert headline_metric(rows) == "pearson"
+    a, b = summarise_comparison(histories, ["a", "b"], "pearson")
+    assert a["final_global_pearson_mean"] == pytest.approx(0.6)
+    assert a["final_global_pearson_std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
+    assert a["final_epsilon_mean"] == pytest.approx(1.75) and b["final_epsilon_mean"] is None
+    assert a["rounds"] == 2 and b["rounds"] == 3
+    assert b["best_global_pearson_mean"] == pytest.approx(0.3) and b["best_global_pearson_std"] == 0.0
+    assert a["total_bytes_up"] == 150 and b["total_bytes_down"] == 150
+    rounds, values = method_curves(histories, "a", "global_pearson")
+    assert rounds.tolist() == [1, 2]
+    np.testing.assert_array_equal(values, [[np.nan, 0.5], [0.7, np.nan]])
+    console = Console(record=True, width=160)
+    console.print(comparison_table([a, b], "pearson"))
+    text = console.export_text()
+    assert "ε" in text and "1.750" in text and "0.6000 ± 0.1414" in text
+    with pytest.raises(ValueError, match="no run evaluated"):
+        headline_metric([{"global_loss": 1.0}])
 
 
 def test_describe_classification_sizes_histogram_and_heatmap(tmp_path):

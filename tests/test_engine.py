@@ -6,26 +6,9 @@ import numpy as np
 import pytest
 
 from fedlora_jax.client import local_update
-from fedlora_jax.config import load_config
 from fedlora_jax.params import factor_mask, leaf_names
 from fedlora_jax.server import device_shards, init_server_state
-from fedlora_jax.simulate import build_experiment
-
-TINY = {
-    "seed": 3,
-    "model": {"arch": "bert", "config": {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1,
-                                          "num_attention_heads": 2, "intermediate_size": 64,
-                                          "max_position_embeddings": 32}},
-    "lora": {"rank": 4},
-    "data": {"num_clients": 6, "vocab_size": 64, "seq_len": 12, "examples_per_client": [5, 40], "test_examples": 64},
-    "federation": {"rounds": 3, "clients_per_round": 5, "local_steps": 3, "batch_size": 8},
-    "optim": {"name": "adamw", "learning_rate": 1e-2, "weight_decay": 0.01},
-    "eval": {"every": 1, "batch_size": 32},
-}
-
-
-def tiny_experiment(**overrides):
-    return build_experiment(load_config(TINY, [f"{k}={v}" for k, v in overrides.items()]))
+from tiny import tiny_experiment
 
 
 def cohort_inputs(exp, k):

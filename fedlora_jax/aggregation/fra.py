@@ -3,6 +3,8 @@ hybrid schedule with FFA-LoRA."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -42,6 +44,12 @@ def fra(
         raise ValueError(f"fra rank must be a positive integer, got {rank!r}")
     if split not in SPLITS:
         raise ValueError(f"fra split must be one of {SPLITS}, got {split!r}")
+    return _fra(B, A, w, rank, split)
+
+
+@functools.partial(jax.jit, static_argnames=("rank", "split"))
+def _fra(B: jax.Array, A: jax.Array, w: jax.Array, rank: int, split: str) -> tuple[jax.Array, jax.Array]:
+    """:func:`fra` on validated inputs, compiled once per shape for eager callers."""
     dtype = _checks.compute_dtype(B, A, w)
     out = _checks.output_dtype(B, A)
     B_s, A_s = linalg.stack_factors(B.astype(dtype), A.astype(dtype), w.astype(dtype))

