@@ -63,6 +63,7 @@ class DataConfig:
     max_test_examples: int | None = None
     partition: dict = dataclasses.field(default_factory=lambda: {"scheme": "iid"})
     cache_dir: str | None = None
+    eos_token: str | None = None
     # synthetic task
     vocab_size: int = 128
     seq_len: int = 16
@@ -141,9 +142,20 @@ class PrivacyConfig:
 
 @dataclasses.dataclass
 class EvalConfig:
+    """Evaluation every ``every`` rounds (and after the last): the global model on the global test
+    set, and (``local``) each cohort client's trained model on at most ``local_max_examples``
+    rows of its local test split (a fixed random subset; null for all). Causal LM with prompts
+    (GSM8K): ``generate_examples`` > 0 also scores greedy generations (KV cache, jitted) of that
+    many global-test prompts by exact match of the final number, logged as
+    ``global_exact_match``."""
+
     every: int = 5
     batch_size: int = 64
     local: bool = True
+    local_max_examples: int | None = 256
+    generate_examples: int = 0
+    max_new_tokens: int = 256
+    max_prompt_length: int = 256
 
 
 @dataclasses.dataclass
@@ -304,6 +316,11 @@ def validate(c: Config) -> None:
     _require(c.optim.schedule in ("constant", "cosine", "linear"),
              f"config key 'optim.schedule' must be constant, cosine or linear, got {c.optim.schedule!r}")
     _require(c.eval.every >= 1, f"config key 'eval.every' must be >= 1, got {c.eval.every}")
+    _require(c.eval.local_max_examples is None or c.eval.local_max_examples >= 1,
+             f"config key 'eval.local_max_examples' must be >= 1 or null, got {c.eval.local_max_examples}")
+    _require(c.eval.generate_examples >= 0, f"config key 'eval.generate_examples' must be >= 0, got {c.eval.generate_examples}")
+    _require(c.eval.max_new_tokens >= 1 and c.eval.max_prompt_length >= 1,
+             "config keys 'eval.max_new_tokens' and 'eval.max_prompt_length' must be >= 1")
     _require(c.eval.batch_size >= 1, f"config key 'eval.batch_size' must be >= 1, got {c.eval.batch_size}")
     _require(c.model.dtype in ("float32", "bfloat16"), f"config key 'model.dtype' must be float32 or bfloat16, got {c.model.dtype!r}")
     p = c.privacy

@@ -129,12 +129,30 @@ OPTIONS = {
 METHOD_NAMES = tuple(OPTIONS)
 
 
+def options_for(name: str, options: dict | None) -> dict:
+    """The options of method ``name`` from ``federation.method_options``, which is either the
+    options of the configured method (``{switch_round: 5}``) or a mapping keyed by method name
+    (``{fra_then_ffa: {switch_round: 5}, fra: {split: left}}``), so one config can serve a
+    comparison of several methods."""
+    options = dict(options or {})
+    keyed = [k for k in options if k in OPTIONS]
+    if keyed and len(keyed) != len(options):
+        raise ValueError("federation.method_options mixes per-method sections "
+                         f"({', '.join(keyed)}) with plain options ({', '.join(k for k in options if k not in OPTIONS)})")
+    if keyed:
+        section = options.get(name) or {}
+        if not isinstance(section, dict):
+            raise ValueError(f"federation.method_options.{name} must be a mapping, got {section!r}")
+        return dict(section)
+    return options
+
+
 def make_method(name: str, options: dict | None = None, lora_rank: int = 8) -> Method:
     """Builds a method by registry name with its options from the config
-    (``federation.method_options``)."""
-    options = dict(options or {})
+    (``federation.method_options``; see :func:`options_for`)."""
     if name not in OPTIONS:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHOD_NAMES)}")
+    options = options_for(name, options)
     unknown = sorted(set(options) - set(OPTIONS[name]))
     if unknown:
         allowed = ", ".join(OPTIONS[name]) or "none"

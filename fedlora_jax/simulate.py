@@ -26,11 +26,12 @@ from fedlora_jax.config import Config, ConfigError, cohort_size
 from fedlora_jax.data.base import FederatedData
 from fedlora_jax.data.sources import SOURCES, load_federated
 from fedlora_jax.data.synthetic import make_synthetic
+from fedlora_jax.generate import gsm8k_exact_match
 from fedlora_jax.evaluate import Evaluator, pad_rows, score, weighted_client_metrics
 from fedlora_jax.methods import make_method
 from fedlora_jax.models.lora import LoRAConfig, inject_lora, split_model
 from fedlora_jax.params import leaf_names, trainable_layout
-from fedlora_jax.privacy import poisson_buffer_size
+from fedlora_jax.privacy import client_poisson_buffer_size
 from fedlora_jax.privacy.ledger import BudgetExceeded, PrivacyLedger
 from fedlora_jax.server import ClientShards, Federation, ServerState, UserDP, device_shards, init_server_state
 
@@ -65,7 +66,7 @@ def build_data(config: Config) -> FederatedData:
         raise ConfigError("config key 'data.tokenizer' is needed when model.pretrained is not set")
     return load_federated(d.source, d.load, tokenizer, d.num_clients, d.partition, config.seed, d.max_length,
                           d.train_split, d.test_split, d.local_test_fraction, d.max_train_examples,
-                          d.max_test_examples, d.cache_dir)
+                          d.max_test_examples, d.cache_dir, d.eos_token)
 
 
 def build_model(config: Config, data: FederatedData):
@@ -87,6 +88,8 @@ def build_model(config: Config, data: FederatedData):
 def build_experiment(config: Config, data: FederatedData | None = None) -> Experiment:
     """Builds data, model, local trainer and federation; raises on bad input, writes nothing."""
     data = data if data is not None else build_data(config)
+    if config.eval.generate_examples and data.generation is None:
+        raise ConfigError("config key 'eval.generate_examples' needs a data source with prompts (gsm8k)")
     if data.num_clients != config.data.num_clients:
         raise ConfigError(f"data has {data.num_clients} clients but data.num_clients is {config.data.num_clients}")
     model, adapted = build_model(config, data)
@@ -95,9 +98,8 @@ def build_experiment(config: Config, data: FederatedData | None = None) -> Exper
     ledger = PrivacyLedger.create(p, data.num_train, f.batch_size, f.local_steps, f.rounds, cohort_size(config))
     record_dp = None
     if p.record_level:
-        capacity = int(data.train["input_ids"].shape[1])
         record_dp = RecordDP(p.clip_norm, ledger.noise_multiplier, p.per_layer_clipping, p.sampling == "poisson",
-                             poisson_buffer_size(f.batch_size, max_examples=capacity))
+                             client_poisson_buffer_size(data.num_train, f.batch_size))
     user_dp = UserDP(p.user_clip_norm, ledger.user_noise_multiplier) if p.user_level else None
     trainer = LocalTrainer(graphdef, data.task, make_optimizer(config.optim),
                            make_schedule(config.optim, f.rounds * f.local_steps), f.local_steps, f.batch_size, record_dp)
@@ -153,16 +155,25 @@ class Evaluation:
         test = exp.data.global_test
         self.global_n = len(next(iter(test.values())))
         self.global_arrays = pad_rows(test, bs)
-        self.local_arrays = pad_rows(exp.data.local_test, bs, axis=1)
         self.global_device = {k: jnp.asarray(v) for k, v in self.global_arrays.items()}
+        local, self.local_sizes = local_subsets(exp.data, exp.config.eval.local_max_examples, exp.config.seed)
+        self.local_arrays = pad_rows(local, bs, axis=1)
 
     def global_metrics(self, state: ServerState) -> dict:
         preds, losses = jax.device_get(self.global_fn(state.params, state.frozen, self.global_device))
         valid = np.arange(len(losses)) < self.global_n
-        return score(self.exp.data.name, self.exp.data.task, preds, losses, self.global_arrays, valid)
+        out = score(self.exp.data.name, self.exp.data.task, preds, losses, self.global_arrays, valid)
+        generation, cfg = self.exp.data.generation, self.exp.config.eval
+        if generation is not None and cfg.generate_examples:
+            n = min(cfg.generate_examples, len(generation.prompts))
+            out["exact_match"], _ = gsm8k_exact_match(
+                self.exp.graphdef, state.params, state.frozen, generation.tokenizer, generation.prompts[:n],
+                generation.references[:n], cfg.max_prompt_length, cfg.max_new_tokens, cfg.batch_size,
+                generation.eos_token)
+        return out
 
     def local_metrics(self, state: ServerState, client_params, cohort: np.ndarray) -> dict:
-        sizes = self.exp.data.num_local_test[cohort]
+        sizes = self.local_sizes[cohort]
         if sizes.sum() == 0:
             return {}
         arrays = {k: v[cohort] for k, v in self.local_arrays.items()}
@@ -173,6 +184,22 @@ class Evaluation:
             client = {k: v[i] for k, v in arrays.items()}
             per_client.append(score(self.exp.data.name, self.exp.data.task, preds[i], losses[i], client, valid) if n else {})
         return weighted_client_metrics(per_client, sizes)
+
+
+def local_subsets(data: FederatedData, limit: int | None, seed: int) -> tuple[dict, np.ndarray]:
+    """Each client's local test rows, at most ``limit`` of them (a seeded random subset), packed
+    first: arrays [U, min(m_max, limit), ...] and the kept counts [U]."""
+    counts = data.num_local_test
+    width = int(counts.max(initial=0)) if limit is None else min(limit, int(counts.max(initial=0)))
+    width = max(width, 1)
+    rng = np.random.default_rng(seed)
+    rows = np.zeros((len(counts), width), np.int64)
+    kept = np.minimum(counts, width)
+    for u, n in enumerate(counts):
+        rows[u, : kept[u]] = np.sort(rng.choice(int(n), size=int(kept[u]), replace=False)) if n else []
+    arrays = {k: np.take_along_axis(v, rows.reshape(rows.shape + (1,) * (v.ndim - 2)), axis=1)
+              for k, v in data.local_test.items()}
+    return arrays, kept
 
 
 def _headline(task: str) -> str:

@@ -342,10 +342,29 @@ def test_prompt_answer_loss_mask_real(minilm_dir, tmp_path):
         decoded = tokenizer.decode(target.tolist())
         assert decoded.replace(" ", "") == answers[i].lower().replace(" ", "").replace("\n", "")
     short = tokenize_prompt_answer(minilm_dir, prompts[:2], answers[:2], max_length=12)
-    assert short["attention_mask"].all() and short["loss_mask"].sum() == 0
+    # prompts longer than the window are cut from the left: the answer keeps half of it
+    assert short["attention_mask"].all() and short["loss_mask"].sum(axis=1).tolist() == [6, 6]
     cached = tokenize_prompt_answer(minilm_dir, prompts, answers, 320, "[SEP]", cache_dir=tmp_path)
     again = tokenize_prompt_answer(minilm_dir, prompts, answers, 320, "[SEP]", cache_dir=tmp_path)
     np.testing.assert_array_equal(again["loss_mask"], out["loss_mask"])
     np.testing.assert_array_equal(cached["input_ids"], out["input_ids"])
     with pytest.raises(ValueError, match="not in the tokenizer's vocabulary"):
         tokenize_prompt_answer(minilm_dir, prompts, answers, 32, eos_token="<|eot|>")
+
+
+def test_long_prompts_are_cut_from_the_left_so_answers_keep_tokens():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[EOS]"] + [f"w{i}" for i in range(40)])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[PAD]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    prompt = " ".join(f"w{i}" for i in range(20))
+    arrays = tokenize_prompt_answer(tokenizer, [prompt, "w0 w1"], ["w30 w31 w32", "w33"], max_length=8,
+                                    eos_token="[EOS]")
+    ids, loss = arrays["input_ids"], arrays["loss_mask"]
+    # long prompt: the answer (3 tokens + EOS) keeps half the window, the prompt keeps its last 4 tokens
+    assert [tokenizer.id_to_token(int(t)) for t in ids[0]] == ["w16", "w17", "w18", "w19", "w30", "w31", "w32", "[EOS]"]
+    assert loss[0].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    # a short pair fits whole and is right-padded
+    assert [tokenizer.id_to_token(int(t)) for t in ids[1][:4]] == ["w0", "w1", "w33", "[EOS]"]
+    assert loss[1].tolist() == [0, 0, 1, 1, 0, 0, 0, 0] and arrays["attention_mask"][1].sum() == 4

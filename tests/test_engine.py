@@ -121,3 +121,19 @@ def test_fedit_aggregate_is_example_weighted_mean():
     for x, xs in zip(jax.tree.leaves(new), jax.tree.leaves(client_params)):
         np.testing.assert_allclose(x, np.tensordot(np.asarray(w), np.asarray(xs), axes=1), rtol=1e-5, atol=1e-7)
     assert divergence.shape == (len(fed.layout.modules),) and bool(jnp.all(divergence > 0))
+
+
+def test_local_evaluation_subsets_are_drawn_from_each_clients_own_rows():
+    from fedlora_jax.data.synthetic import make_synthetic
+    from fedlora_jax.simulate import local_subsets
+
+    data = make_synthetic(5, (10, 80), seed=1)
+    arrays, kept = local_subsets(data, limit=6, seed=0)
+    assert kept.tolist() == np.minimum(data.num_local_test, 6).tolist()
+    for u in range(5):
+        own = {tuple(row) + (label,) for row, label in zip(data.local_test["input_ids"][u, : data.num_local_test[u]],
+                                                           data.local_test["labels"][u, : data.num_local_test[u]])}
+        picked = [tuple(row) + (label,) for row, label in zip(arrays["input_ids"][u, : kept[u]], arrays["labels"][u, : kept[u]])]
+        assert len(set(picked)) == kept[u] and set(picked) <= own
+    full, all_kept = local_subsets(data, limit=None, seed=0)
+    assert all_kept.tolist() == data.num_local_test.tolist()

@@ -316,7 +316,8 @@ def test_answer_only_loss_goes_down_in_short_federated_run(tmp_path):
         # per-round train loss is a deterministic full-shard loss, not batch noise
         "federation": {"rounds": 4, "local_steps": 5, "batch_size": 8},
         "optim": {"name": "adam", "learning_rate": 1e-2},
-        "eval": {"every": 4, "batch_size": 8, "local": False},
+        "eval": {"every": 4, "batch_size": 8, "local": False, "generate_examples": 2, "max_new_tokens": 3,
+                 "max_prompt_length": 48},
     }
     result = run(load_config(config), None, progress=False)
     losses = [h["train_loss"] for h in result.history]
@@ -343,4 +344,12 @@ def test_answer_only_loss_goes_down_in_short_federated_run(tmp_path):
                                               questions, answers, max_prompt_len=48, max_new_tokens=3,
                                               batch_size=2)
     assert generations == [tokenizer.decode(row.tolist(), skip_special_tokens=True) for row in np.asarray(tokens)]
+
+    # the run's evaluation scored the same generations of its own test prompts
+    generation = data.generation
+    assert len(generation.prompts) == len(generation.references) == 8
+    expected, _ = gsm8k_exact_match(exp.graphdef, state.params, state.frozen, generation.tokenizer,
+                                    generation.prompts[:2], generation.references[:2], max_prompt_len=48,
+                                    max_new_tokens=3, batch_size=8, eos_token=generation.eos_token)
+    assert result.history[-1]["global_exact_match"] == expected
     assert 0.0 <= accuracy <= 1.0

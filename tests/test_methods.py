@@ -168,3 +168,12 @@ def test_unknown_method_and_options_are_rejected():
         make_method("fra", {"rank": 3})
     with pytest.raises(ValueError, match="switch_round"):
         make_method("fra_then_ffa", {})
+
+
+def test_method_options_can_be_keyed_by_method_for_comparisons():
+    keyed = {"fra_then_ffa": {"switch_round": 2}, "fra": {"split": "left"}}
+    assert make_method("fedit", keyed).name == "fedit"  # no section: no options
+    assert make_method("fra_then_ffa", keyed).uploads(1) == (True, True)
+    assert make_method("fra_then_ffa", keyed).uploads(2) == (False, True)
+    with pytest.raises(ValueError, match="mixes per-method sections"):
+        make_method("fra", {"fra": {"split": "left"}, "split": "left"})

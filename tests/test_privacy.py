@@ -430,3 +430,19 @@ def test_noisy_mean_rejects_bad_input():
         privacy.noisy_mean_of_updates(updates, jnp.ones(4), 1.0, 1.0, jax.random.key(0), 0.0)
     with pytest.raises(ValueError, match="noise_multiplier"):
         privacy.noisy_mean_of_updates(updates, jnp.ones(4), 1.0, -1.0, jax.random.key(0), 4.0)
+
+
+def test_client_poisson_buffer_size_is_the_exact_binomial_quantile():
+    from scipy.stats import binom
+
+    from fedlora_jax.privacy import client_poisson_buffer_size
+
+    counts = np.array([64, 64, 200, 10])
+    buffer = client_poisson_buffer_size(counts, 16, 1e-6)
+    rates = np.minimum(1.0, 16 / counts)
+    assert all(binom.sf(buffer, n, q) <= 1e-6 for n, q in zip(counts, rates))
+    assert any(binom.sf(buffer - 1, n, q) > 1e-6 for n, q in zip(counts, rates))
+    assert buffer < privacy.poisson_buffer_size(16, 1e-6)
+    assert client_poisson_buffer_size([5, 3], 16) == 5  # rate 1: every example, every step
+    with pytest.raises(ValueError, match="num_examples"):
+        client_poisson_buffer_size([0, 4], 16)

@@ -17,6 +17,20 @@ TASK_KINDS = ("classification", "regression", "causal_lm")
 Arrays = dict[str, np.ndarray]
 
 
+@dataclasses.dataclass(frozen=True)
+class GenerationTask:
+    """Prompts of the global test set for generation-based scoring (GSM8K exact match).
+
+    prompts: N prompt texts; references: N final answers ("72"); tokenizer: its directory,
+    tokenizer.json or hub id; eos_token: the token that ends an answer, or None.
+    """
+
+    prompts: Sequence[str]
+    references: Sequence[str]
+    tokenizer: str
+    eos_token: str | None = None
+
+
 @dataclasses.dataclass
 class FederatedData:
     """Client shards padded to static shapes, plus a global test set.
@@ -31,6 +45,7 @@ class FederatedData:
       num_labels: classes (1 for regression).
       name: a short task name used for metric selection (e.g. "sst2", "synthetic").
       label_names: optional class names, for plots and reports.
+      generation: the global test set's prompts for generation-based scoring (causal LM), or None.
     """
 
     train: Arrays
@@ -42,6 +57,7 @@ class FederatedData:
     num_labels: int
     name: str = "task"
     label_names: Sequence[str] | None = None
+    generation: GenerationTask | None = None
 
     @property
     def num_clients(self) -> int:

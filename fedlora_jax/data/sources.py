@@ -13,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fedlora_jax.data.base import FederatedData, federate
+import dataclasses
+
+from fedlora_jax.data.base import FederatedData, GenerationTask, federate
 from fedlora_jax.data.partition import partition, split_local_test
 from fedlora_jax.data.text import GLUE_TASKS, GSM8KSplit, TextSplit, load_text_dataset
 from fedlora_jax.data.tokenise import tokenize_prompt_answer, tokenize_texts
@@ -44,9 +46,9 @@ def _pick(split, index: np.ndarray):
     return TextSplit([split.texts_a[i] for i in index], texts_b, split.labels[index])
 
 
-def _tokenise(split, tokenizer, max_length: int, cache_dir) -> dict[str, np.ndarray]:
+def _tokenise(split, tokenizer, max_length: int, cache_dir, eos_token: str | None) -> dict[str, np.ndarray]:
     if isinstance(split, GSM8KSplit):
-        return tokenize_prompt_answer(tokenizer, split.prompts, split.answers, max_length, cache_dir=cache_dir)
+        return tokenize_prompt_answer(tokenizer, split.prompts, split.answers, max_length, eos_token, cache_dir)
     arrays = tokenize_texts(tokenizer, split.texts_a, split.texts_b, max_length, cache_dir=cache_dir)
     arrays["labels"] = split.labels.astype(np.float32 if split.labels.dtype.kind == "f" else np.int32)
     return arrays
@@ -66,6 +68,7 @@ def load_federated(
     max_train_examples: int | None = None,
     max_test_examples: int | None = None,
     cache_dir: str | Path | None = None,
+    eos_token: str | None = None,
 ) -> FederatedData:
     """Loads, tokenises and partitions a real data set into client shards.
 
@@ -81,6 +84,8 @@ def load_federated(
       local_test_fraction: share of each client's examples held out as its local test split.
       max_train_examples / max_test_examples: optional random subsets (quick runs).
       cache_dir: tokenisation cache (default ~/.cache/fedlora_jax/tokens).
+      eos_token: causal LM: token appended to every answer (and trained on), so generation
+        learns to stop; e.g. "</s>" or "<|endoftext|>".
     """
     if source not in SOURCES[1:]:
         raise ValueError(f"unknown data source {source!r} (known: {', '.join(SOURCES)})")
@@ -92,8 +97,8 @@ def load_federated(
     train = _pick(splits[train_split], _subsample(_size(splits[train_split]), max_train_examples, rng))
     test = _pick(splits[test_split], _subsample(_size(splits[test_split]), max_test_examples, rng))
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    train_arrays = _tokenise(train, tokenizer, max_length, cache_dir)
-    test_arrays = _tokenise(test, tokenizer, max_length, cache_dir)
+    train_arrays = _tokenise(train, tokenizer, max_length, cache_dir, eos_token)
+    test_arrays = _tokenise(test, tokenizer, max_length, cache_dir, eos_token)
 
     options = dict(partition_options or {"scheme": "iid"})
     scheme = options.pop("scheme", "iid")
@@ -110,4 +115,8 @@ def load_federated(
         labels_for_partition = train.labels if not regression else np.zeros(len(train.labels), np.int64)
     parts = partition(labels_for_partition, num_clients, scheme, seed, **options)
     train_parts, test_parts = split_local_test(parts, local_test_fraction, seed + 1)
-    return federate(train_arrays, train_parts, test_parts, test_arrays, task, num_labels, name, label_names)
+    data = federate(train_arrays, train_parts, test_parts, test_arrays, task, num_labels, name, label_names)
+    if source == "gsm8k":
+        generation = GenerationTask(test.prompts, test.final_answers, str(tokenizer), eos_token)
+        data = dataclasses.replace(data, generation=generation)
+    return data

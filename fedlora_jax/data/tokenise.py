@@ -196,8 +196,10 @@ def tokenize_prompt_answer(
     """Tokenises prompt + answer pairs for causal-LM fine-tuning with a loss on the answer only.
 
     The prompt is encoded with the tokenizer's special tokens (e.g. a BOS), the answer without,
-    then ``eos_token`` (if given) is appended; the concatenation is cut at ``max_length`` (the
-    end of long answers is lost first) and right-padded.
+    then ``eos_token`` (if given) is appended, and the result is right-padded. When prompt +
+    answer exceed ``max_length``, the answer keeps at least half the window (all of it if it is
+    shorter) and the prompt is cut from the left (its start, with any BOS, is lost first); the
+    end of a long answer is lost last. So every example has answer tokens to train on.
 
     Args:
       tokenizer_dir_or_id: see :func:`load_tokenizer`.
@@ -224,7 +226,7 @@ def tokenize_prompt_answer(
         eos = [eos_id]
     path = None
     if cache_dir is not None:
-        kind = f"prompt-answer\x00{eos_token}\x00{pad_id}"
+        kind = f"prompt-answer-v2\x00{eos_token}\x00{pad_id}"
         key = cache_key(kind, tokenizer, max_length, prompts, answers)
         path = Path(cache_dir) / f"prompt-answer-{key[:40]}.npz"
         cached = _load_cached(path)
@@ -241,8 +243,11 @@ def tokenize_prompt_answer(
         "loss_mask": np.zeros((n, max_length), dtype=np.int32),
     }
     for i, (prompt, answer) in enumerate(zip(prompt_encodings, answer_encodings)):
-        ids = (prompt.ids + answer.ids + eos)[:max_length]
-        length, prompt_length = len(ids), min(len(prompt.ids), max_length)
+        target = answer.ids + eos
+        kept_target = min(len(target), max(max_length - len(prompt.ids), max_length // 2))
+        prompt_ids = prompt.ids[max(0, len(prompt.ids) - (max_length - kept_target)):]
+        ids = prompt_ids + target[:kept_target]
+        length, prompt_length = len(ids), len(prompt_ids)
         arrays["input_ids"][i, :length] = ids
         arrays["attention_mask"][i, :length] = 1
         arrays["loss_mask"][i, prompt_length:length] = 1

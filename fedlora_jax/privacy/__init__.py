@@ -18,12 +18,13 @@ from fedlora_jax.privacy.accounting import (
 from fedlora_jax.privacy.clipping import clip_update, tree_l2_norm
 from fedlora_jax.privacy.dpsgd import GradientStats, private_gradient
 from fedlora_jax.privacy.noise import gaussian_noise_like
-from fedlora_jax.privacy.sampling import poisson_buffer_size, poisson_sample, shuffled_batch
+from fedlora_jax.privacy.sampling import client_poisson_buffer_size, poisson_buffer_size, poisson_sample, shuffled_batch
 from fedlora_jax.privacy.user_level import noisy_mean_of_updates
 
 __all__ = [
     "ACCOUNTANTS",
     "GradientStats",
+    "client_poisson_buffer_size",
     "clip_update",
     "epsilon",
     "gaussian_noise_like",

@@ -12,6 +12,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedlora_jax.privacy._checks import check_positive_int, concrete_value
 
@@ -148,3 +149,37 @@ def shuffled_batch(
     indices = _smallest_keys_first(jnp.where(is_real, uniforms, 2.0), batch_size)
     mask = jnp.arange(batch_size) < jnp.minimum(batch_size, num_examples)
     return indices, mask
+
+
+def client_poisson_buffer_size(
+    num_examples,
+    batch_size: float,
+    overflow_probability: float = 1e-6,
+) -> int:
+    """Smallest buffer that holds every client's Poisson sample but with probability < p (host-side).
+
+    Client u has n_u examples and samples each with q_u = min(1, batch_size / n_u), so its count
+    is exactly Binomial(n_u, q_u); the buffer is the largest per-client (1 - p) quantile. With the
+    client sizes known this is much tighter than :func:`poisson_buffer_size`'s size-free Chernoff
+    bound (e.g. 34 instead of 41 slots for n = 64, batch 16, p = 1e-6).
+
+    Args:
+      num_examples: [U] client example counts (>= 1).
+      batch_size: the expected batch size b > 0.
+      overflow_probability: target bound on P(X_u > B) for every client, in (0, 1).
+
+    Returns:
+      The buffer size B as a Python int >= 1.
+    """
+    from scipy.stats import binom
+
+    if not 0.0 < overflow_probability < 1.0:
+        raise ValueError(f"overflow_probability must be in (0, 1), got {overflow_probability!r}")
+    if not batch_size > 0:
+        raise ValueError(f"batch_size must be > 0, got {batch_size!r}")
+    counts = np.asarray(num_examples, dtype=np.int64)
+    if counts.size == 0 or counts.min() < 1:
+        raise ValueError("num_examples must be a non-empty array of counts >= 1")
+    rates = np.minimum(1.0, batch_size / counts)
+    quantiles = binom.isf(overflow_probability, counts, rates)
+    return max(1, int(np.max(np.where(rates >= 1.0, counts, quantiles))))
