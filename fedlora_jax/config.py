@@ -22,12 +22,15 @@ class ConfigError(ValueError):
 @dataclasses.dataclass
 class ModelConfig:
     """The transformer. Either ``pretrained`` (a local directory or hub id) or a random init of
-    ``arch`` with ``config`` (Hugging Face config.json keys)."""
+    ``arch`` with ``config`` (Hugging Face config.json keys). ``pooling`` (sequence
+    classification): ``cls`` (HF's head on the first token) or ``mean`` (masked mean of the last
+    hidden states, for checkpoints trained for mean pooling such as sentence-transformers)."""
 
     arch: str = "bert"
     pretrained: str | None = None
     config: dict = dataclasses.field(default_factory=dict)
     dtype: str = "float32"
+    pooling: str = "cls"
 
 
 @dataclasses.dataclass
@@ -322,6 +325,7 @@ def validate(c: Config) -> None:
     _require(c.eval.max_new_tokens >= 1 and c.eval.max_prompt_length >= 1,
              "config keys 'eval.max_new_tokens' and 'eval.max_prompt_length' must be >= 1")
     _require(c.eval.batch_size >= 1, f"config key 'eval.batch_size' must be >= 1, got {c.eval.batch_size}")
+    _require(c.model.pooling in ("cls", "mean"), f"config key 'model.pooling' must be cls or mean, got {c.model.pooling!r}")
     _require(c.model.dtype in ("float32", "bfloat16"), f"config key 'model.dtype' must be float32 or bfloat16, got {c.model.dtype!r}")
     p = c.privacy
     _require(p.sampling in ("poisson", "shuffle"), f"config key 'privacy.sampling' must be poisson or shuffle, got {p.sampling!r}")

@@ -74,11 +74,13 @@ def build_model(config: Config, data: FederatedData):
     m = config.model
     dtype = jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32
     num_labels = 1 if data.task == "regression" else data.num_labels
+    kwargs = {"pooling": m.pooling} if data.task != "causal_lm" else {}
     if m.pretrained:
-        model = models.load_pretrained(m.pretrained, task=data.task, num_labels=num_labels, dtype=dtype, seed=config.seed)
+        model = models.load_pretrained(m.pretrained, task=data.task, num_labels=num_labels, dtype=dtype,
+                                       seed=config.seed, **kwargs)
     else:
         model = models.create_model(m.arch, dict(m.config), task=data.task, num_labels=num_labels,
-                                    seed=config.seed, dtype=dtype)
+                                    seed=config.seed, dtype=dtype, **kwargs)
     lora = LoRAConfig(rank=config.lora.rank, alpha=config.lora.alpha,
                       targets=tuple(config.lora.targets) if config.lora.targets else None, rslora=config.lora.rslora)
     adapted = inject_lora(model, lora, jax.random.key(config.seed + 1))

@@ -161,6 +161,8 @@ def tiny_version(config: Config, where: str, stand_in_dirs, tmp_path: Path) -> C
         if (tokenizer is None and raw["model"]["pretrained"] is None) or (
                 tokenizer is not None and not Path(tokenizer).exists()):
             data["tokenizer"] = str(MINILM_DIR)
+        if data["eos_token"] is not None:  # every stand-in tokenises with MiniLM's vocabulary
+            data["eos_token"] = "[SEP]"
         data["max_length"] = MAX_LENGTH_CAUSAL_LM if data["source"] == "gsm8k" else MAX_LENGTH
         partition = data["partition"]
         partition.pop("sizes", None)  # real client sizes do not fit the capped data
@@ -284,8 +286,11 @@ def test_command_checks_catch_stale_commands(monkeypatch):
         check_command("fedlora-jax run configs/quickstart.yaml --set federation.roundz=3")
     with pytest.raises(ValueError, match="unknown method"):
         check_command("fedlora-jax compare configs/quickstart.yaml --methods fedit,nope")
-    with pytest.raises(ValueError, match="unknown option"):
-        check_command("fedlora-jax compare configs/paper/fra_lora_sst2.yaml --methods fedit,fra_then_ffa")
+    with pytest.raises(ValueError, match="unknown option"):  # plain options belong to one method only
+        check_command("fedlora-jax compare configs/quickstart.yaml --methods fedit,fra_then_ffa "
+                      "--set federation.method_options.switch_round=2")
+    # options keyed by method let one config compare methods with different options
+    check_command("fedlora-jax compare configs/paper/fra_lora_sst2.yaml --methods fedit,fra_then_ffa")
     assert _expand("for e in 1 3; do fedlora-jax run a.yaml --set x.y=$e; done") == [
         "fedlora-jax run a.yaml --set x.y=1", "fedlora-jax run a.yaml --set x.y=3"]
     assert _expand("fedlora-jax run a.yaml --set x.y=1\\|6") == [

@@ -398,3 +398,23 @@ def test_sequences_longer_than_the_position_table_raise(model_type, longest_ok):
     assert encoder(jnp.full((1, longest_ok), 5)).shape == (1, longest_ok, 32)
     with pytest.raises(ValueError, match=f"sequence length {longest_ok + 1} needs"):
         encoder(jnp.full((1, longest_ok + 1), 5))
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_mean_pooling_head_reads_the_masked_mean_of_hidden_states(arch):
+    from fedlora_jax.models import create_model
+
+    config = {"vocab_size": 50, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "intermediate_size": 64, "pad_token_id": 0}
+    model = create_model(arch, config, "classification", num_labels=3, seed=1, pooling="mean")
+    ids = jnp.array([[5, 6, 7, 0, 0], [8, 9, 10, 11, 12]])
+    mask = (ids > 0).astype(jnp.int32)
+    hidden = model.bert(ids, mask)
+    pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+    expected = model.head(pooled) if arch == "bert" else model.head(pooled[:, None])
+    np.testing.assert_allclose(model(ids, mask), expected, atol=1e-6)
+    # padding does not leak in: a different pad token id in padded slots changes nothing
+    noisy = ids.at[0, 3:].set(13)
+    np.testing.assert_allclose(model(noisy, mask)[0], model(ids, mask)[0], atol=1e-5)
+    with pytest.raises(ValueError, match="unknown pooling"):
+        create_model(arch, config, "classification", pooling="max")

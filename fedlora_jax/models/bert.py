@@ -306,12 +306,15 @@ class BertForSequenceClassification(nnx.Module):
     The trainable head is the submodule ``head`` (the trainable filter matches that name):
     for ``head="bert"`` it is the classifier ``nnx.Linear`` applied to the frozen pooler
     output; for ``head="roberta"`` it is :class:`RobertaClassificationHead` (dense + tanh +
-    out_proj on the first token, no pooler).
+    out_proj on the first token, no pooler). With ``pooling="mean"`` the head reads the masked
+    mean of the last hidden states instead of the first token (BERT: no pooler), which suits
+    checkpoints trained for mean pooling such as sentence-transformers' all-MiniLM-L6-v2.
 
     Args:
       config: the encoder hyperparameters.
       num_labels: number of outputs (1: regression).
       head: "bert" or "roberta".
+      pooling: "cls" (first token, as HF) or "mean".
       dtype: compute dtype (None: that of the parameters).
       param_dtype: parameter dtype.
       rngs: initialisation randomness.
@@ -324,6 +327,7 @@ class BertForSequenceClassification(nnx.Module):
         config: BertConfig,
         num_labels: int,
         head: str = "bert",
+        pooling: str = "cls",
         *,
         dtype=None,
         param_dtype=jnp.float32,
@@ -331,11 +335,15 @@ class BertForSequenceClassification(nnx.Module):
     ):
         if head not in HEAD_KINDS:
             raise ValueError(f"unknown head {head!r}; expected one of {HEAD_KINDS}")
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"unknown pooling {pooling!r}; expected 'cls' or 'mean'")
+        self.pooling = pooling
         if num_labels < 1:
             raise ValueError(f"num_labels must be >= 1, got {num_labels}")
         self.num_labels = num_labels
         self.head_kind = head
-        self.bert = BertModel(config, add_pooler=head == "bert", dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.bert = BertModel(config, add_pooler=head == "bert" and pooling == "cls", dtype=dtype,
+                              param_dtype=param_dtype, rngs=rngs)
         if head == "bert":
             self.head = _linear(config.hidden_size, num_labels, config, dtype, param_dtype, rngs)
         else:
@@ -349,6 +357,10 @@ class BertForSequenceClassification(nnx.Module):
     ) -> jax.Array:
         """[B, L] ids, [B, L] mask, optional [B, L] token types -> [B, num_labels] logits."""
         hidden = self.bert(input_ids, attention_mask, token_type_ids)
+        if self.pooling == "mean":
+            mask = jnp.ones(hidden.shape[:2], hidden.dtype) if attention_mask is None else attention_mask.astype(hidden.dtype)
+            pooled = jnp.sum(hidden * mask[..., None], axis=1) / jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1.0)
+            return self.head(pooled) if self.head_kind == "bert" else self.head(pooled[:, None])
         if self.head_kind == "bert":
             return self.head(self.bert.pool(hidden))
         return self.head(hidden)

@@ -74,7 +74,7 @@ FUSED_PROJECTIONS = {
 # ----------------------------------------------------------------------------- model building
 
 
-def _architecture(model_type: str, config: Mapping[str, Any], task: str, num_labels: int, dtype):
+def _architecture(model_type: str, config: Mapping[str, Any], task: str, num_labels: int, dtype, pooling: str = "cls"):
     """(model constructor taking rngs, family) for a model_type/task pair."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
@@ -86,7 +86,7 @@ def _architecture(model_type: str, config: Mapping[str, Any], task: str, num_lab
             labels = 1 if task == "regression" else num_labels
             return (
                 lambda rngs: BertForSequenceClassification(
-                    bert_config, labels, head=model_type, dtype=dtype, param_dtype=dtype, rngs=rngs
+                    bert_config, labels, head=model_type, pooling=pooling, dtype=dtype, param_dtype=dtype, rngs=rngs
                 )
             ), "bert"
     elif model_type in DECODER_TYPES:
@@ -106,6 +106,7 @@ def create_model(
     num_labels: int = 2,
     seed: int = 0,
     dtype=jnp.float32,
+    pooling: str = "cls",
 ) -> nnx.Module:
     """Builds a randomly initialised model from a config dict with Hugging Face key names.
 
@@ -117,8 +118,10 @@ def create_model(
       num_labels: outputs of the classification head.
       seed: initialisation seed.
       dtype: parameter and compute dtype.
+      pooling: sequence classification: "cls" (HF's head) or "mean" (see
+        :class:`~fedlora_jax.models.bert.BertForSequenceClassification`).
     """
-    build, _ = _architecture(model_type, config, task, num_labels, dtype)
+    build, _ = _architecture(model_type, config, task, num_labels, dtype, pooling)
     return build(nnx.Rngs(seed))
 
 
@@ -263,6 +266,7 @@ def load_pretrained(
     num_labels: int = 2,
     dtype=jnp.float32,
     seed: int = 0,
+    pooling: str = "cls",
 ) -> nnx.Module:
     """Loads a Hugging Face safetensors checkpoint into the matching NNX model.
 
@@ -273,6 +277,8 @@ def load_pretrained(
       num_labels: outputs of the classification head (regression: always 1).
       dtype: parameter and compute dtype.
       seed: seed of parameters the checkpoint lacks (only the task head may be missing).
+      pooling: sequence classification: "cls" (HF's head on the first token) or "mean" (masked
+        mean of the last hidden states; what sentence-transformers checkpoints are trained for).
 
     Returns:
       The model with checkpoint weights.
@@ -283,7 +289,7 @@ def load_pretrained(
     directory = resolve_checkpoint_dir(path_or_hub_id)
     config = _read_config(directory)
     model_type = config.get("model_type")
-    build, family = _architecture(model_type, config, task, num_labels, dtype)
+    build, family = _architecture(model_type, config, task, num_labels, dtype, pooling)
     abstract = nnx.eval_shape(lambda: build(nnx.Rngs(seed)))
     graphdef, abstract_state = nnx.split(abstract)
     index = _checkpoint_index(directory)
