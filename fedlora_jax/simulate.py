@@ -26,8 +26,8 @@ from fedlora_jax.config import Config, ConfigError, cohort_size
 from fedlora_jax.data.base import FederatedData
 from fedlora_jax.data.sources import SOURCES, load_federated
 from fedlora_jax.data.synthetic import make_synthetic
-from fedlora_jax.generate import gsm8k_exact_match
 from fedlora_jax.evaluate import Evaluator, pad_rows, score, weighted_client_metrics
+from fedlora_jax.generate import gsm8k_exact_match
 from fedlora_jax.methods import make_method
 from fedlora_jax.models.lora import LoRAConfig, inject_lora, split_model
 from fedlora_jax.params import leaf_names, trainable_layout
@@ -69,6 +69,11 @@ def build_data(config: Config) -> FederatedData:
                           d.max_test_examples, d.cache_dir, d.eos_token)
 
 
+def lora_config(config: Config) -> LoRAConfig:
+    c = config.lora
+    return LoRAConfig(rank=c.rank, alpha=c.alpha, targets=tuple(c.targets) if c.targets else None, rslora=c.rslora)
+
+
 def build_model(config: Config, data: FederatedData):
     """The model with LoRA injected; returns (model, adapted module paths)."""
     m = config.model
@@ -81,9 +86,7 @@ def build_model(config: Config, data: FederatedData):
     else:
         model = models.create_model(m.arch, dict(m.config), task=data.task, num_labels=num_labels,
                                     seed=config.seed, dtype=dtype, **kwargs)
-    lora = LoRAConfig(rank=config.lora.rank, alpha=config.lora.alpha,
-                      targets=tuple(config.lora.targets) if config.lora.targets else None, rslora=config.lora.rslora)
-    adapted = inject_lora(model, lora, jax.random.key(config.seed + 1))
+    adapted = inject_lora(model, lora_config(config), jax.random.key(config.seed + 1))
     return model, adapted
 
 
@@ -109,9 +112,8 @@ def build_experiment(config: Config, data: FederatedData | None = None) -> Exper
     layout = trainable_layout(params)
     frozen_index = {name: i for i, name in enumerate(leaf_names(frozen))}
     base_kernels = tuple(frozen_index[m.name + ".kernel"] for m in layout.modules)
-    scaling = LoRAConfig(config.lora.rank, config.lora.alpha, rslora=config.lora.rslora).scaling
     federation = Federation(trainer, method, layout, cohort_size(config), data.num_clients,
-                            f.clients_per_chunk, user_dp, scaling, base_kernels)
+                            f.clients_per_chunk, user_dp, lora_config(config).scaling, base_kernels)
     evaluator = Evaluator(graphdef, data.task, config.eval.batch_size)
     return Experiment(config, data, graphdef, params, frozen, federation, evaluator, adapted, ledger)
 
@@ -235,7 +237,8 @@ def run(config: Config, out_dir: str | Path | None = None, progress: bool = True
         stopped = None
         for r in range(rounds):
             try:
-                exp.ledger.check(np.asarray(fed.next_cohort(state)))
+                if exp.ledger.active:
+                    exp.ledger.check(np.asarray(fed.next_cohort(state)))
             except BudgetExceeded as e:
                 stopped = str(e)
                 console.print(f"[yellow]{stopped}[/yellow]")

@@ -76,6 +76,11 @@ class PrivacyLedger:
                    privacy.user_target_epsilon if privacy.user_level else None,
                    privacy.delta, privacy.accountant, np.zeros(num_clients, np.int64))
 
+    @property
+    def active(self) -> bool:
+        """Whether any guarantee is tracked (record or user level)."""
+        return self.client_rates is not None or self.user_rate is not None
+
     def record_epsilon(self, participations: np.ndarray) -> float:
         """Max over clients of the record-level epsilon after the given participations."""
         if self.client_rates is None:
