@@ -46,7 +46,6 @@ class LoraModule:
 class TrainableLayout:
     """What the engine needs to know about the trainable tree, computed once on the host."""
 
-    names: tuple[str, ...]
     modules: tuple[LoraModule, ...]
     other_indices: tuple[int, ...]  # head and any other non-LoRA trainable leaves
 
@@ -72,7 +71,7 @@ def trainable_layout(tree) -> TrainableLayout:
             modules.append(LoraModule(prefix, i, j, tuple(leaves[i].shape), tuple(leaves[j].shape)))
             used.update((i, j))
     others = tuple(i for i in range(len(names)) if i not in used)
-    return TrainableLayout(tuple(names), tuple(modules), others)
+    return TrainableLayout(tuple(modules), others)
 
 
 def factor_mask(layout: TrainableLayout, tree, train_a, train_b):

@@ -100,7 +100,3 @@ def federate(
     shards, num_train = _pad_stack(train, client_train_indices)
     local, num_local = _pad_stack(train, client_test_indices)
     return FederatedData(shards, num_train, local, num_local, global_test, task, num_labels, name, label_names)
-
-
-def split_arrays(arrays: Arrays, index: np.ndarray) -> Arrays:
-    return {k: v[index] for k, v in arrays.items()}
