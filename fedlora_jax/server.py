@@ -70,6 +70,20 @@ def device_shards(data: FederatedData) -> ClientShards:
     return ClientShards({k: jnp.asarray(v) for k, v in data.train.items()}, jnp.asarray(data.num_train))
 
 
+def map_modules(fn, xs):
+    """Applies ``fn`` to every module of a same-shape group (leading axis of ``xs``).
+
+    One vmapped call on accelerators. On the CPU backend the modules are mapped one at a time
+    (``lax.map``): jaxlib's batched CPU LAPACK kernels (e.g. the Q of a QR, used by FRA) fan a
+    batch out over the intra-op thread pool and block a worker while waiting, and two such calls
+    running concurrently deadlock a small pool (seen with 12 modules on 2 cores). Unbatched
+    calls do not fan out.
+    """
+    if jax.default_backend() == "cpu":
+        return jax.lax.map(fn, xs)
+    return jax.vmap(fn)(xs)
+
+
 @dataclasses.dataclass(frozen=True)
 class UserDP:
     """User-level DP-FedAvg at the server: clip each client's update to ``clip_norm``, add
@@ -137,8 +151,8 @@ class Federation:
             b = jnp.stack([leaves[m.b_index] for m in group])  # [M, K, d_out, r]
             a = jnp.stack([leaves[m.a_index] for m in group])  # [M, K, r, d_in]
             keys = jax.random.split(jax.random.fold_in(key, position[group[0].name]), len(group))
-            out = jax.vmap(self.method.aggregate_fn, in_axes=(0, 0, None, None, 0))(b, a, weights, round_index, keys)
-            div = jax.vmap(aggregation.divergence, in_axes=(0, 0, None, 0, 0))(b, a, weights, out.b, out.a)
+            out = map_modules(lambda x: self.method.aggregate_fn(x[0], x[1], weights, round_index, x[2]), (b, a, keys))
+            div = map_modules(lambda x: aggregation.divergence(x[0], x[1], weights, x[2], x[3]), (b, a, out.b, out.a))
             for i, m in enumerate(group):
                 new[m.b_index], new[m.a_index] = out.b[i], out.a[i]
                 divergence[position[m.name]] = div[i]

@@ -177,3 +177,26 @@ def test_method_options_can_be_keyed_by_method_for_comparisons():
     assert make_method("fra_then_ffa", keyed).uploads(2) == (False, True)
     with pytest.raises(ValueError, match="mixes per-method sections"):
         make_method("fra", {"fra": {"split": "left"}, "split": "left"})
+
+
+def test_fra_over_many_same_shape_modules_does_not_deadlock_on_cpu():
+    """Regression: vmapping FRA over 12 modules (MiniLM's query/value) deadlocked jaxlib's CPU
+    LAPACK thread pool on 2 cores; the engine maps modules one at a time on CPU. Run in a
+    subprocess so a regression fails on the timeout instead of hanging the suite."""
+    import subprocess
+    import sys
+
+    script = """
+import jax, jax.numpy as jnp
+from fedlora_jax import aggregation
+from fedlora_jax.server import map_modules
+B = jax.random.normal(jax.random.key(0), (12, 10, 384, 8)); A = jax.random.normal(jax.random.key(1), (12, 10, 8, 384))
+w = jnp.full((10,), 0.1)
+f = jax.jit(lambda b, a: map_modules(lambda x: aggregation.fra(x[0], x[1], w, 8), (b, a)))
+for _ in range(3):
+    out = jax.block_until_ready(f(B, A))
+print(out[0].shape)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("(12, 384, 8)")
