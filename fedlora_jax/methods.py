@@ -105,7 +105,7 @@ def _flora(b, a, w, round_index, key):
 
 def _fedsa(b, a, w, round_index, key):
     _, a_bar = aggregation.fedsa(b, a, w)
-    b_bar, _ = aggregation.fedit(b, a, w)  # the "global" model reported for FedSA uses the mean B
+    b_bar = aggregation.weighted_mean(b, w).astype(b.dtype)  # the "global" model reported for FedSA uses the mean B
     return Aggregate(b_bar, a_bar)
 
 
@@ -192,7 +192,3 @@ def make_method(name: str, options: dict | None = None, lora_rank: int = 8) -> M
     return Method(name, _rolora, trains=_rolora_trains, uploads=_rolora_sends, downloads=_rolora_sends,
                   mean_based=True)
 
-
-def weighted_mean(x: jax.Array, w: jax.Array) -> jax.Array:
-    """sum_u w_u x_u over the leading axis; x [U, ...], w [U]."""
-    return jnp.tensordot(w.astype(jnp.float32), x.astype(jnp.float32), axes=1).astype(x.dtype)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from fedlora_jax import aggregation
 from fedlora_jax.client import LocalTrainer, local_update
 from fedlora_jax.data.base import FederatedData
-from fedlora_jax.methods import Method, weighted_mean
+from fedlora_jax.methods import Method
 from fedlora_jax.privacy import noisy_mean_of_updates
 from fedlora_jax.params import TrainableLayout, factor_mask, leaf_bytes
 
@@ -161,7 +161,7 @@ class Federation:
                     kernel = frozen_leaves[j]
                     frozen_leaves[j] = (kernel + self.lora_scaling * out.base_delta[i].T).astype(kernel.dtype)
         for i in self.layout.other_indices:
-            new[i] = weighted_mean(leaves[i], weights)
+            new[i] = aggregation.weighted_mean(leaves[i], weights).astype(leaves[i].dtype)
         if self.method.modifies_base:
             # FedEx: the residual makes base + B_bar A_bar exact; FLoRA: the product moved into the base
             divergence = [jnp.zeros_like(d) for d in divergence]

@@ -8,7 +8,7 @@ To aggregate many LoRA modules of one shape at once, ``jax.vmap`` over a leading
 (B [M, U, d_out, r]). See docs/aggregation.md for the math, costs and exactness of each method.
 """
 
-from fedlora_jax.aggregation.averaging import fedex, fedit, fedsa, ffa, rolora
+from fedlora_jax.aggregation.averaging import fedex, fedit, fedsa, ffa, rolora, weighted_mean
 from fedlora_jax.aggregation.flora_na import flora_na, flora_na_coefficients
 from fedlora_jax.aggregation.fra import fra, fra_then_ffa
 from fedlora_jax.aggregation.linalg import divergence, product_svd, stack_factors
@@ -44,4 +44,5 @@ __all__ = [
     "product_svd",
     "rolora",
     "stack_factors",
+    "weighted_mean",
 ]

@@ -14,8 +14,8 @@ from jax import lax
 from fedlora_jax.aggregation import _checks, linalg
 
 
-def _weighted_mean(x: jax.Array, w: jax.Array) -> jax.Array:
-    """sum_u w_u x_u over the leading client axis, in the compute dtype."""
+def weighted_mean(x: jax.Array, w: jax.Array) -> jax.Array:
+    """sum_u w_u x_u over the leading client axis, in the compute dtype; x [U, ...], w [U]."""
     dtype = _checks.compute_dtype(x, w)
     return jnp.tensordot(w.astype(dtype), x.astype(dtype), axes=1)
 
@@ -35,7 +35,7 @@ def fedit(B: jax.Array, A: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Arra
     """
     _checks.check_stacked(B, A, w)
     out = _checks.output_dtype(B, A)
-    return _weighted_mean(B, w).astype(out), _weighted_mean(A, w).astype(out)
+    return weighted_mean(B, w).astype(out), weighted_mean(A, w).astype(out)
 
 
 def ffa(B: jax.Array, A: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -53,7 +53,7 @@ def ffa(B: jax.Array, A: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]
     """
     _checks.check_stacked(B, A, w)
     out = _checks.output_dtype(B, A)
-    return _weighted_mean(B, w).astype(out), jnp.asarray(A[0], out)
+    return weighted_mean(B, w).astype(out), jnp.asarray(A[0], out)
 
 
 def fedex(B: jax.Array, A: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -99,7 +99,7 @@ def fedsa(B: jax.Array, A: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Arra
     """
     _checks.check_stacked(B, A, w)
     out = _checks.output_dtype(B, A)
-    return jnp.asarray(B, out), _weighted_mean(A, w).astype(out)
+    return jnp.asarray(B, out), weighted_mean(A, w).astype(out)
 
 
 def rolora(
@@ -125,9 +125,9 @@ def rolora(
     out = _checks.output_dtype(B, A)
 
     def average_b(_):
-        return _weighted_mean(B, w).astype(out), A[0].astype(out)
+        return weighted_mean(B, w).astype(out), A[0].astype(out)
 
     def average_a(_):
-        return B[0].astype(out), _weighted_mean(A, w).astype(out)
+        return B[0].astype(out), weighted_mean(A, w).astype(out)
 
     return lax.cond(jnp.asarray(round_index) % 2 == 0, average_b, average_a, None)
