@@ -60,6 +60,7 @@ class DataConfig:
     load: dict = dataclasses.field(default_factory=dict)
     tokenizer: str | None = None
     max_length: int = 128
+    test_max_length: int | None = None
     train_split: str = "train"
     test_split: str = "validation"
     max_train_examples: int | None = None
@@ -300,6 +301,9 @@ def validate(c: Config) -> None:
     _require(c.lora.rank > 0, f"config key 'lora.rank' must be > 0, got {c.lora.rank}")
     _require(c.lora.alpha > 0, f"config key 'lora.alpha' must be > 0, got {c.lora.alpha}")
     _require(c.data.num_clients >= 1, f"config key 'data.num_clients' must be >= 1, got {c.data.num_clients}")
+    _require(c.data.max_length >= 1, f"config key 'data.max_length' must be >= 1, got {c.data.max_length}")
+    _require(c.data.test_max_length is None or c.data.test_max_length >= 1,
+             f"config key 'data.test_max_length' must be >= 1 or null, got {c.data.test_max_length}")
     _require(0 <= c.data.local_test_fraction < 1,
              f"config key 'data.local_test_fraction' must be in [0, 1), got {c.data.local_test_fraction}")
     f = c.federation

@@ -66,7 +66,7 @@ def build_data(config: Config) -> FederatedData:
         raise ConfigError("config key 'data.tokenizer' is needed when model.pretrained is not set")
     return load_federated(d.source, d.load, tokenizer, d.num_clients, d.partition, config.seed, d.max_length,
                           d.train_split, d.test_split, d.local_test_fraction, d.max_train_examples,
-                          d.max_test_examples, d.cache_dir, d.eos_token)
+                          d.max_test_examples, d.cache_dir, d.eos_token, d.test_max_length)
 
 
 def lora_config(config: Config) -> LoRAConfig:
