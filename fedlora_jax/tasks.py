@@ -14,10 +14,16 @@ import optax
 
 
 def forward(model, batch: dict) -> jax.Array:
-    """Logits: [b, num_labels] for classification / regression, [b, L, V] for causal LM."""
+    """Logits: [b, num_labels] for classification / regression, [b, L, V] for causal LM.
+
+    A packed batch (``batch["packing"]``, see :func:`fedlora_jax.data.packing.pack`) gives
+    [b, num_labels] per example, or [1, T, V] over the stream for causal LM.
+    """
+    packing = batch.get("packing")
+    mask = batch.get("attention_mask")
     if "token_type_ids" in batch:
-        return model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-    return model(batch["input_ids"], batch["attention_mask"])
+        return model(batch["input_ids"], mask, batch["token_type_ids"], packing=packing)
+    return model(batch["input_ids"], mask, packing=packing)
 
 
 def per_example_loss(logits: jax.Array, batch: dict, task: str) -> jax.Array:
@@ -28,10 +34,19 @@ def per_example_loss(logits: jax.Array, batch: dict, task: str) -> jax.Array:
     if task == "regression":
         return jnp.square(logits[..., 0] - batch["labels"].astype(jnp.float32))
     if task == "causal_lm":
+        packing = batch.get("packing")
         targets = batch["input_ids"][:, 1:]
-        scored = batch.get("loss_mask", batch["attention_mask"])[:, 1:].astype(jnp.float32)
         token_loss = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], targets)
-        return jnp.sum(token_loss * scored, axis=-1) / jnp.maximum(jnp.sum(scored, axis=-1), 1.0)
+        if packing is None:
+            scored = batch.get("loss_mask", batch["attention_mask"])[:, 1:].astype(jnp.float32)
+            return jnp.sum(token_loss * scored, axis=-1) / jnp.maximum(jnp.sum(scored, axis=-1), 1.0)
+        # a stream token is scored when its successor belongs to the same example and is scored
+        segments = packing.segment_ids
+        same = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] > 0)
+        scored = (batch["loss_mask"][:, 1:] if "loss_mask" in batch else jnp.ones_like(targets)) * same
+        owner = packing.segment_matrix()[:, 1:]  # [b, T-1]: the example of each scored successor
+        weights = scored[0].astype(jnp.float32)
+        return (owner @ (token_loss[0] * weights)) / jnp.maximum(owner @ weights, 1.0)
     raise ValueError(f"unknown task {task!r}")
 
 

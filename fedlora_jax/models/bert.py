@@ -108,18 +108,32 @@ def roberta_position_ids(input_ids: jax.Array, pad_token_id: int) -> jax.Array:
     return jnp.cumsum(is_token, axis=1) * is_token + pad_token_id
 
 
-def padding_attention(query: jax.Array, key: jax.Array, value: jax.Array, attention_mask: jax.Array) -> jax.Array:
-    """Bidirectional multi-head attention over non-padded keys.
+def attention_mask_for(attention_mask: jax.Array, packing=None) -> jax.Array:
+    """Boolean attention mask broadcastable to [B, N, Lq, Lk].
+
+    Padded rows: every query sees the real keys of its row ([B, 1, 1, L]). A packed stream
+    (``packing``, a :class:`fedlora_jax.data.packing.Packing`): a token sees only the tokens of its
+    own example, block-diagonal [1, 1, T, T]; tail tokens see the whole stream (their outputs are
+    never read).
+    """
+    if packing is None:
+        return attention_mask.astype(bool)[:, None, None, :]
+    segments = packing.segment_ids
+    same = (segments[:, :, None] == segments[:, None, :]) | (segments[:, :, None] == 0)
+    return same[:, None]
+
+
+def padding_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array) -> jax.Array:
+    """Bidirectional multi-head attention.
 
     Args:
       query, key, value: [B, L, N, D].
-      attention_mask: [B, L], 1 (or True) for real tokens.
+      mask: boolean, broadcastable to [B, N, L, L] (see :func:`attention_mask_for`).
 
     Returns:
       [B, L, N, D]; softmax is computed in float32.
     """
-    key_mask = attention_mask.astype(bool)[:, None, None, :]
-    return jax.nn.dot_product_attention(query, key, value, mask=key_mask)
+    return jax.nn.dot_product_attention(query, key, value, mask=mask)
 
 
 def _linear(d_in: int, d_out: int, config: BertConfig, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
@@ -157,15 +171,18 @@ class BertEmbeddings(nnx.Module):
         self.roberta_positions = config.roberta_positions
         self.pad_token_id = config.pad_token_id
 
-    def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array) -> jax.Array:
-        """[B, L] ids and token types -> [B, L, H] embeddings."""
+    def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        """[B, L] ids and token types (and optional [B, L] positions inside each example, for
+        packed streams) -> [B, L, H] embeddings."""
         longest = input_ids.shape[1] + (self.pad_token_id + 1 if self.roberta_positions else 0)
-        if longest > self.position_embeddings.num_embeddings:
+        if positions is None and longest > self.position_embeddings.num_embeddings:
             raise ValueError(
                 f"sequence length {input_ids.shape[1]} needs {longest} position embeddings; "
                 f"the model has {self.position_embeddings.num_embeddings}"
             )
-        if self.roberta_positions:
+        if positions is not None:
+            positions = positions + (self.pad_token_id + 1 if self.roberta_positions else 0)
+        elif self.roberta_positions:
             positions = roberta_position_ids(input_ids, self.pad_token_id)
         else:
             positions = jnp.arange(input_ids.shape[1])[None, :]
@@ -188,15 +205,16 @@ class BertSelfAttention(nnx.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
 
-    def __call__(self, hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
-        """[B, L, H] hidden states, [B, L] mask -> [B, L, H] attention output (before projection)."""
+    def __call__(self, hidden: jax.Array, mask: jax.Array) -> jax.Array:
+        """[B, L, H] hidden states, boolean mask (:func:`attention_mask_for`) -> [B, L, H] attention
+        output (before projection)."""
         batch, length, _ = hidden.shape
         head_shape = (batch, length, self.num_heads, self.head_dim)
         out = padding_attention(
             self.query(hidden).reshape(head_shape),
             self.key(hidden).reshape(head_shape),
             self.value(hidden).reshape(head_shape),
-            attention_mask,
+            mask,
         )
         return out.reshape(batch, length, self.num_heads * self.head_dim)
 
@@ -214,9 +232,9 @@ class BertLayer(nnx.Module):
         self.output_norm = _layer_norm(config, dtype, param_dtype, rngs)
         self.hidden_act = config.hidden_act
 
-    def __call__(self, hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
-        """[B, L, H], [B, L] -> [B, L, H]."""
-        hidden = self.attention_norm(hidden + self.attention_output(self.attention(hidden, attention_mask)))
+    def __call__(self, hidden: jax.Array, mask: jax.Array) -> jax.Array:
+        """[B, L, H], boolean attention mask -> [B, L, H]."""
+        hidden = self.attention_norm(hidden + self.attention_output(self.attention(hidden, mask)))
         inner = ACTIVATIONS[self.hidden_act](self.intermediate(hidden))
         return self.output_norm(hidden + self.output(inner))
 
@@ -260,13 +278,17 @@ class BertModel(nnx.Module):
         input_ids: jax.Array,
         attention_mask: jax.Array | None = None,
         token_type_ids: jax.Array | None = None,
+        packing=None,
     ) -> jax.Array:
-        """Encodes a batch.
+        """Encodes a batch of padded rows or a packed stream.
 
         Args:
           input_ids: [B, L] int token ids.
-          attention_mask: [B, L], 1 for real tokens, 0 for padding (None: all real).
+          attention_mask: [B, L], 1 for real tokens, 0 for padding (None: all real; ignored when
+            packed).
           token_type_ids: [B, L] segment ids (None: all 0).
+          packing: a :class:`fedlora_jax.data.packing.Packing` when ``input_ids`` is a packed
+            stream [1, T]: attention stays inside each example and positions restart per example.
 
         Returns:
           [B, L, H] last hidden states.
@@ -275,16 +297,18 @@ class BertModel(nnx.Module):
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         if token_type_ids is None:
             token_type_ids = jnp.zeros(input_ids.shape, jnp.int32)
-        hidden = self.embeddings(input_ids, token_type_ids)
+        positions = None if packing is None else packing.positions
+        hidden = self.embeddings(input_ids, token_type_ids, positions)
+        mask = attention_mask_for(attention_mask, packing)
         for layer in self.layers:
-            hidden = layer(hidden, attention_mask)
+            hidden = layer(hidden, mask)
         return hidden
 
-    def pool(self, hidden: jax.Array) -> jax.Array:
-        """BERT pooler: [B, L, H] -> [B, H] = tanh(dense(hidden[:, 0]))."""
+    def pool(self, first: jax.Array) -> jax.Array:
+        """BERT pooler: [B, H] first-token states -> [B, H] = tanh(dense(first))."""
         if self.pooler is None:
             raise ValueError("this BertModel was built without a pooler (add_pooler=False)")
-        return jnp.tanh(self.pooler(hidden[:, 0]))
+        return jnp.tanh(self.pooler(first))
 
 
 class RobertaClassificationHead(nnx.Module):
@@ -295,9 +319,9 @@ class RobertaClassificationHead(nnx.Module):
         self.dense = _linear(hidden, hidden, config, dtype, param_dtype, rngs)
         self.out_proj = _linear(hidden, num_labels, config, dtype, param_dtype, rngs)
 
-    def __call__(self, hidden: jax.Array) -> jax.Array:
-        """[B, L, H] -> [B, num_labels]."""
-        return self.out_proj(jnp.tanh(self.dense(hidden[:, 0])))
+    def __call__(self, first: jax.Array) -> jax.Array:
+        """[B, H] first-token (or pooled) states -> [B, num_labels]."""
+        return self.out_proj(jnp.tanh(self.dense(first)))
 
 
 class BertForSequenceClassification(nnx.Module):
@@ -354,13 +378,23 @@ class BertForSequenceClassification(nnx.Module):
         input_ids: jax.Array,
         attention_mask: jax.Array | None = None,
         token_type_ids: jax.Array | None = None,
+        packing=None,
     ) -> jax.Array:
-        """[B, L] ids, [B, L] mask, optional [B, L] token types -> [B, num_labels] logits."""
-        hidden = self.bert(input_ids, attention_mask, token_type_ids)
+        """[B, L] ids, [B, L] mask, optional [B, L] token types -> [B, num_labels] logits.
+
+        With ``packing`` (a packed stream [1, T] of b examples, see
+        :class:`fedlora_jax.data.packing.Packing`) the logits are [b, num_labels], one row per example.
+        """
+        hidden = self.bert(input_ids, attention_mask, token_type_ids, packing)
         if self.pooling == "mean":
-            mask = jnp.ones(hidden.shape[:2], hidden.dtype) if attention_mask is None else attention_mask.astype(hidden.dtype)
-            pooled = jnp.sum(hidden * mask[..., None], axis=1) / jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1.0)
-            return self.head(pooled) if self.head_kind == "bert" else self.head(pooled[:, None])
+            if packing is not None:
+                weights = packing.segment_matrix(hidden.dtype)  # [b, T]
+                pooled = (weights @ hidden[0]) / jnp.maximum(packing.lengths, 1)[:, None].astype(hidden.dtype)
+            else:
+                mask = jnp.ones(hidden.shape[:2], hidden.dtype) if attention_mask is None else attention_mask.astype(hidden.dtype)
+                pooled = jnp.sum(hidden * mask[..., None], axis=1) / jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1.0)
+            return self.head(pooled)
+        first = hidden[:, 0] if packing is None else hidden[0, packing.starts]
         if self.head_kind == "bert":
-            return self.head(self.bert.pool(hidden))
-        return self.head(hidden)
+            return self.head(self.bert.pool(first))
+        return self.head(first)

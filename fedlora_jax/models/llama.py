@@ -439,18 +439,33 @@ class LlamaModel(nnx.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
 
     def __call__(
-        self, input_ids: jax.Array, attention_mask: jax.Array, position_ids: jax.Array | None = None
+        self, input_ids: jax.Array, attention_mask: jax.Array, position_ids: jax.Array | None = None, packing=None
     ) -> jax.Array:
-        """[B, L] ids, [B, L] padding mask, optional [B, L] positions -> [B, L, H] hidden states."""
+        """[B, L] ids, [B, L] padding mask, optional [B, L] positions -> [B, L, H] hidden states.
+
+        With ``packing`` (a :class:`fedlora_jax.data.packing.Packing`), ``input_ids`` is a packed
+        stream [1, T]: each token attends causally within its own example only, at positions that
+        restart per example, exactly as in its own padded row.
+        """
         length = input_ids.shape[1]
-        if position_ids is None:
+        if packing is not None:
+            position_ids = packing.positions
+        elif position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(length), input_ids.shape)
         cos, sin = rotary_cos_sin(position_ids, rope_inverse_frequencies(self.config))
-        sequence = jnp.arange(length)
-        masks = {
-            window: causal_mask(sequence, sequence, attention_mask, window)
-            for window in {layer.sliding_window for layer in self.layers}
-        }
+        if packing is None:
+            sequence = jnp.arange(length)
+            masks = {
+                window: causal_mask(sequence, sequence, attention_mask, window)
+                for window in {layer.sliding_window for layer in self.layers}
+            }
+        else:
+            segments = packing.segment_ids
+            same = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] > 0)
+            masks = {
+                window: causal_mask(position_ids, position_ids, jnp.ones_like(segments), window) & same[:, None]
+                for window in {layer.sliding_window for layer in self.layers}
+            }
         hidden = self.embed_tokens(input_ids)
         for layer in self.layers:
             hidden = layer(hidden, cos, sin, masks[layer.sliding_window])
@@ -516,8 +531,9 @@ class LlamaForCausalLM(nnx.Module):
         input_ids: jax.Array,
         attention_mask: jax.Array | None = None,
         position_ids: jax.Array | None = None,
+        packing=None,
     ) -> jax.Array:
-        """Next-token logits.
+        """Next-token logits (of every stream token [1, T, V] with ``packing``, see :class:`LlamaModel`).
 
         Args:
           input_ids: [B, L] int token ids.
@@ -529,7 +545,7 @@ class LlamaForCausalLM(nnx.Module):
         """
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-        return self._logits(self.model(input_ids, attention_mask, position_ids))
+        return self._logits(self.model(input_ids, attention_mask, position_ids, packing))
 
     def _logits(self, hidden: jax.Array) -> jax.Array:
         """[..., H] final hidden states -> [..., V] logits."""

@@ -1,0 +1,160 @@
+"""Sequence packing: a step's real tokens laid end to end in one static token buffer.
+
+A padded batch holds b rows of L tokens, of which only the first ``length_i`` of row i are real
+(rows are right-padded). Packing lays the real tokens of all rows end to end in a stream of T
+tokens (T much smaller than b L on short-text data), with
+
+* ``segment_ids`` [1, T]: i + 1 on the tokens of row i, 0 on the unused tail;
+* ``positions`` [1, T]: each token's position inside its own row (0, 1, ...);
+* ``starts`` / ``lengths`` [b]: where each row's tokens begin in the stream, and how many.
+
+Models attend only within a segment (block-diagonal attention), so every real token sees exactly
+what it saw in the padded row, and sequence-level outputs (pooling, per-example losses) are read
+back per segment: losses and gradients equal the padded computation up to float rounding. The
+dense layers, where nearly all FLOPs are, then run on real tokens only.
+
+Packing is a gather (no sort, no scatter), so it is cheap inside ``jit`` and under ``vmap``.
+Shapes are static: a batch whose tokens do not fit the buffer is reported by ``fits`` and the
+caller takes a larger buffer (see :func:`token_buckets`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+TOKEN_KEYS = ("input_ids", "token_type_ids", "loss_mask")  # per-token arrays carried into the stream
+
+
+class Packing(NamedTuple):
+    """Where each example of a packed stream lives (a pytree; the model's ``packing`` argument).
+
+    segment_ids: [1, T] int32, i + 1 on example i's tokens, 0 on the unused tail.
+    positions: [1, T] int32, position of each token inside its example.
+    starts: [b] int32, stream index of each example's first token.
+    lengths: [b] int32, real tokens of each example (0 for an empty slot).
+    """
+
+    segment_ids: jax.Array
+    positions: jax.Array
+    starts: jax.Array
+    lengths: jax.Array
+
+    @property
+    def num_examples(self) -> int:
+        return self.starts.shape[0]
+
+    def example_tokens(self, max_length: int) -> tuple[jax.Array, jax.Array]:
+        """Stream index of token l of example i, [b, max_length] int32 (clamped to the stream), and
+        a [b, max_length] bool mask of the real ones: the inverse of packing."""
+        offsets = jnp.arange(max_length, dtype=jnp.int32)
+        index = jnp.minimum(self.starts[:, None] + offsets, self.segment_ids.shape[1] - 1)
+        return index, offsets < self.lengths[:, None]
+
+    def segment_matrix(self, dtype=jnp.float32) -> jax.Array:
+        """One-hot [b, T]: entry (i, t) is 1 where stream token t belongs to example i."""
+        examples = jnp.arange(1, self.num_examples + 1, dtype=jnp.int32)
+        return (self.segment_ids[0][None, :] == examples[:, None]).astype(dtype)
+
+
+def pack(rows: dict, example_mask: jax.Array, num_tokens: int) -> tuple[dict, jax.Array]:
+    """Packs the real tokens of a right-padded batch into a stream of ``num_tokens``.
+
+    Args:
+      rows: a batch dict: ``attention_mask`` [b, L] (1 on each row's real prefix), per-token
+        arrays (``input_ids``, optional ``token_type_ids``, ``loss_mask``) [b, L], and per-example
+        arrays (e.g. ``labels`` [b]) carried through unchanged.
+      example_mask: [b], 1 (or True) for a sampled example; a 0 row contributes no tokens.
+      num_tokens: T, the static stream length.
+
+    Returns:
+      (batch, fits): ``batch`` holds the per-token arrays as [1, T], the per-example arrays as
+      they were, ``example_mask`` [b] float32 and ``packing`` (a :class:`Packing`); ``fits`` is a
+      bool scalar, False when the real tokens exceed T (the stream is then cut and must not be
+      used).
+    """
+    lengths = jnp.sum(rows["attention_mask"].astype(jnp.int32), axis=-1) * example_mask.astype(jnp.int32)
+    ends = jnp.cumsum(lengths)
+    starts = ends - lengths
+    stream = jnp.arange(num_tokens, dtype=jnp.int32)
+    example = jnp.sum(stream[:, None] >= ends[None, :], axis=1)  # example holding stream token t
+    is_real = stream < ends[-1]
+    example = jnp.minimum(example, lengths.shape[0] - 1)
+    offset = jnp.where(is_real, stream - starts[example], 0)
+    segment_ids = jnp.where(is_real, example + 1, 0).astype(jnp.int32)
+    batch = {}
+    for name, values in rows.items():
+        if name == "attention_mask":
+            continue
+        if name in TOKEN_KEYS:
+            batch[name] = jnp.where(is_real, values[example, offset], 0)[None].astype(values.dtype)
+        else:
+            batch[name] = values
+    batch["example_mask"] = example_mask.astype(jnp.float32)
+    batch["packing"] = Packing(segment_ids[None], offset[None].astype(jnp.int32), starts.astype(jnp.int32),
+                               lengths.astype(jnp.int32))
+    return batch, ends[-1] <= num_tokens
+
+
+def row_lengths(attention_mask: np.ndarray) -> np.ndarray:
+    """Real tokens per row, [N] int (host-side)."""
+    return np.asarray(attention_mask).astype(bool).sum(axis=-1)
+
+
+def token_buckets(
+    client_lengths: Sequence[np.ndarray],
+    rows_per_step: int,
+    clients_per_step: int,
+    max_length: int,
+    sampling_rates: Sequence[float] | None = None,
+    quantiles: Sequence[float] = (0.5, 0.99, 0.99999),
+    draws: int = 4000,
+    multiple: int = 32,
+    seed: int = 0,
+) -> tuple[int, ...]:
+    """Stream lengths to compile, from the distribution of a step's real tokens (host-side).
+
+    Every local step packs each of ``clients_per_step`` clients (a chunk, trained together) into
+    one shared stream length, so the length a step needs is the largest client total. This draws
+    that maximum ``draws`` times from the real client data (clients drawn at random, rows by the
+    engine's sampling: ``rows_per_step`` rows without replacement, or Poisson with
+    ``sampling_rates``), and returns its ``quantiles`` rounded up to ``multiple`` tokens, deduplicated
+    and below the padded size ``rows_per_step * max_length`` (which is always the last resort and
+    is not included). A step takes the smallest bucket that holds it.
+
+    Args:
+      client_lengths: per client, the real token count of each of its rows.
+      rows_per_step: b, rows sampled per client step (the Poisson buffer size under Poisson).
+      clients_per_step: clients packed with one shared length (the chunk).
+      max_length: L, the padded row length.
+      sampling_rates: per-client Poisson rates q_u, or None for shuffled fixed-size batches.
+      quantiles: quantiles of the step maximum that become buckets.
+      draws: simulated steps.
+      multiple: bucket granularity in tokens.
+      seed: simulation seed.
+
+    Returns:
+      Increasing bucket lengths (possibly empty when packing cannot beat padding).
+    """
+    rng = np.random.default_rng(seed)
+    num_clients = len(client_lengths)
+    maxima = np.zeros(draws, np.int64)
+    for d in range(draws):
+        chosen = rng.choice(num_clients, size=min(clients_per_step, num_clients), replace=False)
+        totals = []
+        for u in chosen:
+            lengths = client_lengths[u]
+            if sampling_rates is None:
+                take = rng.choice(len(lengths), size=min(rows_per_step, len(lengths)), replace=False)
+                totals.append(int(lengths[take].sum()))
+            else:
+                included = lengths[rng.random(len(lengths)) < sampling_rates[u]]
+                totals.append(int(rng.permutation(included)[:rows_per_step].sum()))
+        maxima[d] = max(totals)
+    padded = rows_per_step * max_length
+    buckets = {min(padded, multiple * math.ceil(max(1.0, float(np.quantile(maxima, q))) / multiple)) for q in quantiles}
+    return tuple(sorted(b for b in buckets if b < padded))
