@@ -26,8 +26,9 @@ def leaf_names(tree) -> list[str]:
     """Dotted names of the leaves of ``tree``, in ``jax.tree.leaves`` order."""
     names = []
     for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        parts = [_key_name(p) for p in path]
-        names.append(".".join(p for p in parts if p is not None and p != "value"))
+        # a Variable's own ``.value`` attribute is not part of the name (a layer called "value" is)
+        parts = [_key_name(p) for p in path if not isinstance(p, jax.tree_util.GetAttrKey)]
+        names.append(".".join(p for p in parts if p is not None))
     return names
 
 

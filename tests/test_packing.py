@@ -98,3 +98,29 @@ def test_token_buckets_cover_the_step_maximum():
     worst = [max(int(rng.choice(lengths[u], 16, replace=False).sum()) for u in rng.choice(10, 4, replace=False))
              for _ in range(3000)]
     assert np.mean(np.array(worst) <= buckets[-1]) > 0.999
+
+
+@pytest.mark.parametrize("arch,task,pooling", [
+    ("bert", "classification", "cls"), ("bert", "classification", "mean"),
+    ("roberta", "classification", "cls"), ("llama", "causal_lm", "cls"),
+])
+def test_bookkeeping_per_example_gradients_equal_vmap(arch, task, pooling):
+    from fedlora_jax.privacy.bookkeeping import per_example_gradients, unsupported_leaves
+
+    graphdef, params, frozen = _model(arch, task, pooling)
+    assert unsupported_leaves(graphdef, params, frozen) == []
+    rows = _rows(task, b=5, length=10, seed=1)
+    mask = jnp.array([1, 0, 1, 1, 1], jnp.float32)
+
+    def one_loss(p, example):
+        example = jax.tree.map(lambda x: x[None], example)
+        return per_example_loss(forward(nnx.merge(graphdef, p, frozen), example), example, task)[0]
+
+    reference_losses, reference = jax.vmap(jax.value_and_grad(one_loss), in_axes=(None, 0))(params, rows)
+    for batch in (rows, pack(rows, mask, num_tokens=48)[0]):
+        losses, grads = jax.jit(per_example_gradients, static_argnums=(0, 5, 6))(graphdef, params, frozen, batch, mask, task, 10)
+        np.testing.assert_allclose(losses * mask, reference_losses * mask, rtol=1e-5, atol=1e-6)
+        for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(reference)):
+            np.testing.assert_allclose(g * mask.reshape((-1,) + (1,) * (g.ndim - 1)),
+                                       r * mask.reshape((-1,) + (1,) * (r.ndim - 1)), rtol=1e-4, atol=1e-6)
+            np.testing.assert_array_equal(g[1], 0.0)  # a masked row gets no gradient

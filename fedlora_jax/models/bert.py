@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fedlora_jax.models.lora import Linear
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
@@ -136,8 +138,8 @@ def padding_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: 
     return jax.nn.dot_product_attention(query, key, value, mask=mask)
 
 
-def _linear(d_in: int, d_out: int, config: BertConfig, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(
+def _linear(d_in: int, d_out: int, config: BertConfig, dtype, param_dtype, rngs: nnx.Rngs, kind=nnx.Linear) -> nnx.Linear:
+    return kind(
         d_in,
         d_out,
         dtype=dtype,
@@ -316,8 +318,8 @@ class RobertaClassificationHead(nnx.Module):
 
     def __init__(self, config: BertConfig, num_labels: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         hidden = config.hidden_size
-        self.dense = _linear(hidden, hidden, config, dtype, param_dtype, rngs)
-        self.out_proj = _linear(hidden, num_labels, config, dtype, param_dtype, rngs)
+        self.dense = _linear(hidden, hidden, config, dtype, param_dtype, rngs, Linear)
+        self.out_proj = _linear(hidden, num_labels, config, dtype, param_dtype, rngs, Linear)
 
     def __call__(self, first: jax.Array) -> jax.Array:
         """[B, H] first-token (or pooled) states -> [B, num_labels]."""
@@ -369,7 +371,7 @@ class BertForSequenceClassification(nnx.Module):
         self.bert = BertModel(config, add_pooler=head == "bert" and pooling == "cls", dtype=dtype,
                               param_dtype=param_dtype, rngs=rngs)
         if head == "bert":
-            self.head = _linear(config.hidden_size, num_labels, config, dtype, param_dtype, rngs)
+            self.head = _linear(config.hidden_size, num_labels, config, dtype, param_dtype, rngs, Linear)
         else:
             self.head = RobertaClassificationHead(config, num_labels, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 

@@ -58,6 +58,42 @@ class LoRAConfig:
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
 
+class Tap:
+    """A hook on one layer for one forward pass (book-keeping DP-SGD).
+
+    It records the layer's input and adds ``zero`` (zeros of the output's shape) to the output, so
+    the gradient with respect to ``zero`` is the gradient at the layer's output: with the input,
+    all a per-example gradient of the layer's parameters needs. ``zero=None`` only records (a
+    shape pass).
+    """
+
+    def __init__(self, zero: jax.Array | None = None):
+        self.zero = zero
+        self.input: jax.Array | None = None
+        self.output: jax.Array | None = None
+
+    def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
+        self.input, self.output = x, y
+        return y if self.zero is None else y + self.zero
+
+
+def attach_tap(layer: nnx.Module, tap: Tap) -> None:
+    """Hooks ``tap`` onto a merged layer for the rest of this trace (not part of the graph state)."""
+    object.__setattr__(layer, "tap", tap)
+
+
+def _tapped(layer: nnx.Module, x: jax.Array, y: jax.Array) -> jax.Array:
+    tap = layer.__dict__.get("tap")
+    return y if tap is None else tap(x, y)
+
+
+class Linear(nnx.Linear):
+    """``nnx.Linear`` that can be tapped (:class:`Tap`): the kind of a trainable task head."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return _tapped(self, x, super().__call__(x))
+
+
 class LoRALinear(nnx.Module):
     """A frozen linear layer plus a low-rank update: y = x W + b + s * (x A^T) B^T.
 
@@ -80,7 +116,7 @@ class LoRALinear(nnx.Module):
         y = x @ self.kernel[...]
         if self.bias is not None:
             y = y + self.bias[...]
-        return y + self.scaling * ((x @ self.lora_a[...].T) @ self.lora_b[...].T)
+        return y + _tapped(self, x, self.scaling * ((x @ self.lora_a[...].T) @ self.lora_b[...].T))
 
 
 def _path_name(path: tuple) -> str:

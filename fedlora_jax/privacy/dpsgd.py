@@ -47,10 +47,10 @@ def _per_leaf_squared_norms(per_example_grads) -> list[jax.Array]:
     ]
 
 
-def _num_active_leaves(params, grad_mask) -> jax.Array:
-    """Number of leaves that can carry gradient (grad_mask not all zero); at least 1."""
+def _num_active_leaves(tree, grad_mask) -> jax.Array:
+    """Number of leaves of ``tree`` that can carry gradient (grad_mask not all zero); at least 1."""
     if grad_mask is None:
-        return jnp.float32(len(jax.tree.leaves(params)))
+        return jnp.float32(len(jax.tree.leaves(tree)))
     active = [jnp.any(jnp.asarray(m) != 0).astype(jnp.float32) for m in jax.tree.leaves(grad_mask)]
     return jnp.maximum(sum(active, jnp.float32(0.0)), 1.0)
 
@@ -113,11 +113,34 @@ def private_gradient(
       ValueError: if a concrete clip_norm or expected_batch_size is not > 0, or a concrete
         noise_multiplier is negative.
     """
+    losses, per_example_grads = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 0))(params, batch)
+    return privatize(per_example_grads, losses, example_mask, key, clip_norm=clip_norm,
+                     noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size,
+                     per_layer=per_layer, grad_mask=grad_mask)
+
+
+def privatize(
+    per_example_grads,
+    losses: jax.Array,
+    example_mask: jax.Array,
+    key: jax.Array,
+    *,
+    clip_norm,
+    noise_multiplier,
+    expected_batch_size,
+    per_layer: bool = False,
+    grad_mask=None,
+):
+    """The DP-SGD mechanism on given per-example gradients: clip, sum, add noise, normalise.
+
+    :func:`private_gradient` computes the per-example gradients by ``vmap``; the book-keeping path
+    (:func:`fedlora_jax.privacy.bookkeeping.per_example_gradients`) computes them from one
+    batched backward pass. Arguments as in :func:`private_gradient`, with ``per_example_grads`` a
+    tree of [b, ...] leaves and ``losses`` the [b] per-example losses.
+    """
     check_positive("clip_norm", clip_norm)
     check_non_negative("noise_multiplier", noise_multiplier)
     check_positive("expected_batch_size", expected_batch_size)
-
-    losses, per_example_grads = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 0))(params, batch)
     per_example_grads = zero_non_finite(per_example_grads)
     if grad_mask is not None:
         per_example_grads = jax.tree.map(lambda g, m: (g * m).astype(g.dtype), per_example_grads, grad_mask)
@@ -126,7 +149,7 @@ def private_gradient(
     squared_norms = _per_leaf_squared_norms(per_example_grads)
     grad_norms = jnp.sqrt(sum(squared_norms, jnp.zeros_like(mask)))
     if per_layer:
-        leaf_clip_norm = clip_norm / jnp.sqrt(_num_active_leaves(params, grad_mask))
+        leaf_clip_norm = clip_norm / jnp.sqrt(_num_active_leaves(per_example_grads, grad_mask))
         leaf_norms = [jnp.sqrt(sq) for sq in squared_norms]
         leaf_scales = [clip_scale(norm, leaf_clip_norm) * mask for norm in leaf_norms]
         was_clipped = jnp.any(jnp.stack([norm > leaf_clip_norm for norm in leaf_norms]), axis=0)
