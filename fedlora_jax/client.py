@@ -1,14 +1,16 @@
-"""A client's local update: ``local_steps`` optimiser steps on its own shard, as one pure function.
+"""Local updates: ``local_steps`` optimiser steps of a group of clients, as one pure function.
 
-The engine vmaps :func:`local_update` over the cohort's client axis; the frozen base is closed
-over unbatched. Everything here has static shapes: a client's shard is padded to n_max rows and
-batches are index gathers with a mask. With record-level DP, each step is a DP-SGD step
-(per-example gradients of the trainable leaves only, clipped, noised).
+:func:`train_clients` scans over steps and vmaps over the group's clients inside each step; the
+frozen base is closed over unbatched. Shapes are static: a client's shard is padded to n_max rows,
+batches are index gathers with a mask, and a step's rows are packed into one of a few static
+stream lengths (or run padded). With record-level DP, each step is a DP-SGD step (per-example
+gradients of the trainable leaves only, clipped, noised).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -17,7 +19,10 @@ import optax
 from flax import nnx
 
 from fedlora_jax.config import OptimConfig
+from fedlora_jax.data.packing import pack
 from fedlora_jax.privacy import poisson_sample, private_gradient, shuffled_batch
+from fedlora_jax.privacy.bookkeeping import per_example_gradients
+from fedlora_jax.privacy.dpsgd import privatize
 from fedlora_jax.tasks import forward, per_example_loss
 
 
@@ -68,7 +73,14 @@ class RecordDP:
 
 @dataclasses.dataclass(frozen=True)
 class LocalTrainer:
-    """Static description of local training (hashable; closed over by the jitted round)."""
+    """Static description of local training (hashable; closed over by the jitted round).
+
+    ``token_buckets``: packed stream lengths to compile (increasing; empty: no packing). Every step
+    packs each client's sampled rows into the smallest bucket that holds the largest client of the
+    group trained together, or runs the padded rows when none does (see
+    :mod:`fedlora_jax.data.packing`). ``bookkeeping``: DP-SGD takes per-example gradients from one
+    batched backward (:mod:`fedlora_jax.privacy.bookkeeping`) instead of a vmap over examples.
+    """
 
     graphdef: Any
     task: str
@@ -77,6 +89,8 @@ class LocalTrainer:
     local_steps: int
     batch_size: int
     dp: RecordDP | None = None
+    token_buckets: tuple[int, ...] = ()
+    bookkeeping: bool = False
 
     def loss(self, params, frozen, batch: dict, mask: jax.Array) -> jax.Array:
         """Masked mean of per-example losses."""
@@ -85,56 +99,97 @@ class LocalTrainer:
         return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def local_update(trainer: LocalTrainer, frozen, params, data: dict, num_examples, key, round_index, train_mask):
-    """Runs ``local_steps`` steps of the optimiser on one client (``lax.scan`` over steps).
+def train_clients(trainer: LocalTrainer, frozen, params, data: dict, num_examples, keys, round_index, train_mask):
+    """Runs ``local_steps`` optimiser steps on a group of C clients trained together.
+
+    Steps are the outer loop (``lax.scan``) and clients the inner one (``vmap``), so each step can
+    choose one packed stream length for the whole group (an unbatched ``lax.switch``).
 
     Args:
       trainer: static description.
-      frozen: frozen base state (unbatched).
-      params: the client's starting trainable state (LoRA factors + head).
-      data: the client's shard, arrays [n_max, ...].
-      num_examples: real rows in the shard (int scalar).
-      key: the client's PRNG key for this round.
+      frozen: frozen base state (unbatched, shared by every client).
+      params: the clients' starting trainable states (LoRA factors + head), leaves [C, ...].
+      data: the clients' shards, arrays [C, n_max, ...].
+      num_examples: [C] real rows in each shard.
+      keys: [C] the clients' PRNG keys for this round.
       round_index: global round (int scalar), for the learning-rate schedule.
-      train_mask: tree like ``params`` of scalars; 0 freezes a leaf (no gradient, no update).
+      train_mask: tree like one client's ``params`` of scalars; 0 freezes a leaf.
     Returns:
-      (params after training, mean training loss over the steps).
+      (params after training [C, ...], mean training loss over the steps [C]).
     """
-    opt_state = trainer.optimizer.init(params)
+    opt_state = jax.vmap(trainer.optimizer.init)(params)
 
     def step(carry, t):
         params, opt_state = carry
-        loss, grads = _gradient(trainer, frozen, params, data, num_examples, jax.random.fold_in(key, t), train_mask)
-        direction, opt_state = trainer.optimizer.update(grads, opt_state, params)
+        step_keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(keys)
+        losses, grads = _gradients(trainer, frozen, params, data, num_examples, step_keys, train_mask)
+        direction, opt_state = jax.vmap(trainer.optimizer.update)(grads, opt_state, params)
         lr = trainer.schedule(round_index * trainer.local_steps + t)
         params = jax.tree.map(lambda p, d, m: p - (lr * m * d).astype(p.dtype), params, direction, train_mask)
-        return (params, opt_state), loss
+        return (params, opt_state), losses
 
     (params, _), losses = jax.lax.scan(step, (params, opt_state), jnp.arange(trainer.local_steps))
-    return params, jnp.mean(losses)
+    return params, jnp.mean(losses, axis=0)
 
 
-def _gradient(trainer: LocalTrainer, frozen, params, data: dict, num_examples, key, train_mask):
-    """(loss, gradient) of one local step; DP-SGD when ``trainer.dp`` is set."""
+def _sample(trainer: LocalTrainer, data: dict, num_examples, key):
+    """One client's step batch: (rows [b, ...], example mask [b] float32, expected batch size)."""
     capacity = jax.tree.leaves(data)[0].shape[0]
-    batch_key, noise_key = jax.random.split(key)
-    dp = trainer.dp
-    if dp is None or not dp.poisson:
-        indices, mask = shuffled_batch(batch_key, num_examples, trainer.batch_size, capacity)
-    if dp is None:
-        batch = jax.tree.map(lambda x: x[indices], data)
-        loss, grads = jax.value_and_grad(trainer.loss)(params, frozen, batch, mask.astype(jnp.float32))
-        return loss, jax.tree.map(lambda g, m: g * m.astype(g.dtype), grads, train_mask)
     n = jnp.maximum(num_examples, 1).astype(jnp.float32)
-    rate = jnp.minimum(1.0, trainer.batch_size / n)
-    if dp.poisson:
-        indices, mask = poisson_sample(batch_key, num_examples, rate, dp.buffer_size, capacity)
-    batch = jax.tree.map(lambda x: x[indices], data)
+    dp = trainer.dp
+    if dp is not None and dp.poisson:
+        rate = jnp.minimum(1.0, trainer.batch_size / n)
+        indices, mask = poisson_sample(key, num_examples, rate, dp.buffer_size, capacity)
+        expected = rate * n
+    else:
+        indices, mask = shuffled_batch(key, num_examples, trainer.batch_size, capacity)
+        expected = jnp.minimum(1.0, trainer.batch_size / n) * n
+    return jax.tree.map(lambda x: x[indices], data), mask.astype(jnp.float32), expected
+
+
+def _gradients(trainer: LocalTrainer, frozen, params, data: dict, num_examples, keys, train_mask):
+    """(losses [C], gradients [C, ...]) of one local step of every client of the group."""
+    sample_keys, noise_keys = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
+    rows, masks, expected = jax.vmap(functools.partial(_sample, trainer))(data, num_examples, sample_keys)
+    row_length = rows["input_ids"].shape[-1]
+
+    def client_gradient(params, batch, mask, expected, key):
+        return _client_gradient(trainer, frozen, params, batch, mask, expected, key, train_mask, row_length)
+
+    def padded(_):
+        return jax.vmap(client_gradient)(params, rows, masks, expected, noise_keys)
+
+    if not trainer.token_buckets:
+        return padded(None)
+
+    def packed(num_tokens, _):
+        batches, _ = jax.vmap(lambda r, m: pack(r, m, num_tokens))(rows, masks)
+        return jax.vmap(client_gradient)(params, batches, masks, expected, noise_keys)
+
+    tokens = jnp.sum(rows["attention_mask"].astype(jnp.int32) * masks[..., None].astype(jnp.int32), axis=(1, 2))
+    bucket = jnp.searchsorted(jnp.asarray(trainer.token_buckets), jnp.max(tokens))  # == len(buckets): padded
+    branches = [functools.partial(packed, t) for t in trainer.token_buckets] + [padded]
+    return jax.lax.switch(bucket, branches, None)
+
+
+def _client_gradient(trainer: LocalTrainer, frozen, params, batch: dict, mask, expected, key, train_mask, row_length):
+    """(loss, gradient) of one client's step batch (padded rows or packed); DP-SGD when ``trainer.dp`` is set."""
+    dp = trainer.dp
+    if dp is None:
+        loss, grads = jax.value_and_grad(trainer.loss)(params, frozen, batch, mask)
+        return loss, jax.tree.map(lambda g, m: g * m.astype(g.dtype), grads, train_mask)
+    options = dict(clip_norm=dp.clip_norm, noise_multiplier=dp.noise_multiplier, expected_batch_size=expected,
+                   per_layer=dp.per_layer, grad_mask=train_mask)
+    if trainer.bookkeeping:
+        losses, per_example = per_example_gradients(trainer.graphdef, params, frozen, batch, mask, trainer.task,
+                                                    row_length)
+        grads, stats = privatize(per_example, losses, mask, key, **options)
+        return stats.mean_loss, grads
+    if "packing" in batch:
+        raise ValueError("packed DP-SGD needs book-keeping per-example gradients")
 
     def example_loss(p, example):
         return trainer.loss(p, frozen, jax.tree.map(lambda x: x[None], example), jnp.ones((1,), jnp.float32))
 
-    grads, stats = private_gradient(example_loss, params, batch, mask, noise_key, clip_norm=dp.clip_norm,
-                                    noise_multiplier=dp.noise_multiplier, expected_batch_size=rate * n,
-                                    per_layer=dp.per_layer, grad_mask=train_mask)
+    grads, stats = private_gradient(example_loss, params, batch, mask, key, **options)
     return stats.mean_loss, grads

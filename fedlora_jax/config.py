@@ -51,6 +51,10 @@ class DataConfig:
     (e.g. ``{task: sst2, dir: ../shared/data/glue/SST-2}``), tokenises with ``tokenizer``
     (default: the model's directory) and partitions with ``partition``
     (``{scheme: iid | dirichlet | label_proportions | imbalanced | quantity, ...options}``).
+
+    ``packing: auto`` lays each local step's real tokens end to end in a few static stream
+    lengths chosen from the data (see fedlora_jax/data/packing.py), so padding is not computed;
+    ``null`` pads every row to ``max_length``. Results are the same either way.
     """
 
     source: str = "synthetic"
@@ -68,6 +72,7 @@ class DataConfig:
     partition: dict = dataclasses.field(default_factory=lambda: {"scheme": "iid"})
     cache_dir: str | None = None
     eos_token: str | None = None
+    packing: str | None = "auto"
     # synthetic task
     vocab_size: int = 128
     seq_len: int = 16
@@ -304,6 +309,7 @@ def validate(c: Config) -> None:
     _require(c.data.max_length >= 1, f"config key 'data.max_length' must be >= 1, got {c.data.max_length}")
     _require(c.data.test_max_length is None or c.data.test_max_length >= 1,
              f"config key 'data.test_max_length' must be >= 1 or null, got {c.data.test_max_length}")
+    _require(c.data.packing in ("auto", None), f"config key 'data.packing' must be auto or null, got {c.data.packing!r}")
     _require(0 <= c.data.local_test_fraction < 1,
              f"config key 'data.local_test_fraction' must be in [0, 1), got {c.data.local_test_fraction}")
     f = c.federation

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from fedlora_jax import aggregation
-from fedlora_jax.client import LocalTrainer, local_update
+from fedlora_jax.client import LocalTrainer, train_clients
 from fedlora_jax.data.base import FederatedData
 from fedlora_jax.methods import Method
 from fedlora_jax.privacy import noisy_mean_of_updates
@@ -124,20 +124,27 @@ class Federation:
         return self.sample_cohort(self.split_key(state.key)[1])
 
     def run_clients(self, frozen, start_params, shards: dict, counts, keys, round_index, train_mask):
-        """Local updates of K clients: vmapped, or mapped over chunks of ``clients_per_chunk``.
+        """Local updates of K clients: all at once, or in groups of ``clients_per_chunk`` mapped one
+        after another (``lax.map``; a last smaller group takes the remainder).
 
         ``start_params``/``shards``/``counts``/``keys`` carry a leading [K] axis; ``frozen`` does not.
         """
 
-        def one(args):
+        def train(args):
             params, data, n, key = args
-            return local_update(self.trainer, frozen, params, data, n, key, round_index, train_mask)
+            return train_clients(self.trainer, frozen, params, data, n, key, round_index, train_mask)
 
         args = (start_params, shards, counts, keys)
         chunk = self.clients_per_chunk
         if chunk is None or chunk >= self.cohort_size:
-            return jax.vmap(one)(args)
-        return jax.lax.map(one, args, batch_size=chunk)
+            return train(args)
+        full = self.cohort_size // chunk * chunk
+        grouped = jax.tree.map(lambda x: x[:full].reshape((full // chunk, chunk) + x.shape[1:]), args)
+        params, losses = jax.tree.map(lambda x: x.reshape((full,) + x.shape[2:]), jax.lax.map(train, grouped))
+        if full == self.cohort_size:
+            return params, losses
+        rest_params, rest_losses = train(jax.tree.map(lambda x: x[full:], args))
+        return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), (params, losses), (rest_params, rest_losses))
 
     def aggregate(self, client_params, weights, round_index, key, frozen):
         """New global trainable state from the cohort's states [K, ...], the (possibly updated)

@@ -24,6 +24,7 @@ from fedlora_jax import models
 from fedlora_jax.client import LocalTrainer, RecordDP, make_optimizer, make_schedule
 from fedlora_jax.config import Config, ConfigError, cohort_size
 from fedlora_jax.data.base import FederatedData
+from fedlora_jax.data.packing import row_lengths, token_buckets
 from fedlora_jax.data.sources import SOURCES, load_federated
 from fedlora_jax.data.synthetic import make_synthetic
 from fedlora_jax.evaluate import Evaluator, pad_rows, score, weighted_client_metrics
@@ -32,6 +33,7 @@ from fedlora_jax.methods import make_method
 from fedlora_jax.models.lora import LoRAConfig, inject_lora, split_model
 from fedlora_jax.params import leaf_names, trainable_layout
 from fedlora_jax.privacy import client_poisson_buffer_size
+from fedlora_jax.privacy.bookkeeping import unsupported_leaves
 from fedlora_jax.privacy.ledger import BudgetExceeded, PrivacyLedger
 from fedlora_jax.server import ClientShards, Federation, ServerState, UserDP, device_shards, init_server_state
 
@@ -90,6 +92,19 @@ def build_model(config: Config, data: FederatedData):
     return model, adapted
 
 
+def step_token_buckets(data: FederatedData, batch_size: int, record_dp: RecordDP | None, group: int) -> tuple[int, ...]:
+    """Packed stream lengths for the local steps (:func:`fedlora_jax.data.packing.token_buckets`)."""
+    mask = data.train["attention_mask"]
+    if np.any(np.diff(mask, axis=-1) > 0):
+        raise ConfigError("config key 'data.packing': packing needs right-padded rows (a real prefix per row); "
+                          "set data.packing=null")
+    lengths = [row_lengths(mask[u, :n]) for u, n in enumerate(data.num_train)]
+    poisson = record_dp is not None and record_dp.poisson
+    rates = np.minimum(1.0, batch_size / np.maximum(data.num_train, 1)) if poisson else None
+    rows = record_dp.buffer_size if poisson else batch_size
+    return token_buckets(lengths, rows, min(group, data.num_clients), mask.shape[-1], rates)
+
+
 def build_experiment(config: Config, data: FederatedData | None = None) -> Experiment:
     """Builds data, model, local trainer and federation; raises on bad input, writes nothing."""
     data = data if data is not None else build_data(config)
@@ -106,8 +121,12 @@ def build_experiment(config: Config, data: FederatedData | None = None) -> Exper
         record_dp = RecordDP(p.clip_norm, ledger.noise_multiplier, p.per_layer_clipping, p.sampling == "poisson",
                              client_poisson_buffer_size(data.num_train, f.batch_size))
     user_dp = UserDP(p.user_clip_norm, ledger.user_noise_multiplier) if p.user_level else None
+    bookkeeping = record_dp is not None and not unsupported_leaves(graphdef, params, frozen)
+    packs = config.data.packing == "auto" and (record_dp is None or bookkeeping)
+    buckets = step_token_buckets(data, f.batch_size, record_dp, f.clients_per_chunk or cohort_size(config)) if packs else ()
     trainer = LocalTrainer(graphdef, data.task, make_optimizer(config.optim),
-                           make_schedule(config.optim, f.rounds * f.local_steps), f.local_steps, f.batch_size, record_dp)
+                           make_schedule(config.optim, f.rounds * f.local_steps), f.local_steps, f.batch_size, record_dp,
+                           buckets, bookkeeping)
     method = make_method(f.method, f.method_options, lora_rank=config.lora.rank)
     layout = trainable_layout(params)
     frozen_index = {name: i for i, name in enumerate(leaf_names(frozen))}

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedlora_jax.client import local_update
+from fedlora_jax.client import train_clients
 from fedlora_jax.params import factor_mask, leaf_names
 from fedlora_jax.server import device_shards, init_server_state
 from tiny import tiny_experiment
@@ -34,7 +34,11 @@ def test_vmapped_clients_equal_one_at_a_time():
     start, data, counts, keys, mask = cohort_inputs(exp, fed.cohort_size)
     round_index = jnp.int32(0)
     batched, losses = jax.jit(fed.run_clients)(exp.frozen, start, data, counts, keys, round_index, mask)
-    single = jax.jit(lambda p, d, n, k: local_update(fed.trainer, exp.frozen, p, d, n, k, round_index, mask))
+    def one_client(params, data, n, key):  # a group of one client
+        group = jax.tree.map(lambda x: x[None], (params, data, n, key))
+        return jax.tree.map(lambda x: x[0], train_clients(fed.trainer, exp.frozen, *group, round_index, mask))
+
+    single = jax.jit(one_client)
     for u in range(fed.cohort_size):
         pick = lambda t: jax.tree.map(lambda x: x[u], t)
         params_u, loss_u = single(pick(start), pick(data), counts[u], keys[u])

@@ -124,3 +124,81 @@ def test_bookkeeping_per_example_gradients_equal_vmap(arch, task, pooling):
             np.testing.assert_allclose(g * mask.reshape((-1,) + (1,) * (g.ndim - 1)),
                                        r * mask.reshape((-1,) + (1,) * (r.ndim - 1)), rtol=1e-4, atol=1e-6)
             np.testing.assert_array_equal(g[1], 0.0)  # a masked row gets no gradient
+
+
+def _round_pair(**overrides):
+    """(packed, padded) results of the same round of the tiny experiment."""
+    import dataclasses
+
+    from fedlora_jax.server import device_shards, init_server_state
+    from tiny import tiny_experiment
+
+    buckets = overrides.pop("buckets", None)
+    packed_exp = tiny_experiment(**overrides)
+    padded_exp = tiny_experiment(**{**overrides, "data.packing": "null"})
+    assert packed_exp.federation.trainer.token_buckets and not padded_exp.federation.trainer.token_buckets
+    fed = packed_exp.federation
+    if buckets is not None:
+        fed = dataclasses.replace(fed, trainer=dataclasses.replace(fed.trainer, token_buckets=buckets))
+    shards = device_shards(packed_exp.data)
+    state = init_server_state(packed_exp.params, packed_exp.frozen, seed=0, federation=fed)
+    return jax.jit(fed.round)(state, shards), jax.jit(padded_exp.federation.round)(state, shards)
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"buckets": (48,)},  # most steps overflow to the padded branch
+    {"privacy.record_level": "true", "privacy.noise_multiplier": 1.0, "privacy.sampling": "shuffle"},
+    {"privacy.record_level": "true", "privacy.noise_multiplier": 1.0, "federation.method": "ffa"},
+], ids=["auto", "overflow", "dp-shuffle", "dp-poisson-ffa"])
+def test_packed_round_equals_padded_round(overrides):
+    (packed_state, packed_out), (padded_state, padded_out) = _round_pair(**overrides)
+    np.testing.assert_allclose(packed_out.train_loss, padded_out.train_loss, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(packed_out.client_params), jax.tree.leaves(padded_out.client_params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
+    for a, b in zip(jax.tree.leaves(packed_state.params), jax.tree.leaves(padded_state.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
+
+
+def test_dp_bookkeeping_round_equals_vmap_round():
+    import dataclasses
+
+    from fedlora_jax.server import device_shards, init_server_state
+    from tiny import tiny_experiment
+
+    exp = tiny_experiment(**{"privacy.record_level": "true", "privacy.noise_multiplier": 0.5, "data.packing": "null",
+                             "privacy.per_layer_clipping": "true"})
+    fed = exp.federation
+    assert fed.trainer.bookkeeping
+    vmapped = dataclasses.replace(fed, trainer=dataclasses.replace(fed.trainer, bookkeeping=False))
+    shards = device_shards(exp.data)
+    state = init_server_state(exp.params, exp.frozen, seed=0, federation=fed)
+    (s1, o1), (s2, o2) = jax.jit(fed.round)(state, shards), jax.jit(vmapped.round)(state, shards)
+    np.testing.assert_allclose(o1.train_loss, o2.train_loss, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
+
+
+def test_round_compiles_once_with_one_packed_shape_per_bucket(monkeypatch):
+    import fedlora_jax.client as client
+    from fedlora_jax.server import device_shards, init_server_state
+    from tiny import tiny_experiment
+
+    traced = []
+
+    def counting_pack(rows, mask, num_tokens):
+        traced.append(num_tokens)
+        return pack(rows, mask, num_tokens)
+
+    monkeypatch.setattr(client, "pack", counting_pack)
+    exp = tiny_experiment(**{"privacy.record_level": "true", "privacy.noise_multiplier": 1.0})
+    fed = exp.federation
+    buckets = fed.trainer.token_buckets
+    assert len(buckets) >= 2
+    round_fn = fed.compile_round()
+    state = init_server_state(exp.params, exp.frozen, seed=0, federation=fed)
+    shards = device_shards(exp.data)
+    for _ in range(3):
+        state, _ = round_fn(state, shards)
+    assert round_fn._cache_size() == 1
+    assert sorted(traced) == sorted(buckets)  # each stream length traced (and compiled) once

@@ -113,7 +113,7 @@ def token_buckets(
     sampling_rates: Sequence[float] | None = None,
     quantiles: Sequence[float] = (0.5, 0.99, 0.99999),
     draws: int = 4000,
-    multiple: int = 32,
+    multiple: int = 16,
     seed: int = 0,
 ) -> tuple[int, ...]:
     """Stream lengths to compile, from the distribution of a step's real tokens (host-side).
