@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from fedlora_jax import metrics as task_metrics_lib
+from fedlora_jax.data.packing import pack_examples
 from fedlora_jax.tasks import forward, per_example_loss, predictions
 
 
@@ -32,29 +33,76 @@ def pad_rows(arrays: dict, multiple: int, axis: int = 0) -> dict:
     return out
 
 
+def eval_batches(arrays: dict, batch_size: int, num_tokens: int | None = None) -> tuple[dict, np.ndarray]:
+    """Static-shape evaluation batches of a test set (host-side).
+
+    Padded (``num_tokens`` None): rows in batches [nb, batch_size, ...]. Packed: streams of
+    ``num_tokens`` tokens holding up to ``batch_size`` examples each (see
+    :func:`fedlora_jax.data.packing.pack_examples`).
+
+    Returns:
+      (batches with a leading [nb] axis, index [nb, batch_size] of each slot's row, -1 when empty).
+    """
+    if num_tokens is not None:
+        return pack_examples(arrays, batch_size, num_tokens)
+    n = len(next(iter(arrays.values())))
+    padded = pad_rows(arrays, batch_size)
+    nb = max(len(next(iter(padded.values()))) // batch_size, 0)
+    index = np.arange(nb * batch_size).reshape(nb, batch_size)
+    batches = {k: v.reshape((nb, batch_size) + v.shape[1:]) for k, v in padded.items()}
+    return batches, np.where(index < n, index, -1)
+
+
+def client_eval_batches(arrays: dict, sizes: np.ndarray, batch_size: int, num_tokens: int | None = None):
+    """:func:`eval_batches` of each client's first ``sizes[u]`` rows of arrays [U, m, ...], stacked to
+    [U, nb, ...] (clients with fewer batches get empty ones); index [U, nb, batch_size]."""
+    per_client = [eval_batches({k: v[u, : max(int(n), 1)] for k, v in arrays.items()}, batch_size, num_tokens)
+                  for u, n in enumerate(sizes)]
+    nb = max(index.shape[0] for _, index in per_client)
+
+    def grow(x, fill):
+        return np.concatenate([x, np.full((nb - x.shape[0],) + x.shape[1:], fill, x.dtype)]) if x.shape[0] < nb else x
+
+    batches = jax.tree.map(lambda *xs: np.stack([grow(np.asarray(x), 0) for x in xs]), *[b for b, _ in per_client])
+    index = np.stack([grow(i, -1) for _, i in per_client])
+    index = np.where(index < np.asarray(sizes)[:, None, None], index, -1)
+    return batches, index
+
+
+def unbatch(values: np.ndarray, index: np.ndarray, n: int) -> np.ndarray:
+    """Per-slot values [nb, E, ...] back to per-row values [n, ...] (rows in ``index`` order)."""
+    out = np.zeros((n,) + values.shape[2:], values.dtype)
+    keep = index >= 0
+    out[index[keep]] = values[keep]
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Evaluator:
-    """Batched prediction with static shapes; rows are padded to ``batch_size`` multiples."""
+    """Jitted prediction over static-shape batches (:func:`eval_batches`).
+
+    ``num_tokens`` / ``local_num_tokens``: stream lengths of packed global / local test batches
+    (None: padded rows).
+    """
 
     graphdef: Any
     task: str
     batch_size: int
+    num_tokens: int | None = None
+    local_num_tokens: int | None = None
 
-    def predict(self, params, frozen, arrays: dict):
-        """Predictions and per-example losses for arrays [N, ...] with N a multiple of batch_size."""
-        n = jax.tree.leaves(arrays)[0].shape[0]
-        batches = jax.tree.map(lambda x: x.reshape((n // self.batch_size, self.batch_size) + x.shape[1:]), arrays)
+    def predict(self, params, frozen, batches: dict):
+        """Predictions [nb, E, ...] and per-example losses [nb, E] of batches with a leading [nb] axis."""
         model = nnx.merge(self.graphdef, params, frozen)
 
         def one(batch):
             logits = forward(model, batch)
             return predictions(logits, self.task), per_example_loss(logits, batch, self.task)
 
-        preds, losses = jax.lax.map(one, batches)
-        return preds.reshape((n,) + preds.shape[2:]), losses.reshape(n)
+        return jax.lax.map(one, batches)
 
     def compile(self):
-        """(global_fn, local_fn): jitted predict, and predict vmapped over client states and shards."""
+        """(global_fn, local_fn): jitted predict, and predict vmapped over client states and batches."""
         global_fn = jax.jit(self.predict)
         local_fn = jax.jit(jax.vmap(self.predict, in_axes=(0, None, 0)))
         return global_fn, local_fn

@@ -24,10 +24,10 @@ from fedlora_jax import models
 from fedlora_jax.client import LocalTrainer, RecordDP, make_optimizer, make_schedule
 from fedlora_jax.config import Config, ConfigError, cohort_size
 from fedlora_jax.data.base import FederatedData
-from fedlora_jax.data.packing import row_lengths, token_buckets
+from fedlora_jax.data.packing import eval_stream_length, row_lengths, token_buckets
 from fedlora_jax.data.sources import SOURCES, load_federated
 from fedlora_jax.data.synthetic import make_synthetic
-from fedlora_jax.evaluate import Evaluator, pad_rows, score, weighted_client_metrics
+from fedlora_jax.evaluate import Evaluator, client_eval_batches, eval_batches, score, unbatch, weighted_client_metrics
 from fedlora_jax.generate import gsm8k_exact_match
 from fedlora_jax.methods import make_method
 from fedlora_jax.models.lora import LoRAConfig, inject_lora, split_model
@@ -133,7 +133,12 @@ def build_experiment(config: Config, data: FederatedData | None = None) -> Exper
     base_kernels = tuple(frozen_index[m.name + ".kernel"] for m in layout.modules)
     federation = Federation(trainer, method, layout, cohort_size(config), data.num_clients,
                             f.clients_per_chunk, user_dp, lora_config(config).scaling, base_kernels)
-    evaluator = Evaluator(graphdef, data.task, config.eval.batch_size)
+    eval_tokens = local_tokens = None
+    if config.data.packing == "auto" and data.task != "causal_lm":  # causal LM scores padded token rows
+        eval_tokens = eval_stream_length(data.global_test["attention_mask"], config.eval.batch_size)
+        local_rows = [data.local_test["attention_mask"][u, :n] for u, n in enumerate(data.num_local_test)]
+        local_tokens = eval_stream_length(np.concatenate(local_rows), config.eval.batch_size)
+    evaluator = Evaluator(graphdef, data.task, config.eval.batch_size, eval_tokens, local_tokens)
     return Experiment(config, data, graphdef, params, frozen, federation, evaluator, adapted, ledger)
 
 
@@ -169,22 +174,24 @@ class RunResult:
 
 
 class Evaluation:
-    """Host-side wrapper of the jitted evaluators with the padded test arrays prepared once."""
+    """Host-side wrapper of the jitted evaluators with the test batches prepared once."""
 
     def __init__(self, exp: Experiment):
-        bs = exp.evaluator.batch_size
+        ev = exp.evaluator
         self.exp = exp
-        self.global_fn, self.local_fn = exp.evaluator.compile()
-        test = exp.data.global_test
-        self.global_n = len(next(iter(test.values())))
-        self.global_arrays = pad_rows(test, bs)
-        self.global_device = {k: jnp.asarray(v) for k, v in self.global_arrays.items()}
-        local, self.local_sizes = local_subsets(exp.data, exp.config.eval.local_max_examples, exp.config.seed)
-        self.local_arrays = pad_rows(local, bs, axis=1)
+        self.global_fn, self.local_fn = ev.compile()
+        self.global_arrays = exp.data.global_test
+        self.global_n = len(next(iter(self.global_arrays.values())))
+        batches, self.global_index = eval_batches(self.global_arrays, ev.batch_size, ev.num_tokens)
+        self.global_batches = jax.tree.map(jnp.asarray, batches)
+        self.local_arrays, self.local_sizes = local_subsets(exp.data, exp.config.eval.local_max_examples, exp.config.seed)
+        self.local_batches, self.local_index = client_eval_batches(self.local_arrays, self.local_sizes, ev.batch_size,
+                                                                   ev.local_num_tokens)
 
     def global_metrics(self, state: ServerState) -> dict:
-        preds, losses = jax.device_get(self.global_fn(state.params, state.frozen, self.global_device))
-        valid = np.arange(len(losses)) < self.global_n
+        preds, losses = jax.device_get(self.global_fn(state.params, state.frozen, self.global_batches))
+        preds, losses = unbatch(preds, self.global_index, self.global_n), unbatch(losses, self.global_index, self.global_n)
+        valid = np.ones(self.global_n, bool)
         out = score(self.exp.data.name, self.exp.data.task, preds, losses, self.global_arrays, valid)
         generation, cfg = self.exp.data.generation, self.exp.config.eval
         if generation is not None and cfg.generate_examples:
@@ -199,13 +206,17 @@ class Evaluation:
         sizes = self.local_sizes[cohort]
         if sizes.sum() == 0:
             return {}
-        arrays = {k: v[cohort] for k, v in self.local_arrays.items()}
-        preds, losses = jax.device_get(self.local_fn(client_params, state.frozen, {k: jnp.asarray(v) for k, v in arrays.items()}))
+        batches = jax.tree.map(lambda v: jnp.asarray(v[cohort]), self.local_batches)
+        preds, losses = jax.device_get(self.local_fn(client_params, state.frozen, batches))
         per_client = []
-        for i, n in enumerate(sizes):
-            valid = np.arange(losses.shape[1]) < n
-            client = {k: v[i] for k, v in arrays.items()}
-            per_client.append(score(self.exp.data.name, self.exp.data.task, preds[i], losses[i], client, valid) if n else {})
+        for i, (u, n) in enumerate(zip(cohort, sizes)):
+            width = self.local_arrays["attention_mask"].shape[1]
+            client = {k: v[u] for k, v in self.local_arrays.items()}
+            index = self.local_index[u]
+            valid = np.arange(width) < n
+            client_preds, client_losses = unbatch(preds[i], index, width), unbatch(losses[i], index, width)
+            per_client.append(score(self.exp.data.name, self.exp.data.task, client_preds, client_losses, client, valid)
+                              if n else {})
         return weighted_client_metrics(per_client, sizes)
 
 

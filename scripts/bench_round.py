@@ -23,7 +23,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from fedlora_jax.client import local_update  # noqa: E402
+from fedlora_jax.client import train_clients  # noqa: E402
 from fedlora_jax.config import load_config  # noqa: E402
 from fedlora_jax.params import factor_mask  # noqa: E402
 from fedlora_jax.server import device_shards, init_server_state  # noqa: E402
@@ -72,8 +72,11 @@ def bench_cohort(config_path: Path, cohort: int, chunk: int, repeats: int) -> di
 
     # loop: the same local update, jitted per client, called K times; then the same aggregation
     mask = factor_mask(fed.layout, state.params, 1.0, 1.0)
-    one_client = jax.jit(lambda frozen, params, data, n, key: local_update(fed.trainer, frozen, params, data, n, key,
-                                                                          jnp.int32(0), mask))
+    def one_client(frozen, params, data, n, key):  # a group of one client
+        group = jax.tree.map(lambda x: x[None], (params, data, n, key))
+        return jax.tree.map(lambda x: x[0], train_clients(fed.trainer, frozen, *group, jnp.int32(0), mask))
+
+    one_client = jax.jit(one_client)
     aggregate = jax.jit(lambda stacked, w: fed.aggregate(stacked, w, jnp.int32(0), jax.random.key(0), state.frozen))
     cohort_ids = list(range(cohort))
     keys = jax.random.split(jax.random.key(1), cohort)

@@ -202,3 +202,24 @@ def test_round_compiles_once_with_one_packed_shape_per_bucket(monkeypatch):
         state, _ = round_fn(state, shards)
     assert round_fn._cache_size() == 1
     assert sorted(traced) == sorted(buckets)  # each stream length traced (and compiled) once
+
+
+def test_packed_evaluation_equals_padded_evaluation():
+    from fedlora_jax.server import device_shards, init_server_state
+    from fedlora_jax.simulate import Evaluation
+    from tiny import tiny_experiment
+
+    packed = tiny_experiment(**{"eval.batch_size": 16})
+    padded = tiny_experiment(**{"eval.batch_size": 16, "data.packing": "null"})
+    assert packed.evaluator.num_tokens and padded.evaluator.num_tokens is None
+    state, out = jax.jit(padded.federation.round)(init_server_state(padded.params, padded.frozen, 0, padded.federation),
+                                                  device_shards(padded.data))
+    cohort = np.asarray(out.cohort)
+    results = []
+    for exp in (packed, padded):
+        evaluation = Evaluation(exp)
+        results.append({**evaluation.global_metrics(state),
+                        **{f"local_{k}": v for k, v in evaluation.local_metrics(state, out.client_params, cohort).items()}})
+    assert results[0].keys() == results[1].keys() and "local_accuracy" in results[0]
+    for key in results[0]:
+        np.testing.assert_allclose(results[0][key], results[1][key], rtol=1e-5, err_msg=key)

@@ -158,3 +158,40 @@ def token_buckets(
     padded = rows_per_step * max_length
     buckets = {min(padded, multiple * math.ceil(max(1.0, float(np.quantile(maxima, q))) / multiple)) for q in quantiles}
     return tuple(sorted(b for b in buckets if b < padded))
+
+
+def eval_stream_length(attention_mask: np.ndarray, examples_per_batch: int, multiple: int = 16) -> int:
+    """Stream length for packed evaluation batches of up to ``examples_per_batch`` examples: the
+    mean need of a full batch, at least one longest row (host-side)."""
+    lengths = row_lengths(attention_mask)
+    need = max(float(lengths.mean()) * examples_per_batch if lengths.size else 0.0, float(attention_mask.shape[-1]), 1.0)
+    return multiple * math.ceil(need / multiple)
+
+
+def pack_examples(arrays: dict, examples_per_batch: int, num_tokens: int) -> tuple[dict, np.ndarray]:
+    """Packs a fixed set of right-padded rows (a test set) into batches of one stream each (host-side).
+
+    Examples are taken in order; a batch closes when the next example would overflow
+    ``num_tokens`` or it holds ``examples_per_batch`` examples.
+
+    Returns:
+      (batches, index): ``batches`` is a packed batch (see :func:`pack`) with a leading [nb] axis;
+      ``index`` [nb, examples_per_batch] int64 holds the row of each slot (-1: empty).
+    """
+    lengths = row_lengths(arrays["attention_mask"])
+    if lengths.max(initial=0) > num_tokens:
+        raise ValueError(f"a row of {lengths.max()} tokens does not fit a stream of {num_tokens}")
+    groups, current, used = [], [], 0
+    for i, n in enumerate(lengths):
+        if current and (used + n > num_tokens or len(current) == examples_per_batch):
+            groups.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += int(n)
+    groups.append(current)
+    index = np.full((len(groups), examples_per_batch), -1, np.int64)
+    for g, rows in enumerate(groups):
+        index[g, : len(rows)] = rows
+    rows = {k: np.asarray(v)[np.maximum(index, 0)] for k, v in arrays.items()}
+    packed, _ = jax.vmap(lambda r, m: pack(r, m, num_tokens))(rows, jnp.asarray(index >= 0))
+    return jax.device_get(packed), index
