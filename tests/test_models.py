@@ -411,7 +411,7 @@ def test_mean_pooling_head_reads_the_masked_mean_of_hidden_states(arch):
     mask = (ids > 0).astype(jnp.int32)
     hidden = model.bert(ids, mask)
     pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
-    expected = model.head(pooled) if arch == "bert" else model.head(pooled[:, None])
+    expected = model.head(pooled)  # both heads read one [B, H] row per example
     np.testing.assert_allclose(model(ids, mask), expected, atol=1e-6)
     # padding does not leak in: a different pad token id in padded slots changes nothing
     noisy = ids.at[0, 3:].set(13)

@@ -111,7 +111,7 @@ def token_buckets(
     clients_per_step: int,
     max_length: int,
     sampling_rates: Sequence[float] | None = None,
-    quantiles: Sequence[float] = (0.5, 0.99, 0.99999),
+    quantiles: Sequence[float] = (0.25, 0.5, 0.75, 0.95, 0.99999),
     draws: int = 4000,
     multiple: int = 16,
     seed: int = 0,
