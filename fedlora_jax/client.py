@@ -151,10 +151,8 @@ def _gradients(trainer: LocalTrainer, frozen, params, data: dict, num_examples, 
     """(losses [C], gradients [C, ...]) of one local step of every client of the group."""
     sample_keys, noise_keys = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
     rows, masks, expected = jax.vmap(functools.partial(_sample, trainer))(data, num_examples, sample_keys)
-    row_length = rows["input_ids"].shape[-1]
-
     def client_gradient(params, batch, mask, expected, key):
-        return _client_gradient(trainer, frozen, params, batch, mask, expected, key, train_mask, row_length)
+        return _client_gradient(trainer, frozen, params, batch, mask, expected, key, train_mask)
 
     def padded(_):
         return jax.vmap(client_gradient)(params, rows, masks, expected, noise_keys)
@@ -172,7 +170,7 @@ def _gradients(trainer: LocalTrainer, frozen, params, data: dict, num_examples, 
     return jax.lax.switch(bucket, branches, None)
 
 
-def _client_gradient(trainer: LocalTrainer, frozen, params, batch: dict, mask, expected, key, train_mask, row_length):
+def _client_gradient(trainer: LocalTrainer, frozen, params, batch: dict, mask, expected, key, train_mask):
     """(loss, gradient) of one client's step batch (padded rows or packed); DP-SGD when ``trainer.dp`` is set."""
     dp = trainer.dp
     if dp is None:
@@ -181,8 +179,7 @@ def _client_gradient(trainer: LocalTrainer, frozen, params, batch: dict, mask, e
     options = dict(clip_norm=dp.clip_norm, noise_multiplier=dp.noise_multiplier, expected_batch_size=expected,
                    per_layer=dp.per_layer, grad_mask=train_mask)
     if trainer.bookkeeping:
-        losses, per_example = per_example_gradients(trainer.graphdef, params, frozen, batch, mask, trainer.task,
-                                                    row_length)
+        losses, per_example = per_example_gradients(trainer.graphdef, params, frozen, batch, mask, trainer.task)
         grads, stats = privatize(per_example, losses, mask, key, **options)
         return stats.mean_loss, grads
     if "packing" in batch:

@@ -249,6 +249,7 @@ def main() -> None:
         parser.error(f"unknown workload or length setting: {', '.join(unknown)}")
     torch.set_num_threads(args.torch_threads)
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus: frozen inputs, expected
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 

@@ -60,7 +60,7 @@ def test_pack_lays_real_tokens_end_to_end_and_unpacks_back():
     np.testing.assert_array_equal(p.starts, [0, 8, 11, 11, 13])
     np.testing.assert_array_equal(p.segment_ids[0], [1] * 8 + [2] * 3 + [4] * 2 + [5] * 6 + [0] * 5)
     np.testing.assert_array_equal(p.positions[0, :13], list(range(8)) + [0, 1, 2, 0, 1])
-    index, real = p.example_tokens(8)
+    index, real = p.example_tokens()
     unpacked = np.where(real, np.asarray(packed["input_ids"][0])[np.asarray(index)], 0)
     expected = np.asarray(rows["input_ids"]) * np.asarray(mask)[:, None]
     np.testing.assert_array_equal(unpacked, expected)
@@ -118,7 +118,7 @@ def test_bookkeeping_per_example_gradients_equal_vmap(arch, task, pooling):
 
     reference_losses, reference = jax.vmap(jax.value_and_grad(one_loss), in_axes=(None, 0))(params, rows)
     for batch in (rows, pack(rows, mask, num_tokens=48)[0]):
-        losses, grads = jax.jit(per_example_gradients, static_argnums=(0, 5, 6))(graphdef, params, frozen, batch, mask, task, 10)
+        losses, grads = jax.jit(per_example_gradients, static_argnums=(0, 5))(graphdef, params, frozen, batch, mask, task)
         np.testing.assert_allclose(losses * mask, reference_losses * mask, rtol=1e-5, atol=1e-6)
         for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(reference)):
             np.testing.assert_allclose(g * mask.reshape((-1,) + (1,) * (g.ndim - 1)),
@@ -223,3 +223,17 @@ def test_packed_evaluation_equals_padded_evaluation():
     assert results[0].keys() == results[1].keys() and "local_accuracy" in results[0]
     for key in results[0]:
         np.testing.assert_allclose(results[0][key], results[1][key], rtol=1e-5, err_msg=key)
+
+
+def test_long_streams_attend_in_blocks_with_the_same_result():
+    from fedlora_jax.models.bert import attention_mask_for, padding_attention, stream_attention
+
+    rows = _rows("classification", b=12, length=8, seed=3)
+    packed, fits = pack(rows, jnp.ones(12), num_tokens=100)  # 100 > 3 * 8: the model takes blocks
+    assert bool(fits)
+    q, k, v = (jax.random.normal(jax.random.key(i), (1, 100, 2, 4)) for i in range(3))
+    p = packed["packing"]
+    full = padding_attention(q, k, v, attention_mask_for(None, p))
+    real = np.asarray(p.segment_ids[0] > 0)  # the unused tail's outputs are never read
+    assert real.sum() > 3 * 8
+    np.testing.assert_allclose(stream_attention(q, k, v, p)[0, real], full[0, real], rtol=1e-5, atol=1e-6)

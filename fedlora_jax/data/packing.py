@@ -21,8 +21,9 @@ caller takes a larger buffer (see :func:`token_buckets`).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,28 +31,32 @@ import numpy as np
 TOKEN_KEYS = ("input_ids", "token_type_ids", "loss_mask")  # per-token arrays carried into the stream
 
 
-class Packing(NamedTuple):
+@flax.struct.dataclass
+class Packing:
     """Where each example of a packed stream lives (a pytree; the model's ``packing`` argument).
 
     segment_ids: [1, T] int32, i + 1 on example i's tokens, 0 on the unused tail.
     positions: [1, T] int32, position of each token inside its example.
     starts: [b] int32, stream index of each example's first token.
     lengths: [b] int32, real tokens of each example (0 for an empty slot).
+    row_length: L, the longest an example can be (static): attention over a long stream only
+      needs the 3 L tokens around each block of L.
     """
 
     segment_ids: jax.Array
     positions: jax.Array
     starts: jax.Array
     lengths: jax.Array
+    row_length: int = flax.struct.field(pytree_node=False, default=0)
 
     @property
     def num_examples(self) -> int:
         return self.starts.shape[0]
 
-    def example_tokens(self, max_length: int) -> tuple[jax.Array, jax.Array]:
-        """Stream index of token l of example i, [b, max_length] int32 (clamped to the stream), and
-        a [b, max_length] bool mask of the real ones: the inverse of packing."""
-        offsets = jnp.arange(max_length, dtype=jnp.int32)
+    def example_tokens(self) -> tuple[jax.Array, jax.Array]:
+        """Stream index of token l of example i, [b, L] int32 (clamped to the stream), and a [b, L]
+        bool mask of the real ones: the inverse of packing."""
+        offsets = jnp.arange(self.row_length, dtype=jnp.int32)
         index = jnp.minimum(self.starts[:, None] + offsets, self.segment_ids.shape[1] - 1)
         return index, offsets < self.lengths[:, None]
 
@@ -96,7 +101,7 @@ def pack(rows: dict, example_mask: jax.Array, num_tokens: int) -> tuple[dict, ja
             batch[name] = values
     batch["example_mask"] = example_mask.astype(jnp.float32)
     batch["packing"] = Packing(segment_ids[None], offset[None].astype(jnp.int32), starts.astype(jnp.int32),
-                               lengths.astype(jnp.int32))
+                               lengths.astype(jnp.int32), rows["attention_mask"].shape[-1])
     return batch, ends[-1] <= num_tokens
 
 

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fedlora_jax.data.packing import Packing
 from fedlora_jax.models.lora import Linear
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -125,6 +126,40 @@ def attention_mask_for(attention_mask: jax.Array, packing=None) -> jax.Array:
     return same[:, None]
 
 
+def stream_attention(query: jax.Array, key: jax.Array, value: jax.Array, packing: Packing) -> jax.Array:
+    """Attention inside the examples of a long packed stream, in blocks.
+
+    No example is longer than L = ``packing.row_length``, so the keys a query needs lie in its own
+    block of L stream tokens or the two next to it: each block attends to 3 L keys instead of the
+    whole stream (what :func:`attention_mask_for`'s block-diagonal mask computes, at T / 3L of the
+    cost).
+
+    Args:
+      query, key, value: [1, T, N, D] a packed stream.
+      packing: where the examples are.
+
+    Returns:
+      [1, T, N, D].
+    """
+    length, block = query.shape[1], packing.row_length
+    num_blocks = -(-length // block)
+
+    def blocks(x):  # [1, T, ...] -> [num_blocks, block, ...]
+        x = jnp.pad(x[0], [(0, num_blocks * block - length)] + [(0, 0)] * (x.ndim - 2))
+        return x.reshape((num_blocks, block) + x.shape[1:])
+
+    def with_neighbours(x):  # [num_blocks, block, ...] -> [num_blocks, 3 block, ...]
+        zero = jnp.zeros_like(x[:1])
+        return jnp.concatenate([jnp.concatenate([zero, x[:-1]]), x, jnp.concatenate([x[1:], zero])], axis=1)
+
+    segments = blocks(packing.segment_ids)
+    key_segments = with_neighbours(segments)
+    mask = (segments[:, :, None] == key_segments[:, None, :]) | (segments[:, :, None] == 0)
+    out = jax.nn.dot_product_attention(blocks(query), with_neighbours(blocks(key)), with_neighbours(blocks(value)),
+                                       mask=mask[:, None])
+    return out.reshape((num_blocks * block,) + out.shape[2:])[None, :length]
+
+
 def padding_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array) -> jax.Array:
     """Bidirectional multi-head attention.
 
@@ -207,12 +242,14 @@ class BertSelfAttention(nnx.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
 
-    def __call__(self, hidden: jax.Array, mask: jax.Array) -> jax.Array:
-        """[B, L, H] hidden states, boolean mask (:func:`attention_mask_for`) -> [B, L, H] attention
-        output (before projection)."""
+    def __call__(self, hidden: jax.Array, mask) -> jax.Array:
+        """[B, L, H] hidden states, boolean mask (:func:`attention_mask_for`) or, for a long packed
+        stream, its :class:`Packing` (:func:`stream_attention`) -> [B, L, H] attention output
+        (before projection)."""
         batch, length, _ = hidden.shape
         head_shape = (batch, length, self.num_heads, self.head_dim)
-        out = padding_attention(
+        attend = stream_attention if isinstance(mask, Packing) else padding_attention
+        out = attend(
             self.query(hidden).reshape(head_shape),
             self.key(hidden).reshape(head_shape),
             self.value(hidden).reshape(head_shape),
@@ -301,7 +338,10 @@ class BertModel(nnx.Module):
             token_type_ids = jnp.zeros(input_ids.shape, jnp.int32)
         positions = None if packing is None else packing.positions
         hidden = self.embeddings(input_ids, token_type_ids, positions)
-        mask = attention_mask_for(attention_mask, packing)
+        if packing is not None and input_ids.shape[1] > 3 * packing.row_length:
+            mask = packing  # a long stream: attention in blocks (stream_attention)
+        else:
+            mask = attention_mask_for(attention_mask, packing)
         for layer in self.layers:
             hidden = layer(hidden, mask)
         return hidden

@@ -53,17 +53,17 @@ def unsupported_leaves(graphdef, params, frozen) -> list[str]:
     return [n for n in leaf_names(params) if n not in covered]
 
 
-def _example_rows(values: jax.Array, batch: dict, num_examples: int, row_length: int) -> jax.Array:
+def _example_rows(values: jax.Array, batch: dict, num_examples: int) -> jax.Array:
     """A layer's per-token values as [b, rows, d]: padded rows stay as they are; a packed
     stream [1, T, d] is gathered back into each example's tokens (zero beyond its length)."""
     packing = batch.get("packing")
     if packing is None or values.ndim == 2:  # padded rows [b, L, d], or one row per example [b, d]
         return values.reshape(num_examples, -1, values.shape[-1])
-    index, real = packing.example_tokens(row_length)
+    index, real = packing.example_tokens()
     return jnp.where(real[..., None], values[0][index], 0.0)
 
 
-def per_example_gradients(graphdef, params, frozen, batch: dict, example_mask: jax.Array, task: str, row_length: int):
+def per_example_gradients(graphdef, params, frozen, batch: dict, example_mask: jax.Array, task: str):
     """Per-example losses and gradients of every trainable leaf, by book-keeping.
 
     Args:
@@ -71,7 +71,6 @@ def per_example_gradients(graphdef, params, frozen, batch: dict, example_mask: j
       batch: padded rows [b, L, ...] or a packed stream (:func:`fedlora_jax.data.packing.pack`).
       example_mask: [b], 1 for a real example; other rows get zero gradient.
       task: the task kind.
-      row_length: L, the longest example (the padded row length), static.
 
     Returns:
       (losses [b], gradients: a tree like ``params`` with a leading [b] axis on every leaf).
@@ -104,8 +103,8 @@ def per_example_gradients(graphdef, params, frozen, batch: dict, example_mask: j
     for name, layer in _tappable_layers(model).items():
         if name not in inputs:
             continue
-        x = _example_rows(inputs[name], batch, num_examples, row_length).astype(jnp.float32)
-        g = _example_rows(output_grads[name], batch, num_examples, row_length).astype(jnp.float32)
+        x = _example_rows(inputs[name], batch, num_examples).astype(jnp.float32)
+        g = _example_rows(output_grads[name], batch, num_examples).astype(jnp.float32)
         if isinstance(layer, LoRALinear):
             a, b = layer.lora_a[...].astype(jnp.float32), layer.lora_b[...].astype(jnp.float32)
             grads[f"{name}.lora_b"] = layer.scaling * jnp.einsum("blo,blr->bor", g, x @ a.T)
