@@ -10,7 +10,7 @@ aggregation (weighted mean of A, B and the head). Variants:
               clip norm 1, shuffled fixed batches of 16 (PyTorch: Opacus GradSampleModule hooks)
 
 Length settings: ``padded64`` pads every row to 64 tokens on both sides (equal work); ``real``
-lets fedlora_jax pack by length (``data.packing=auto``, when the engine has that key) while the
+lets fedlora_jax pack by length (``data.packing=auto``) while the
 PyTorch peer still pads to 64, as public federated LoRA code does; an extra PyTorch column pads
 each batch to its longest row (dynamic padding).
 
@@ -51,7 +51,7 @@ from tokenizers import Tokenizer  # noqa: E402
 from transformers import AutoModelForSequenceClassification  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from fedlora_jax.config import Config, load_config  # noqa: E402
+from fedlora_jax.config import load_config  # noqa: E402
 from fedlora_jax.server import device_shards, init_server_state  # noqa: E402
 from fedlora_jax.simulate import build_experiment  # noqa: E402
 
@@ -78,17 +78,8 @@ def timed(fn) -> float:
 # fedlora_jax
 
 
-def packing_overrides(lengths: str) -> list[str]:
-    """``data.packing`` for the length setting, or nothing (with a warning) if the engine lacks the key."""
-    if "packing" not in {f.name for f in dataclasses.fields(type(Config().data))}:
-        print(f"warning: this fedlora_jax has no data.packing; '{lengths}' runs fedlora_jax padded to {MAX_LENGTH}")
-        return []
-    return [f"data.packing={'null' if lengths == 'padded64' else 'auto'}"]
-
-
 def jax_round(model_dir: str, data_dir: str, workload: str, lengths: str, clients: int, local_steps: int):
-    """(zero-argument function running one compiled fedlora_jax round to completion, compile seconds,
-    whether data.packing was set)."""
+    """(zero-argument function running one compiled fedlora_jax round to completion, compile seconds)."""
     spec = WORKLOADS[workload]
     overrides = [
         f"model.pretrained={model_dir}", "model.pooling=cls", f"data.load.dir={data_dir}",
@@ -101,7 +92,7 @@ def jax_round(model_dir: str, data_dir: str, workload: str, lengths: str, client
     if spec["dp"]:
         overrides += ["privacy.record_level=true", f"privacy.noise_multiplier={NOISE_MULTIPLIER}",
                       f"privacy.clip_norm={CLIP_NORM}", "privacy.sampling=shuffle", "privacy.target_epsilon=null"]
-    packing = packing_overrides(lengths)
+    packing = [f"data.packing={'null' if lengths == 'padded64' else 'auto'}"]
     config = load_config(ROOT / "configs/minilm_sst2.yaml", overrides + packing)
     exp = build_experiment(config)
     shards = device_shards(exp.data)
@@ -109,7 +100,7 @@ def jax_round(model_dir: str, data_dir: str, workload: str, lengths: str, client
     t0 = time.perf_counter()
     compiled = jax.jit(exp.federation.round).lower(state, shards).compile()
     compile_s = time.perf_counter() - t0
-    return (lambda: jax.block_until_ready(compiled(state, shards))), compile_s, bool(packing)
+    return (lambda: jax.block_until_ready(compiled(state, shards))), compile_s
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +194,7 @@ class TorchFederation:
 
 def bench_setting(workload: str, lengths: str, torch_fed: TorchFederation, torch_data: TorchData, args) -> dict:
     """Interleaved pairs (JAX round, PyTorch round(s)) after one warm-up round of each."""
-    run_jax, compile_s, packing = jax_round(args.model, args.data, workload, lengths, args.clients, args.local_steps)
+    run_jax, compile_s = jax_round(args.model, args.data, workload, lengths, args.clients, args.local_steps)
     columns = {"jax": run_jax, "torch_padded": lambda: torch_fed.round(torch_data, dynamic=False)}
     if lengths == "real":
         columns["torch_dynamic"] = lambda: torch_fed.round(torch_data, dynamic=True)
@@ -214,7 +205,7 @@ def bench_setting(workload: str, lengths: str, torch_fed: TorchFederation, torch
             times[name].append(timed(fn))
         print(f"  {workload} {lengths} pair {i + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()),
               flush=True)
-    result = {"workload": workload, "lengths": lengths, "jax_compile_s": compile_s, "jax_packing_set": packing,
+    result = {"workload": workload, "lengths": lengths, "jax_compile_s": compile_s,
               "warmup_s": warmup, "pairs_s": times, "median_s": {k: statistics.median(v) for k, v in times.items()}}
     for name in columns:
         if name != "jax":
@@ -277,7 +268,7 @@ def main() -> None:
         m = r["median_s"]
         dynamic = f"{m['torch_dynamic']:.2f}" if "torch_dynamic" in m else "-"
         vs_dynamic = f"{r['speedup_vs_torch_dynamic']:.2f}x" if "torch_dynamic" in m else "-"
-        lengths_note = r["lengths"] + ("" if r["jax_packing_set"] or r["lengths"] == "padded64" else " (jax unpacked)")
+        lengths_note = r["lengths"]
         print(f"| {r['workload']} | {lengths_note} | {m['jax']:.2f} | {m['torch_padded']:.2f} | {dynamic} | "
               f"{r['speedup_vs_torch_padded']:.2f}x | {vs_dynamic} |")
     print(f"wrote {args.out}")
