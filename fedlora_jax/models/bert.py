@@ -20,18 +20,25 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from fedlora_jax.data.packing import Packing
 from fedlora_jax.models.lora import Linear
 
+def gelu_exact(x: jax.Array) -> jax.Array:
+    """Exact GELU through erf (as torch): cheaper in XLA than ``jax.nn.gelu``'s erfc form."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
+
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu": gelu_exact,
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
     "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
     "relu": jax.nn.relu,
@@ -155,22 +162,61 @@ def stream_attention(query: jax.Array, key: jax.Array, value: jax.Array, packing
     segments = blocks(packing.segment_ids)
     key_segments = with_neighbours(segments)
     mask = (segments[:, :, None] == key_segments[:, None, :]) | (segments[:, :, None] == 0)
-    out = jax.nn.dot_product_attention(blocks(query), with_neighbours(blocks(key)), with_neighbours(blocks(value)),
-                                       mask=mask[:, None])
+    out = padding_attention(blocks(query), with_neighbours(blocks(key)), with_neighbours(blocks(value)), mask[:, None])
     return out.reshape((num_blocks * block,) + out.shape[2:])[None, :length]
 
 
+_MASKED = float(-0.7 * np.finfo(np.float32).max)  # the fill jax.nn.dot_product_attention uses
+
+
+def _attention_core(query, key, value, mask):
+    scale = jnp.float32(1.0 / math.sqrt(query.shape[-1]))
+    logits = jnp.einsum("bqnd,bknd->bnqk", query, key, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(mask, logits, _MASKED)
+    exp = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    probs = exp / jnp.sum(exp, axis=-1, keepdims=True)
+    return jnp.einsum("bnqk,bknd->bqnd", probs.astype(value.dtype), value), probs
+
+
+@jax.custom_vjp
 def padding_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array) -> jax.Array:
-    """Bidirectional multi-head attention.
+    """Bidirectional multi-head attention (softmax in float32).
+
+    The math of ``jax.nn.dot_product_attention``, with a hand-written backward that reuses the
+    saved probabilities and rowsum(dO * O) for the softmax gradient: 7-16% less time per training
+    step on the CPU (docs/performance.md).
 
     Args:
       query, key, value: [B, L, N, D].
       mask: boolean, broadcastable to [B, N, L, L] (see :func:`attention_mask_for`).
 
     Returns:
-      [B, L, N, D]; softmax is computed in float32.
+      [B, L, N, D].
     """
-    return jax.nn.dot_product_attention(query, key, value, mask=mask)
+    return _attention_core(query, key, value, mask)[0]
+
+
+def _attention_forward(query, key, value, mask):
+    out, probs = _attention_core(query, key, value, mask)
+    return out, (query, key, value, probs, out, mask)
+
+
+def _attention_backward(saved, d_out):
+    query, key, value, probs, out, mask = saved
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    scale = jnp.float32(1.0 / math.sqrt(query.shape[-1]))
+    d_out = f32(d_out)
+    d_value = jnp.einsum("bnqk,bqnd->bknd", probs, d_out)
+    d_probs = jnp.einsum("bqnd,bknd->bnqk", d_out, f32(value))
+    delta = jnp.einsum("bqnd,bqnd->bnq", d_out, f32(out))[..., None]  # == rowsum(d_probs * probs)
+    d_logits = jnp.where(mask, probs * (d_probs - delta), 0.0) * scale  # masked logits get no gradient
+    d_query = jnp.einsum("bnqk,bknd->bqnd", d_logits, f32(key))
+    d_key = jnp.einsum("bnqk,bqnd->bknd", d_logits, f32(query))
+    return (d_query.astype(query.dtype), d_key.astype(key.dtype), d_value.astype(value.dtype),
+            np.zeros(mask.shape, jax.dtypes.float0))
+
+
+padding_attention.defvjp(_attention_forward, _attention_backward)
 
 
 def _linear(d_in: int, d_out: int, config: BertConfig, dtype, param_dtype, rngs: nnx.Rngs, kind=nnx.Linear) -> nnx.Linear:
