@@ -76,10 +76,12 @@ class LocalTrainer:
     """Static description of local training (hashable; closed over by the jitted round).
 
     ``token_buckets``: packed stream lengths to compile (increasing; empty: no packing). Every step
-    packs each client's sampled rows into the smallest bucket that holds the largest client of the
-    group trained together, or runs the padded rows when none does (see
-    :mod:`fedlora_jax.data.packing`). ``bookkeeping``: DP-SGD takes per-example gradients from one
-    batched backward (:mod:`fedlora_jax.privacy.bookkeeping`) instead of a vmap over examples.
+    packs the sampled rows of the group of clients trained together into the smallest bucket that
+    holds them, or runs the padded rows when none does (see :mod:`fedlora_jax.data.packing`):
+    with ``shared_stream`` all the group's clients share one stream (a bucket holds the group's
+    total), else each client has its own stream (a bucket holds the largest client).
+    ``bookkeeping``: DP-SGD takes per-example gradients from one batched backward
+    (:mod:`fedlora_jax.privacy.bookkeeping`) instead of a vmap over examples.
     """
 
     graphdef: Any
@@ -91,6 +93,7 @@ class LocalTrainer:
     dp: RecordDP | None = None
     token_buckets: tuple[int, ...] = ()
     bookkeeping: bool = False
+    shared_stream: bool = False
 
     def loss(self, params, frozen, batch: dict, mask: jax.Array) -> jax.Array:
         """Masked mean of per-example losses."""
@@ -164,10 +167,50 @@ def _gradients(trainer: LocalTrainer, frozen, params, data: dict, num_examples, 
         batches, _ = jax.vmap(lambda r, m: pack(r, m, num_tokens))(rows, masks)
         return jax.vmap(client_gradient)(params, batches, masks, expected, noise_keys)
 
+    def shared(num_tokens, _):
+        clients = masks.shape[0]
+        flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), rows)
+        batch, _ = pack(flat, masks.reshape(-1), num_tokens, clients)
+        return _shared_gradients(trainer, frozen, params, batch, masks, expected, noise_keys, train_mask)
+
     tokens = jnp.sum(rows["attention_mask"].astype(jnp.int32) * masks[..., None].astype(jnp.int32), axis=(1, 2))
-    bucket = jnp.searchsorted(jnp.asarray(trainer.token_buckets), jnp.max(tokens))  # == len(buckets): padded
-    branches = [functools.partial(packed, t) for t in trainer.token_buckets] + [padded]
+    share = trainer.shared_stream and masks.shape[0] > 1
+    bucket = jnp.searchsorted(jnp.asarray(trainer.token_buckets), jnp.sum(tokens) if share else jnp.max(tokens))
+    stream = shared if share else packed  # bucket == len(buckets): padded
+    branches = [functools.partial(stream, t) for t in trainer.token_buckets] + [padded]
     return jax.lax.switch(bucket, branches, None)
+
+
+def _shared_gradients(trainer: LocalTrainer, frozen, params, batch: dict, masks, expected, keys, train_mask):
+    """(losses [C], gradients [C, ...]) of C clients whose step batches share one packed stream
+    (``batch``, ``packing.clients == C``; ``masks`` [C, b]): one forward and backward for the group.
+
+    The total of the clients' losses is differentiated with respect to the stacked trainable
+    leaves [C, ...]; client c's loss depends only on its own leaves, so slice c of the gradient
+    is client c's gradient. With DP-SGD the per-example gradients come from book-keeping.
+    """
+    clients, rows = masks.shape
+    flat_mask = masks.reshape(-1)
+    dp = trainer.dp
+    if dp is None:
+        def total(params):
+            model = nnx.merge(trainer.graphdef, params, frozen)
+            losses = per_example_loss(forward(model, batch), batch, trainer.task).reshape(clients, rows)
+            client_losses = jnp.sum(losses * masks, axis=1) / jnp.maximum(jnp.sum(masks, axis=1), 1.0)
+            return jnp.sum(client_losses), client_losses
+
+        (_, losses), grads = jax.value_and_grad(total, has_aux=True)(params)
+        return losses, jax.tree.map(lambda g, m: g * m.astype(g.dtype), grads, train_mask)
+    losses, per_example = per_example_gradients(trainer.graphdef, params, frozen, batch, flat_mask, trainer.task)
+    per_client = jax.tree.map(lambda g: g.reshape((clients, rows) + g.shape[1:]), per_example)
+
+    def privatized(per_example, losses, mask, expected, key):
+        grads, stats = privatize(per_example, losses, mask, key, clip_norm=dp.clip_norm,
+                                 noise_multiplier=dp.noise_multiplier, expected_batch_size=expected,
+                                 per_layer=dp.per_layer, grad_mask=train_mask)
+        return stats.mean_loss, grads
+
+    return jax.vmap(privatized)(per_client, losses.reshape(clients, rows), masks, expected, keys)
 
 
 def _client_gradient(trainer: LocalTrainer, frozen, params, batch: dict, mask, expected, key, train_mask):

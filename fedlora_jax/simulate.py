@@ -92,7 +92,8 @@ def build_model(config: Config, data: FederatedData):
     return model, adapted
 
 
-def step_token_buckets(data: FederatedData, batch_size: int, record_dp: RecordDP | None, group: int) -> tuple[int, ...]:
+def step_token_buckets(data: FederatedData, batch_size: int, record_dp: RecordDP | None, group: int,
+                       shared: bool = False) -> tuple[int, ...]:
     """Packed stream lengths for the local steps (:func:`fedlora_jax.data.packing.token_buckets`)."""
     mask = data.train["attention_mask"]
     if np.any(np.diff(mask, axis=-1) > 0):
@@ -102,7 +103,7 @@ def step_token_buckets(data: FederatedData, batch_size: int, record_dp: RecordDP
     poisson = record_dp is not None and record_dp.poisson
     rates = np.minimum(1.0, batch_size / np.maximum(data.num_train, 1)) if poisson else None
     rows = record_dp.buffer_size if poisson else batch_size
-    return token_buckets(lengths, rows, min(group, data.num_clients), mask.shape[-1], rates)
+    return token_buckets(lengths, rows, min(group, data.num_clients), mask.shape[-1], rates, shared=shared)
 
 
 def build_experiment(config: Config, data: FederatedData | None = None) -> Experiment:
@@ -121,12 +122,16 @@ def build_experiment(config: Config, data: FederatedData | None = None) -> Exper
         record_dp = RecordDP(p.clip_norm, ledger.noise_multiplier, p.per_layer_clipping, p.sampling == "poisson",
                              client_poisson_buffer_size(data.num_train, f.batch_size))
     user_dp = UserDP(p.user_clip_norm, ledger.user_noise_multiplier) if p.user_level else None
-    bookkeeping = record_dp is not None and not unsupported_leaves(graphdef, params, frozen)
+    routable = not unsupported_leaves(graphdef, params, frozen)  # every trainable leaf in a LoRA layer or linear head
+    bookkeeping = record_dp is not None and routable
     packs = config.data.packing == "auto" and (record_dp is None or bookkeeping)
-    buckets = step_token_buckets(data, f.batch_size, record_dp, f.clients_per_chunk or cohort_size(config)) if packs else ()
+    group = min(f.clients_per_chunk or cohort_size(config), data.num_clients)
+    # encoders share one stream between the group's clients; decoders (token-level heads, T x T attention) do not
+    shared = packs and routable and group > 1 and data.task != "causal_lm"
+    buckets = step_token_buckets(data, f.batch_size, record_dp, group, shared) if packs else ()
     trainer = LocalTrainer(graphdef, data.task, make_optimizer(config.optim),
                            make_schedule(config.optim, f.rounds * f.local_steps), f.local_steps, f.batch_size, record_dp,
-                           buckets, bookkeeping)
+                           buckets, bookkeeping, shared and bool(buckets))
     method = make_method(f.method, f.method_options, lora_rank=config.lora.rank)
     layout = trainable_layout(params)
     frozen_index = {name: i for i, name in enumerate(leaf_names(frozen))}

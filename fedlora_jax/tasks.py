@@ -12,14 +12,19 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedlora_jax.models.lora import ClientRouting, route_clients
+
 
 def forward(model, batch: dict) -> jax.Array:
     """Logits: [b, num_labels] for classification / regression, [b, L, V] for causal LM.
 
     A packed batch (``batch["packing"]``, see :func:`fedlora_jax.data.packing.pack`) gives
-    [b, num_labels] per example, or [1, T, V] over the stream for causal LM.
+    [b, num_labels] per example, or [1, T, V] over the stream for causal LM. A stream shared by
+    several clients (``packing.clients`` > 1) takes trainable leaves with a leading client axis.
     """
     packing = batch.get("packing")
+    if packing is not None and packing.clients > 1:
+        route_clients(model, ClientRouting(packing.token_clients(), packing.clients))
     mask = batch.get("attention_mask")
     if "token_type_ids" in batch:
         return model(batch["input_ids"], mask, batch["token_type_ids"], packing=packing)

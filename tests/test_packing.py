@@ -89,15 +89,18 @@ def test_packed_loss_and_gradient_equal_padded(arch, task, pooling):
     assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(padded_grad)) > 1e-3
 
 
-def test_token_buckets_cover_the_step_maximum():
+@pytest.mark.parametrize("shared", [False, True])
+def test_token_buckets_cover_the_step_need(shared):
     rng = np.random.default_rng(0)
     lengths = [rng.integers(2, 40, size=n) for n in rng.integers(50, 200, size=10)]
-    buckets = token_buckets(lengths, rows_per_step=16, clients_per_step=4, max_length=64, multiple=32)
-    assert buckets == tuple(sorted(set(buckets))) and all(b % 32 == 0 and b < 16 * 64 for b in buckets)
-    # the largest bucket holds at least 99.99% of simulated steps
-    worst = [max(int(rng.choice(lengths[u], 16, replace=False).sum()) for u in rng.choice(10, 4, replace=False))
-             for _ in range(3000)]
-    assert np.mean(np.array(worst) <= buckets[-1]) > 0.999
+    buckets = token_buckets(lengths, rows_per_step=16, clients_per_step=4, max_length=64, multiple=32, shared=shared)
+    padded = 16 * 64 * (4 if shared else 1)
+    assert buckets == tuple(sorted(set(buckets))) and all(b % 32 == 0 and b < padded for b in buckets)
+    # the largest bucket holds at least 99.9% of simulated steps: the largest client, or the clients' sum when shared
+    combine = sum if shared else max
+    need = [combine(int(rng.choice(lengths[u], 16, replace=False).sum()) for u in rng.choice(10, 4, replace=False))
+            for _ in range(3000)]
+    assert np.mean(np.array(need) <= buckets[-1]) > 0.999
 
 
 @pytest.mark.parametrize("arch,task,pooling", [
@@ -124,6 +127,79 @@ def test_bookkeeping_per_example_gradients_equal_vmap(arch, task, pooling):
             np.testing.assert_allclose(g * mask.reshape((-1,) + (1,) * (g.ndim - 1)),
                                        r * mask.reshape((-1,) + (1,) * (r.ndim - 1)), rtol=1e-4, atol=1e-6)
             np.testing.assert_array_equal(g[1], 0.0)  # a masked row gets no gradient
+
+
+@pytest.mark.parametrize("arch,pooling", [("bert", "cls"), ("bert", "mean"), ("roberta", "cls")])
+def test_shared_stream_gives_each_client_its_own_model(arch, pooling):
+    """C clients with different trainable leaves in one stream: each example's logits, loss and
+    gradient are those of its own client's model on its own rows (LoRA on every linear layer,
+    the pooler's included, and the head)."""
+    graphdef, params, frozen = _model(arch, "classification", pooling)
+    clients, b = 3, 4
+    stacked = jax.tree.map(
+        lambda x: x + 0.05 * jax.random.normal(jax.random.key(11), (clients,) + x.shape, x.dtype), params)
+    rows = _rows("classification", b=clients * b, length=10, seed=2)
+    mask = jnp.ones(clients * b).at[5].set(0.0)
+    batch, fits = pack(rows, mask, num_tokens=128, clients=clients)
+    assert bool(fits) and batch["packing"].clients == clients
+    loss = _loss_fn(graphdef, frozen, "classification")
+
+    def total(stacked):
+        losses = loss(stacked, batch, mask)[1].reshape(clients, b)
+        client_mask = mask.reshape(clients, b)
+        return jnp.sum(jnp.sum(losses * client_mask, 1) / jnp.sum(client_mask, 1)), losses
+
+    (_, shared_losses), shared_grads = jax.value_and_grad(total, has_aux=True)(stacked)
+    own_rows = jax.tree.map(lambda x: x.reshape((clients, b) + x.shape[1:]), rows)
+    (_, own_losses), own_grads = jax.vmap(jax.value_and_grad(loss, has_aux=True), in_axes=(0, 0, 0))(
+        stacked, own_rows, mask.reshape(clients, b))
+    client_mask = mask.reshape(clients, b)  # a masked example has no tokens in the stream
+    np.testing.assert_allclose(shared_losses * client_mask, own_losses * client_mask, rtol=1e-5, atol=1e-6)
+    for a, r in zip(jax.tree.leaves(shared_grads), jax.tree.leaves(own_grads)):
+        np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(own_losses[0], own_losses[1])  # the clients' models differ
+
+
+def test_shared_stream_bookkeeping_equals_per_client_bookkeeping():
+    from fedlora_jax.privacy.bookkeeping import per_example_gradients
+
+    graphdef, params, frozen = _model("bert", "classification", "mean")
+    clients, b = 3, 4
+    stacked = jax.tree.map(
+        lambda x: x + 0.05 * jax.random.normal(jax.random.key(5), (clients,) + x.shape, x.dtype), params)
+    rows = _rows("classification", b=clients * b, length=10, seed=4)
+    mask = jnp.ones(clients * b).at[2].set(0.0)
+    bookkeeping = jax.jit(per_example_gradients, static_argnums=(0, 5))
+    batch, _ = pack(rows, mask, num_tokens=128, clients=clients)
+    losses, grads = bookkeeping(graphdef, stacked, frozen, batch, mask, "classification")
+    for c in range(clients):
+        own = slice(c * b, (c + 1) * b)
+        own_batch, _ = pack(jax.tree.map(lambda x: x[own], rows), mask[own], num_tokens=64)
+        own_params = jax.tree.map(lambda x: x[c], stacked)
+        ref_losses, ref = bookkeeping(graphdef, own_params, frozen, own_batch, mask[own], "classification")
+        np.testing.assert_allclose(losses[own], ref_losses, rtol=1e-5, atol=1e-6)
+        for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref)):
+            np.testing.assert_allclose(g[own], r, rtol=1e-4, atol=1e-6)
+
+
+def test_shared_stream_round_equals_per_client_streams():
+    import dataclasses
+
+    from fedlora_jax.server import device_shards, init_server_state
+    from tiny import tiny_experiment
+
+    for overrides in ({}, {"privacy.record_level": "true", "privacy.noise_multiplier": 1.0, "federation.method": "ffa"}):
+        exp = tiny_experiment(**overrides)
+        fed = exp.federation
+        assert fed.trainer.shared_stream
+        separate = dataclasses.replace(fed, trainer=dataclasses.replace(
+            fed.trainer, shared_stream=False, token_buckets=(fed.trainer.token_buckets[-1],)))
+        shards = device_shards(exp.data)
+        state = init_server_state(exp.params, exp.frozen, seed=0, federation=fed)
+        (s1, o1), (s2, o2) = jax.jit(fed.round)(state, shards), jax.jit(separate.round)(state, shards)
+        np.testing.assert_allclose(o1.train_loss, o2.train_loss, rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(o1.client_params), jax.tree.leaves(o2.client_params)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
 
 
 def _round_pair(**overrides):
@@ -186,15 +262,15 @@ def test_round_compiles_once_with_one_packed_shape_per_bucket(monkeypatch):
 
     traced = []
 
-    def counting_pack(rows, mask, num_tokens):
+    def counting_pack(rows, mask, num_tokens, clients=1):
         traced.append(num_tokens)
-        return pack(rows, mask, num_tokens)
+        return pack(rows, mask, num_tokens, clients)
 
     monkeypatch.setattr(client, "pack", counting_pack)
     exp = tiny_experiment(**{"privacy.record_level": "true", "privacy.noise_multiplier": 1.0})
     fed = exp.federation
     buckets = fed.trainer.token_buckets
-    assert len(buckets) >= 2
+    assert len(buckets) >= 2 and fed.trainer.shared_stream
     round_fn = fed.compile_round()
     state = init_server_state(exp.params, exp.frozen, seed=0, federation=fed)
     shards = device_shards(exp.data)

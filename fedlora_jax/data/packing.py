@@ -13,6 +13,12 @@ what it saw in the padded row, and sequence-level outputs (pooling, per-example 
 back per segment: losses and gradients equal the padded computation up to float rounding. The
 dense layers, where nearly all FLOPs are, then run on real tokens only.
 
+Several clients can share one stream (``clients`` > 1): their examples are laid out client after
+client, each client owning ``b / clients`` consecutive example slots, and the trainable layers
+apply each token's own client's parameters (:func:`fedlora_jax.models.lora.route_clients`). A step
+of C clients then runs its dense layers once, on the sum of the clients' real tokens, instead of C
+times on the largest client's.
+
 Packing is a gather (no sort, no scatter), so it is cheap inside ``jit`` and under ``vmap``.
 Shapes are static: a batch whose tokens do not fit the buffer is reported by ``fits`` and the
 caller takes a larger buffer (see :func:`token_buckets`).
@@ -41,6 +47,8 @@ class Packing:
     lengths: [b] int32, real tokens of each example (0 for an empty slot).
     row_length: L, the longest an example can be (static): attention over a long stream only
       needs the 3 L tokens around each block of L.
+    clients: C, the clients sharing the stream (static); client c owns examples
+      [c b / C, (c + 1) b / C).
     """
 
     segment_ids: jax.Array
@@ -48,10 +56,17 @@ class Packing:
     starts: jax.Array
     lengths: jax.Array
     row_length: int = flax.struct.field(pytree_node=False, default=0)
+    clients: int = flax.struct.field(pytree_node=False, default=1)
 
     @property
     def num_examples(self) -> int:
         return self.starts.shape[0]
+
+    def token_clients(self) -> jax.Array:
+        """Client of each stream token, [T] int32 (``clients`` on the unused tail)."""
+        per_client = self.num_examples // self.clients
+        segments = self.segment_ids[0]
+        return jnp.where(segments > 0, (segments - 1) // per_client, self.clients).astype(jnp.int32)
 
     def example_tokens(self) -> tuple[jax.Array, jax.Array]:
         """Stream index of token l of example i, [b, L] int32 (clamped to the stream), and a [b, L]
@@ -66,7 +81,7 @@ class Packing:
         return (self.segment_ids[0][None, :] == examples[:, None]).astype(dtype)
 
 
-def pack(rows: dict, example_mask: jax.Array, num_tokens: int) -> tuple[dict, jax.Array]:
+def pack(rows: dict, example_mask: jax.Array, num_tokens: int, clients: int = 1) -> tuple[dict, jax.Array]:
     """Packs the real tokens of a right-padded batch into a stream of ``num_tokens``.
 
     Args:
@@ -75,6 +90,8 @@ def pack(rows: dict, example_mask: jax.Array, num_tokens: int) -> tuple[dict, ja
         arrays (e.g. ``labels`` [b]) carried through unchanged.
       example_mask: [b], 1 (or True) for a sampled example; a 0 row contributes no tokens.
       num_tokens: T, the static stream length.
+      clients: C, clients sharing the stream (b a multiple of C; the rows of client c are
+        [c b / C, (c + 1) b / C)).
 
     Returns:
       (batch, fits): ``batch`` holds the per-token arrays as [1, T], the per-example arrays as
@@ -100,8 +117,10 @@ def pack(rows: dict, example_mask: jax.Array, num_tokens: int) -> tuple[dict, ja
         else:
             batch[name] = values
     batch["example_mask"] = example_mask.astype(jnp.float32)
+    if lengths.shape[0] % clients:
+        raise ValueError(f"{lengths.shape[0]} rows cannot be split evenly between {clients} clients")
     batch["packing"] = Packing(segment_ids[None], offset[None].astype(jnp.int32), starts.astype(jnp.int32),
-                               lengths.astype(jnp.int32), rows["attention_mask"].shape[-1])
+                               lengths.astype(jnp.int32), rows["attention_mask"].shape[-1], clients)
     return batch, ends[-1] <= num_tokens
 
 
@@ -120,16 +139,19 @@ def token_buckets(
     draws: int = 4000,
     multiple: int = 16,
     seed: int = 0,
+    shared: bool = False,
 ) -> tuple[int, ...]:
     """Stream lengths to compile, from the distribution of a step's real tokens (host-side).
 
-    Every local step packs each of ``clients_per_step`` clients (a chunk, trained together) into
-    one shared stream length, so the length a step needs is the largest client total. This draws
-    that maximum ``draws`` times from the real client data (clients drawn at random, rows by the
-    engine's sampling: ``rows_per_step`` rows without replacement, or Poisson with
-    ``sampling_rates``), and returns its ``quantiles`` rounded up to ``multiple`` tokens, deduplicated
-    and below the padded size ``rows_per_step * max_length`` (which is always the last resort and
-    is not included). A step takes the smallest bucket that holds it.
+    Every local step packs the ``clients_per_step`` clients trained together (a chunk) either each
+    into its own stream of one common length, so the length a step needs is the largest client
+    total, or (``shared``) all into one stream, which needs the sum of the client totals. This
+    draws that need ``draws`` times from the real client data (clients drawn at random, rows by
+    the engine's sampling: ``rows_per_step`` rows without replacement, or Poisson with
+    ``sampling_rates``), and returns its ``quantiles`` rounded up to ``multiple`` tokens,
+    deduplicated and below the padded size (``rows_per_step * max_length``, times the clients when
+    shared), which is always the last resort and is not included. A step takes the smallest bucket
+    that holds it.
 
     Args:
       client_lengths: per client, the real token count of each of its rows.
@@ -141,15 +163,17 @@ def token_buckets(
       draws: simulated steps.
       multiple: bucket granularity in tokens.
       seed: simulation seed.
+      shared: the chunk's clients share one stream.
 
     Returns:
       Increasing bucket lengths (possibly empty when packing cannot beat padding).
     """
     rng = np.random.default_rng(seed)
     num_clients = len(client_lengths)
-    maxima = np.zeros(draws, np.int64)
+    needs = np.zeros(draws, np.int64)
+    group = min(clients_per_step, num_clients)
     for d in range(draws):
-        chosen = rng.choice(num_clients, size=min(clients_per_step, num_clients), replace=False)
+        chosen = rng.choice(num_clients, size=group, replace=False)
         totals = []
         for u in chosen:
             lengths = client_lengths[u]
@@ -159,9 +183,9 @@ def token_buckets(
             else:
                 included = lengths[rng.random(len(lengths)) < sampling_rates[u]]
                 totals.append(int(rng.permutation(included)[:rows_per_step].sum()))
-        maxima[d] = max(totals)
-    padded = rows_per_step * max_length
-    buckets = {min(padded, multiple * math.ceil(max(1.0, float(np.quantile(maxima, q))) / multiple)) for q in quantiles}
+        needs[d] = sum(totals) if shared else max(totals)
+    padded = rows_per_step * max_length * (group if shared else 1)
+    buckets = {min(padded, multiple * math.ceil(max(1.0, float(np.quantile(needs, q))) / multiple)) for q in quantiles}
     return tuple(sorted(b for b in buckets if b < padded))
 
 

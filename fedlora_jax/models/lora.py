@@ -87,11 +87,64 @@ def _tapped(layer: nnx.Module, x: jax.Array, y: jax.Array) -> jax.Array:
     return y if tap is None else tap(x, y)
 
 
+class ClientRouting:
+    """Per-client trainable parameters inside one stream shared by C clients.
+
+    The trainable leaves carry a leading client axis [C, ...] (the frozen base is shared); a
+    trainable layer applies client c's parameters to client c's inputs, which are either stream
+    tokens ([1, T, d], a token's client from its segment) or per-example rows ([C b, d], the b rows
+    of each client in client order, e.g. pooled features reaching a head).
+
+    Args:
+      token_clients: [T] int32, the client of each stream token (C on the unused tail).
+      clients: C.
+    """
+
+    def __init__(self, token_clients: jax.Array, clients: int):
+        self.token_clients = token_clients
+        self.clients = clients
+
+    def _one_hot(self, dtype) -> jax.Array:  # [T, C]; all zero on the tail
+        return (self.token_clients[:, None] == jnp.arange(self.clients)[None, :]).astype(dtype)
+
+    def low_rank(self, x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+        """(x A_c^T) B_c^T with each input's own client c: x [1, T, d_in] or [C b, d_in],
+        a [C, r, d_in], b [C, d_out, r] -> [1, T, d_out] or [C b, d_out]."""
+        if x.ndim == 3:
+            down = jnp.einsum("td,crd->tcr", x[0], a) * self._one_hot(x.dtype)[:, :, None]
+            return jnp.einsum("tcr,cor->to", down, b)[None]
+        rows = x.reshape(self.clients, -1, x.shape[-1])
+        out = jnp.einsum("cnr,cor->cno", jnp.einsum("cnd,crd->cnr", rows, a), b)
+        return out.reshape(x.shape[0], -1)
+
+    def linear(self, x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
+        """x W_c + b_c on per-example rows: x [C b, d_in], kernel [C, d_in, d_out], bias [C, d_out]."""
+        if x.ndim != 2:
+            raise ValueError(f"a per-client linear layer on a shared stream takes per-example rows [C b, d], got {x.shape}")
+        out = jnp.einsum("cni,cio->cno", x.reshape(self.clients, -1, x.shape[-1]), kernel)
+        if bias is not None:
+            out = out + bias[:, None, :]
+        return out.reshape(x.shape[0], -1)
+
+
+def route_clients(model: nnx.Module, routing: ClientRouting) -> None:
+    """Makes every trainable layer of a merged model (LoRA factors and heads with a leading client
+    axis) apply per-client parameters for the rest of this trace (not part of the graph state)."""
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, (LoRALinear, Linear)):
+            object.__setattr__(module, "routing", routing)
+
+
 class Linear(nnx.Linear):
-    """``nnx.Linear`` that can be tapped (:class:`Tap`): the kind of a trainable task head."""
+    """``nnx.Linear`` that can be tapped (:class:`Tap`) and routed per client
+    (:func:`route_clients`): the kind of a trainable task head."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return _tapped(self, x, super().__call__(x))
+        routing = self.__dict__.get("routing")
+        if routing is None:
+            return _tapped(self, x, super().__call__(x))
+        bias = None if self.bias is None else self.bias[...]
+        return _tapped(self, x, routing.linear(x, self.kernel[...], bias))
 
 
 class LoRALinear(nnx.Module):
@@ -116,7 +169,12 @@ class LoRALinear(nnx.Module):
         y = x @ self.kernel[...]
         if self.bias is not None:
             y = y + self.bias[...]
-        return y + _tapped(self, x, self.scaling * ((x @ self.lora_a[...].T) @ self.lora_b[...].T))
+        routing = self.__dict__.get("routing")
+        if routing is None:
+            delta = (x @ self.lora_a[...].T) @ self.lora_b[...].T
+        else:
+            delta = routing.low_rank(x, self.lora_a[...], self.lora_b[...])
+        return y + _tapped(self, x, self.scaling * delta)
 
 
 def _path_name(path: tuple) -> str:

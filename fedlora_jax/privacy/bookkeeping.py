@@ -13,7 +13,8 @@ For a LoRA layer (delta = s (x A^T) B^T) example i's gradients are
 ``dB_i = s sum_{t in i} g_t (x_t A^T)^T`` [d_out, r] and ``dA_i = s sum_{t in i} (g_t B)^T x_t``
 [r, d_in]; for a linear head on one row per example, ``dW_i = x_i^T g_i`` and ``db_i = g_i``. These
 are exact because examples do not interact (their tokens attend only within their own segment),
-so g_t of a token of example i is the gradient of example i's own loss. Only the small trainable
+so g_t of a token of example i is the gradient of example i's own loss. In a stream shared by C
+clients (trainable leaves [C, ...]), example i's factors are those of its own client. Only the small trainable
 factors get a per-example copy ([b, d_out, r], [b, r, d_in]); no per-example activation or
 frozen-weight gradient is ever formed, so this scales to decoders where vmapped per-example
 backward passes do not fit.
@@ -67,7 +68,8 @@ def per_example_gradients(graphdef, params, frozen, batch: dict, example_mask: j
     """Per-example losses and gradients of every trainable leaf, by book-keeping.
 
     Args:
-      graphdef, params, frozen: the split model (``params`` are the trainable leaves).
+      graphdef, params, frozen: the split model (``params`` are the trainable leaves; with a
+        leading client axis [C, ...] when the stream is shared by C clients).
       batch: padded rows [b, L, ...] or a packed stream (:func:`fedlora_jax.data.packing.pack`).
       example_mask: [b], 1 for a real example; other rows get zero gradient.
       task: the task kind.
@@ -76,6 +78,13 @@ def per_example_gradients(graphdef, params, frozen, batch: dict, example_mask: j
       (losses [b], gradients: a tree like ``params`` with a leading [b] axis on every leaf).
     """
     num_examples = example_mask.shape[0]
+    packing = batch.get("packing")
+    clients = 1 if packing is None else packing.clients
+
+    def own_factor(factor: jax.Array) -> jax.Array:  # [b, ...]: each example's client's factor
+        if clients == 1:
+            return jnp.broadcast_to(factor, (num_examples,) + factor.shape)
+        return jnp.repeat(factor, num_examples // clients, axis=0)
 
     def run(zeros):
         model = nnx.merge(graphdef, params, frozen)
@@ -106,9 +115,9 @@ def per_example_gradients(graphdef, params, frozen, batch: dict, example_mask: j
         x = _example_rows(inputs[name], batch, num_examples).astype(jnp.float32)
         g = _example_rows(output_grads[name], batch, num_examples).astype(jnp.float32)
         if isinstance(layer, LoRALinear):
-            a, b = layer.lora_a[...].astype(jnp.float32), layer.lora_b[...].astype(jnp.float32)
-            grads[f"{name}.lora_b"] = layer.scaling * jnp.einsum("blo,blr->bor", g, x @ a.T)
-            grads[f"{name}.lora_a"] = layer.scaling * jnp.einsum("blr,bli->bri", g @ b, x)
+            a, b = own_factor(layer.lora_a[...].astype(jnp.float32)), own_factor(layer.lora_b[...].astype(jnp.float32))
+            grads[f"{name}.lora_b"] = layer.scaling * jnp.einsum("blo,blr->bor", g, jnp.einsum("bli,bri->blr", x, a))
+            grads[f"{name}.lora_a"] = layer.scaling * jnp.einsum("blr,bli->bri", jnp.einsum("blo,bor->blr", g, b), x)
         else:
             grads[f"{name}.kernel"] = jnp.einsum("bli,blo->bio", x, g)
             if layer.bias is not None:
