@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 
 from fedlora_jax.config import OptimConfig
-from fedlora_jax.data.packing import pack
+from fedlora_jax.data.packing import example_starts, pack
 from fedlora_jax.privacy import poisson_sample, private_gradient, shuffled_batch
 from fedlora_jax.privacy.bookkeeping import per_example_gradients
 from fedlora_jax.privacy.dpsgd import privatize
@@ -79,7 +79,8 @@ class LocalTrainer:
     packs the sampled rows of the group of clients trained together into the smallest bucket that
     holds them, or runs the padded rows when none does (see :mod:`fedlora_jax.data.packing`):
     with ``shared_stream`` all the group's clients share one stream (a bucket holds the group's
-    total), else each client has its own stream (a bucket holds the largest client).
+    total), else each client has its own stream (a bucket holds the largest client);
+    ``aligned_streams``: streams are aligned to blocks of the row length (encoders).
     ``bookkeeping``: DP-SGD takes per-example gradients from one batched backward
     (:mod:`fedlora_jax.privacy.bookkeeping`) instead of a vmap over examples.
     """
@@ -94,6 +95,7 @@ class LocalTrainer:
     token_buckets: tuple[int, ...] = ()
     bookkeeping: bool = False
     shared_stream: bool = False
+    aligned_streams: bool = False
 
     def loss(self, params, frozen, batch: dict, mask: jax.Array) -> jax.Array:
         """Masked mean of per-example losses."""
@@ -164,19 +166,24 @@ def _gradients(trainer: LocalTrainer, frozen, params, data: dict, num_examples, 
         return padded(None)
 
     def packed(num_tokens, _):
-        batches, _ = jax.vmap(lambda r, m: pack(r, m, num_tokens))(rows, masks)
+        batches, _ = jax.vmap(lambda r, m: pack(r, m, num_tokens, aligned=trainer.aligned_streams))(rows, masks)
         return jax.vmap(client_gradient)(params, batches, masks, expected, noise_keys)
 
     def shared(num_tokens, _):
         clients = masks.shape[0]
         flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), rows)
-        batch, _ = pack(flat, masks.reshape(-1), num_tokens, clients)
+        batch, _ = pack(flat, masks.reshape(-1), num_tokens, clients, trainer.aligned_streams)
         return _shared_gradients(trainer, frozen, params, batch, masks, expected, noise_keys, train_mask)
 
-    tokens = jnp.sum(rows["attention_mask"].astype(jnp.int32) * masks[..., None].astype(jnp.int32), axis=(1, 2))
+    lengths = jnp.sum(rows["attention_mask"].astype(jnp.int32), axis=2) * masks.astype(jnp.int32)  # [C, b]
+    block = rows["attention_mask"].shape[-1] if trainer.aligned_streams else None
     share = trainer.shared_stream and masks.shape[0] > 1
-    bucket = jnp.searchsorted(jnp.asarray(trainer.token_buckets), jnp.sum(tokens) if share else jnp.max(tokens))
-    stream = shared if share else packed  # bucket == len(buckets): padded
+    if share:
+        need = example_starts(lengths.reshape(-1), block)[1]
+    else:
+        need = jnp.max(jax.vmap(lambda n: example_starts(n, block)[1])(lengths))
+    bucket = jnp.searchsorted(jnp.asarray(trainer.token_buckets), need)  # == len(buckets): padded
+    stream = shared if share else packed
     branches = [functools.partial(stream, t) for t in trainer.token_buckets] + [padded]
     return jax.lax.switch(bucket, branches, None)
 

@@ -93,7 +93,7 @@ def build_model(config: Config, data: FederatedData):
 
 
 def step_token_buckets(data: FederatedData, batch_size: int, record_dp: RecordDP | None, group: int,
-                       shared: bool = False) -> tuple[int, ...]:
+                       shared: bool = False, aligned: bool = False) -> tuple[int, ...]:
     """Packed stream lengths for the local steps (:func:`fedlora_jax.data.packing.token_buckets`)."""
     mask = data.train["attention_mask"]
     if np.any(np.diff(mask, axis=-1) > 0):
@@ -103,7 +103,7 @@ def step_token_buckets(data: FederatedData, batch_size: int, record_dp: RecordDP
     poisson = record_dp is not None and record_dp.poisson
     rates = np.minimum(1.0, batch_size / np.maximum(data.num_train, 1)) if poisson else None
     rows = record_dp.buffer_size if poisson else batch_size
-    return token_buckets(lengths, rows, min(group, data.num_clients), mask.shape[-1], rates, shared=shared)
+    return token_buckets(lengths, rows, min(group, data.num_clients), mask.shape[-1], rates, shared=shared, aligned=aligned)
 
 
 def build_experiment(config: Config, data: FederatedData | None = None) -> Experiment:
@@ -128,10 +128,11 @@ def build_experiment(config: Config, data: FederatedData | None = None) -> Exper
     group = min(f.clients_per_chunk or cohort_size(config), data.num_clients)
     # encoders share one stream between the group's clients; decoders (token-level heads, T x T attention) do not
     shared = packs and routable and group > 1 and data.task != "causal_lm"
-    buckets = step_token_buckets(data, f.batch_size, record_dp, group, shared) if packs else ()
+    aligned = getattr(model, "aligned_packing", False)
+    buckets = step_token_buckets(data, f.batch_size, record_dp, group, shared, aligned) if packs else ()
     trainer = LocalTrainer(graphdef, data.task, make_optimizer(config.optim),
                            make_schedule(config.optim, f.rounds * f.local_steps), f.local_steps, f.batch_size, record_dp,
-                           buckets, bookkeeping, shared and bool(buckets))
+                           buckets, bookkeeping, shared and bool(buckets), aligned)
     method = make_method(f.method, f.method_options, lora_rank=config.lora.rank)
     layout = trainable_layout(params)
     frozen_index = {name: i for i, name in enumerate(leaf_names(frozen))}

@@ -79,7 +79,7 @@ def test_packed_loss_and_gradient_equal_padded(arch, task, pooling):
     mask = jnp.array([1, 1, 1, 0, 1, 1], jnp.float32)
     loss = _loss_fn(graphdef, frozen, task)
     (padded_loss, padded_losses), padded_grad = jax.value_and_grad(loss, has_aux=True)(params, rows, mask)
-    packed, fits = pack(rows, mask, num_tokens=64)
+    packed, fits = pack(rows, mask, num_tokens=80, aligned=arch != "llama")  # encoders: attention by blocks
     assert bool(fits)
     (packed_loss, packed_losses), packed_grad = jax.value_and_grad(loss, has_aux=True)(params, packed, mask)
     np.testing.assert_allclose(packed_losses * mask, padded_losses * mask, rtol=1e-5, atol=1e-6)
@@ -120,7 +120,7 @@ def test_bookkeeping_per_example_gradients_equal_vmap(arch, task, pooling):
         return per_example_loss(forward(nnx.merge(graphdef, p, frozen), example), example, task)[0]
 
     reference_losses, reference = jax.vmap(jax.value_and_grad(one_loss), in_axes=(None, 0))(params, rows)
-    for batch in (rows, pack(rows, mask, num_tokens=48)[0]):
+    for batch in (rows, pack(rows, mask, num_tokens=64, aligned=arch != "llama")[0]):
         losses, grads = jax.jit(per_example_gradients, static_argnums=(0, 5))(graphdef, params, frozen, batch, mask, task)
         np.testing.assert_allclose(losses * mask, reference_losses * mask, rtol=1e-5, atol=1e-6)
         for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(reference)):
@@ -140,7 +140,7 @@ def test_shared_stream_gives_each_client_its_own_model(arch, pooling):
         lambda x: x + 0.05 * jax.random.normal(jax.random.key(11), (clients,) + x.shape, x.dtype), params)
     rows = _rows("classification", b=clients * b, length=10, seed=2)
     mask = jnp.ones(clients * b).at[5].set(0.0)
-    batch, fits = pack(rows, mask, num_tokens=128, clients=clients)
+    batch, fits = pack(rows, mask, num_tokens=128, clients=clients, aligned=True)
     assert bool(fits) and batch["packing"].clients == clients
     loss = _loss_fn(graphdef, frozen, "classification")
 
@@ -170,7 +170,7 @@ def test_shared_stream_bookkeeping_equals_per_client_bookkeeping():
     rows = _rows("classification", b=clients * b, length=10, seed=4)
     mask = jnp.ones(clients * b).at[2].set(0.0)
     bookkeeping = jax.jit(per_example_gradients, static_argnums=(0, 5))
-    batch, _ = pack(rows, mask, num_tokens=128, clients=clients)
+    batch, _ = pack(rows, mask, num_tokens=128, clients=clients, aligned=True)
     losses, grads = bookkeeping(graphdef, stacked, frozen, batch, mask, "classification")
     for c in range(clients):
         own = slice(c * b, (c + 1) * b)
@@ -262,9 +262,9 @@ def test_round_compiles_once_with_one_packed_shape_per_bucket(monkeypatch):
 
     traced = []
 
-    def counting_pack(rows, mask, num_tokens, clients=1):
+    def counting_pack(rows, mask, num_tokens, clients=1, aligned=False):
         traced.append(num_tokens)
-        return pack(rows, mask, num_tokens, clients)
+        return pack(rows, mask, num_tokens, clients, aligned)
 
     monkeypatch.setattr(client, "pack", counting_pack)
     exp = tiny_experiment(**{"privacy.record_level": "true", "privacy.noise_multiplier": 1.0})
@@ -301,15 +301,31 @@ def test_packed_evaluation_equals_padded_evaluation():
         np.testing.assert_allclose(results[0][key], results[1][key], rtol=1e-5, err_msg=key)
 
 
-def test_long_streams_attend_in_blocks_with_the_same_result():
+def test_aligned_streams_attend_in_blocks_with_the_same_result():
     from fedlora_jax.models.bert import attention_mask_for, padding_attention, stream_attention
 
     rows = _rows("classification", b=12, length=8, seed=3)
-    packed, fits = pack(rows, jnp.ones(12), num_tokens=100)  # 100 > 3 * 8: the model takes blocks
+    mask = jnp.ones(12).at[4].set(0.0)
+    packed, fits = pack(rows, mask, num_tokens=100, aligned=True)  # 100 > 8: the model takes blocks
     assert bool(fits)
-    q, k, v = (jax.random.normal(jax.random.key(i), (1, 100, 2, 4)) for i in range(3))
     p = packed["packing"]
+    segments = np.asarray(p.segment_ids[0])
+    real = segments > 0  # unused tokens' outputs are never read
+    assert real.sum() == int(np.asarray(rows["attention_mask"]).sum(1)[np.asarray(mask) > 0].sum())
+    for i in range(1, 13):  # no example crosses a block of 8 tokens
+        assert len(set(np.flatnonzero(segments == i) // 8)) <= 1
+    q, k, v = (jax.random.normal(jax.random.key(i), (1, 100, 2, 4)) for i in range(3))
     full = padding_attention(q, k, v, attention_mask_for(None, p))
-    real = np.asarray(p.segment_ids[0] > 0)  # the unused tail's outputs are never read
-    assert real.sum() > 3 * 8
     np.testing.assert_allclose(stream_attention(q, k, v, p)[0, real], full[0, real], rtol=1e-5, atol=1e-6)
+
+
+def test_stream_length_matches_the_packed_stream():
+    from fedlora_jax.data.packing import stream_length
+
+    for seed in range(3):
+        rows = _rows("classification", b=10, length=8, seed=seed)
+        lengths = np.asarray(rows["attention_mask"]).sum(1)
+        for aligned in (False, True):
+            need = int(stream_length(lengths, 8 if aligned else None))
+            assert bool(pack(rows, jnp.ones(10), num_tokens=need, aligned=aligned)[1])
+            assert not bool(pack(rows, jnp.ones(10), num_tokens=need - 1, aligned=aligned)[1])

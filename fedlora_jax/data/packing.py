@@ -19,6 +19,11 @@ apply each token's own client's parameters (:func:`fedlora_jax.models.lora.route
 of C clients then runs its dense layers once, on the sum of the clients' real tokens, instead of C
 times on the largest client's.
 
+An *aligned* stream (``aligned``, for encoders) never lets an example cross a boundary of the
+blocks of L stream tokens (L the padded row length): each example goes into the first block with
+room for it, leaving a few unused tokens at the end of some blocks. Attention then runs inside
+each block of L tokens, L keys per query as in the padded rows, instead of over the whole stream.
+
 Packing is a gather (no sort, no scatter), so it is cheap inside ``jit`` and under ``vmap``.
 Shapes are static: a batch whose tokens do not fit the buffer is reported by ``fits`` and the
 caller takes a larger buffer (see :func:`token_buckets`).
@@ -41,14 +46,14 @@ TOKEN_KEYS = ("input_ids", "token_type_ids", "loss_mask")  # per-token arrays ca
 class Packing:
     """Where each example of a packed stream lives (a pytree; the model's ``packing`` argument).
 
-    segment_ids: [1, T] int32, i + 1 on example i's tokens, 0 on the unused tail.
+    segment_ids: [1, T] int32, i + 1 on example i's tokens, 0 on unused tokens.
     positions: [1, T] int32, position of each token inside its example.
     starts: [b] int32, stream index of each example's first token.
     lengths: [b] int32, real tokens of each example (0 for an empty slot).
-    row_length: L, the longest an example can be (static): attention over a long stream only
-      needs the 3 L tokens around each block of L.
+    row_length: L, the longest an example can be (static).
     clients: C, the clients sharing the stream (static); client c owns examples
       [c b / C, (c + 1) b / C).
+    aligned: no example crosses a boundary of the blocks of L stream tokens (static).
     """
 
     segment_ids: jax.Array
@@ -57,6 +62,7 @@ class Packing:
     lengths: jax.Array
     row_length: int = flax.struct.field(pytree_node=False, default=0)
     clients: int = flax.struct.field(pytree_node=False, default=1)
+    aligned: bool = flax.struct.field(pytree_node=False, default=False)
 
     @property
     def num_examples(self) -> int:
@@ -81,7 +87,28 @@ class Packing:
         return (self.segment_ids[0][None, :] == examples[:, None]).astype(dtype)
 
 
-def pack(rows: dict, example_mask: jax.Array, num_tokens: int, clients: int = 1) -> tuple[dict, jax.Array]:
+def example_starts(lengths: jax.Array, block: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """(starts [b], end) of examples of ``lengths`` [b] (each at most ``block``) in a stream.
+
+    Without ``block`` they lie end to end, in order. With ``block`` the stream is aligned: each
+    example goes, in order, into the first block of ``block`` tokens with room for it (first fit),
+    so none crosses a block boundary and little is left unused. ``end`` is the stream length the
+    examples need.
+    """
+    if block is None:
+        return jnp.cumsum(lengths) - lengths, jnp.sum(lengths)
+
+    def place(fill, n):  # fill: tokens used in each block
+        first = jnp.argmax(fill + n <= block)  # an empty block always has room
+        return fill.at[first].add(n), first * block + fill[first]
+
+    fill, starts = jax.lax.scan(place, jnp.zeros(lengths.shape, lengths.dtype), lengths)
+    last = fill.shape[0] - 1 - jnp.argmax(fill[::-1] > 0)
+    return starts, jnp.where(jnp.any(fill > 0), last * block + fill[last], 0)
+
+
+def pack(rows: dict, example_mask: jax.Array, num_tokens: int, clients: int = 1,
+         aligned: bool = False) -> tuple[dict, jax.Array]:
     """Packs the real tokens of a right-padded batch into a stream of ``num_tokens``.
 
     Args:
@@ -92,6 +119,7 @@ def pack(rows: dict, example_mask: jax.Array, num_tokens: int, clients: int = 1)
       num_tokens: T, the static stream length.
       clients: C, clients sharing the stream (b a multiple of C; the rows of client c are
         [c b / C, (c + 1) b / C)).
+      aligned: no example crosses a boundary of the blocks of L tokens (L = the rows' length).
 
     Returns:
       (batch, fits): ``batch`` holds the per-token arrays as [1, T], the per-example arrays as
@@ -99,13 +127,13 @@ def pack(rows: dict, example_mask: jax.Array, num_tokens: int, clients: int = 1)
       bool scalar, False when the real tokens exceed T (the stream is then cut and must not be
       used).
     """
+    row_length = rows["attention_mask"].shape[-1]
     lengths = jnp.sum(rows["attention_mask"].astype(jnp.int32), axis=-1) * example_mask.astype(jnp.int32)
-    ends = jnp.cumsum(lengths)
-    starts = ends - lengths
+    starts, end = example_starts(lengths, row_length if aligned else None)
     stream = jnp.arange(num_tokens, dtype=jnp.int32)
-    example = jnp.sum(stream[:, None] >= ends[None, :], axis=1)  # example holding stream token t
-    is_real = stream < ends[-1]
-    example = jnp.minimum(example, lengths.shape[0] - 1)
+    inside = (stream[:, None] >= starts[None, :]) & (stream[:, None] < (starts + lengths)[None, :])  # [T, b]
+    example = jnp.argmax(inside, axis=1)  # the example holding stream token t
+    is_real = jnp.any(inside, axis=1)
     offset = jnp.where(is_real, stream - starts[example], 0)
     segment_ids = jnp.where(is_real, example + 1, 0).astype(jnp.int32)
     batch = {}
@@ -120,13 +148,30 @@ def pack(rows: dict, example_mask: jax.Array, num_tokens: int, clients: int = 1)
     if lengths.shape[0] % clients:
         raise ValueError(f"{lengths.shape[0]} rows cannot be split evenly between {clients} clients")
     batch["packing"] = Packing(segment_ids[None], offset[None].astype(jnp.int32), starts.astype(jnp.int32),
-                               lengths.astype(jnp.int32), rows["attention_mask"].shape[-1], clients)
-    return batch, ends[-1] <= num_tokens
+                               lengths.astype(jnp.int32), row_length, clients, aligned)
+    return batch, end <= num_tokens
 
 
 def row_lengths(attention_mask: np.ndarray) -> np.ndarray:
     """Real tokens per row, [N] int (host-side)."""
     return np.asarray(attention_mask).astype(bool).sum(axis=-1)
+
+
+def stream_length(lengths: np.ndarray, block: int | None = None) -> np.ndarray:
+    """Tokens a stream needs for examples of ``lengths`` [..., n] (host-side mirror of
+    :func:`example_starts`): their sum, or with ``block`` the end of the aligned stream. Returns [...]."""
+    lengths = np.asarray(lengths, np.int64)
+    if block is None:
+        return lengths.sum(axis=-1)
+    flat = lengths.reshape(-1, lengths.shape[-1])
+    fill = np.zeros(flat.shape, np.int64)
+    rows = np.arange(flat.shape[0])
+    for n in flat.T:
+        fill[rows, np.argmax(fill + n[:, None] <= block, axis=1)] += n
+    used = fill > 0
+    last = fill.shape[1] - 1 - np.argmax(used[:, ::-1], axis=1)
+    end = np.where(used.any(axis=1), last * block + fill[rows, last], 0)
+    return end.reshape(lengths.shape[:-1])
 
 
 def token_buckets(
@@ -140,6 +185,7 @@ def token_buckets(
     multiple: int = 16,
     seed: int = 0,
     shared: bool = False,
+    aligned: bool = False,
 ) -> tuple[int, ...]:
     """Stream lengths to compile, from the distribution of a step's real tokens (host-side).
 
@@ -164,26 +210,28 @@ def token_buckets(
       multiple: bucket granularity in tokens.
       seed: simulation seed.
       shared: the chunk's clients share one stream.
+      aligned: streams are aligned to blocks of ``max_length`` tokens (see :func:`pack`).
 
     Returns:
       Increasing bucket lengths (possibly empty when packing cannot beat padding).
     """
     rng = np.random.default_rng(seed)
     num_clients = len(client_lengths)
-    needs = np.zeros(draws, np.int64)
     group = min(clients_per_step, num_clients)
+    sampled = np.zeros((draws, group, rows_per_step), np.int64)  # each step's row lengths, in stream order
     for d in range(draws):
-        chosen = rng.choice(num_clients, size=group, replace=False)
-        totals = []
-        for u in chosen:
+        for j, u in enumerate(rng.choice(num_clients, size=group, replace=False)):
             lengths = client_lengths[u]
             if sampling_rates is None:
-                take = rng.choice(len(lengths), size=min(rows_per_step, len(lengths)), replace=False)
-                totals.append(int(lengths[take].sum()))
+                rows = lengths[rng.choice(len(lengths), size=min(rows_per_step, len(lengths)), replace=False)]
             else:
-                included = lengths[rng.random(len(lengths)) < sampling_rates[u]]
-                totals.append(int(rng.permutation(included)[:rows_per_step].sum()))
-        needs[d] = sum(totals) if shared else max(totals)
+                rows = rng.permutation(lengths[rng.random(len(lengths)) < sampling_rates[u]])[:rows_per_step]
+            sampled[d, j, : len(rows)] = rows
+    block = max_length if aligned else None
+    if shared:
+        needs = stream_length(sampled.reshape(draws, -1), block)
+    else:
+        needs = stream_length(sampled, block).max(axis=1)
     padded = rows_per_step * max_length * (group if shared else 1)
     buckets = {min(padded, multiple * math.ceil(max(1.0, float(np.quantile(needs, q))) / multiple)) for q in quantiles}
     return tuple(sorted(b for b in buckets if b < padded))
@@ -197,30 +245,36 @@ def eval_stream_length(attention_mask: np.ndarray, examples_per_batch: int, mult
     return multiple * math.ceil(need / multiple)
 
 
-def pack_examples(arrays: dict, examples_per_batch: int, num_tokens: int) -> tuple[dict, np.ndarray]:
+def pack_examples(arrays: dict, examples_per_batch: int, num_tokens: int, aligned: bool = True) -> tuple[dict, np.ndarray]:
     """Packs a fixed set of right-padded rows (a test set) into batches of one stream each (host-side).
 
     Examples are taken in order; a batch closes when the next example would overflow
-    ``num_tokens`` or it holds ``examples_per_batch`` examples.
+    ``num_tokens`` or it holds ``examples_per_batch`` examples. Streams are ``aligned`` (see
+    :func:`pack`) unless told otherwise.
 
     Returns:
       (batches, index): ``batches`` is a packed batch (see :func:`pack`) with a leading [nb] axis;
       ``index`` [nb, examples_per_batch] int64 holds the row of each slot (-1: empty).
     """
     lengths = row_lengths(arrays["attention_mask"])
+    block = arrays["attention_mask"].shape[-1] if aligned else None
     if lengths.max(initial=0) > num_tokens:
         raise ValueError(f"a row of {lengths.max()} tokens does not fit a stream of {num_tokens}")
-    groups, current, used = [], [], 0
+    capacity = block or num_tokens  # first fit into blocks (one block when unaligned), as example_starts
+    groups, current, fill = [], [], []  # fill: tokens used in each block of the current stream
     for i, n in enumerate(lengths):
-        if current and (used + n > num_tokens or len(current) == examples_per_batch):
+        j = next((k for k, used in enumerate(fill) if used + n <= capacity), len(fill))
+        if current and (len(current) == examples_per_batch or capacity * j + n + (fill[j] if j < len(fill) else 0) > num_tokens):
             groups.append(current)
-            current, used = [], 0
+            current, fill, j = [], [], 0
+        if j == len(fill):
+            fill.append(0)
+        fill[j] += int(n)
         current.append(i)
-        used += int(n)
     groups.append(current)
     index = np.full((len(groups), examples_per_batch), -1, np.int64)
     for g, rows in enumerate(groups):
         index[g, : len(rows)] = rows
     rows = {k: np.asarray(v)[np.maximum(index, 0)] for k, v in arrays.items()}
-    packed, _ = jax.vmap(lambda r, m: pack(r, m, num_tokens))(rows, jnp.asarray(index >= 0))
+    packed, _ = jax.vmap(lambda r, m: pack(r, m, num_tokens, aligned=aligned))(rows, jnp.asarray(index >= 0))
     return jax.device_get(packed), index

@@ -134,16 +134,16 @@ def attention_mask_for(attention_mask: jax.Array, packing=None) -> jax.Array:
 
 
 def stream_attention(query: jax.Array, key: jax.Array, value: jax.Array, packing: Packing) -> jax.Array:
-    """Attention inside the examples of a long packed stream, in blocks.
+    """Attention inside the examples of an aligned packed stream, one block at a time.
 
-    No example is longer than L = ``packing.row_length``, so the keys a query needs lie in its own
-    block of L stream tokens or the two next to it: each block attends to 3 L keys instead of the
-    whole stream (what :func:`attention_mask_for`'s block-diagonal mask computes, at T / 3L of the
-    cost).
+    In an aligned stream (``packing.aligned``) no example crosses a boundary of the blocks of
+    L = ``packing.row_length`` tokens, so the keys a query needs lie in its own block: each block
+    attends to its L keys (what :func:`attention_mask_for`'s block-diagonal mask computes, at
+    L / T of the cost, and the same keys per query as padded rows of length L).
 
     Args:
       query, key, value: [1, T, N, D] a packed stream.
-      packing: where the examples are.
+      packing: where the examples are (aligned).
 
     Returns:
       [1, T, N, D].
@@ -155,14 +155,9 @@ def stream_attention(query: jax.Array, key: jax.Array, value: jax.Array, packing
         x = jnp.pad(x[0], [(0, num_blocks * block - length)] + [(0, 0)] * (x.ndim - 2))
         return x.reshape((num_blocks, block) + x.shape[1:])
 
-    def with_neighbours(x):  # [num_blocks, block, ...] -> [num_blocks, 3 block, ...]
-        zero = jnp.zeros_like(x[:1])
-        return jnp.concatenate([jnp.concatenate([zero, x[:-1]]), x, jnp.concatenate([x[1:], zero])], axis=1)
-
     segments = blocks(packing.segment_ids)
-    key_segments = with_neighbours(segments)
-    mask = (segments[:, :, None] == key_segments[:, None, :]) | (segments[:, :, None] == 0)
-    out = padding_attention(blocks(query), with_neighbours(blocks(key)), with_neighbours(blocks(value)), mask[:, None])
+    mask = (segments[:, :, None] == segments[:, None, :]) | (segments[:, :, None] == 0)
+    out = padding_attention(blocks(query), blocks(key), blocks(value), mask[:, None])
     return out.reshape((num_blocks * block,) + out.shape[2:])[None, :length]
 
 
@@ -289,9 +284,9 @@ class BertSelfAttention(nnx.Module):
         self.head_dim = config.head_dim
 
     def __call__(self, hidden: jax.Array, mask) -> jax.Array:
-        """[B, L, H] hidden states, boolean mask (:func:`attention_mask_for`) or, for a long packed
-        stream, its :class:`Packing` (:func:`stream_attention`) -> [B, L, H] attention output
-        (before projection)."""
+        """[B, L, H] hidden states, boolean mask (:func:`attention_mask_for`) or, for an aligned
+        packed stream, its :class:`Packing` (:func:`stream_attention`) -> [B, L, H] attention
+        output (before projection)."""
         batch, length, _ = hidden.shape
         head_shape = (batch, length, self.num_heads, self.head_dim)
         attend = stream_attention if isinstance(mask, Packing) else padding_attention
@@ -337,6 +332,7 @@ class BertModel(nnx.Module):
     """
 
     default_lora_targets = ("query", "value")
+    aligned_packing = True  # packed streams attend block by block (stream_attention)
 
     def __init__(
         self,
@@ -384,8 +380,8 @@ class BertModel(nnx.Module):
             token_type_ids = jnp.zeros(input_ids.shape, jnp.int32)
         positions = None if packing is None else packing.positions
         hidden = self.embeddings(input_ids, token_type_ids, positions)
-        if packing is not None and input_ids.shape[1] > 3 * packing.row_length:
-            mask = packing  # a long stream: attention in blocks (stream_attention)
+        if packing is not None and packing.aligned and input_ids.shape[1] > packing.row_length:
+            mask = packing  # attention block by block (stream_attention)
         else:
             mask = attention_mask_for(attention_mask, packing)
         for layer in self.layers:
@@ -433,6 +429,7 @@ class BertForSequenceClassification(nnx.Module):
     """
 
     default_lora_targets = ("query", "value")
+    aligned_packing = True
 
     def __init__(
         self,
