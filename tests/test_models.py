@@ -418,3 +418,19 @@ def test_mean_pooling_head_reads_the_masked_mean_of_hidden_states(arch):
     np.testing.assert_allclose(model(noisy, mask)[0], model(ids, mask)[0], atol=1e-5)
     with pytest.raises(ValueError, match="unknown pooling"):
         create_model(arch, config, "classification", pooling="max")
+
+
+def test_attention_backward_equals_autodiff_of_reference_attention():
+    from fedlora_jax.models.bert import padding_attention
+
+    q, k, v, w = (jax.random.normal(jax.random.key(i), (2, 6, 3, 4)) for i in range(4))
+    mask = jax.random.bernoulli(jax.random.key(9), 0.6, (2, 1, 6, 6)) | jnp.eye(6, dtype=bool)  # every query sees a key
+
+    def objective(attention):
+        return lambda q, k, v: jnp.sum(attention(q, k, v, mask) * w)
+
+    ours = jax.grad(objective(padding_attention), argnums=(0, 1, 2))(q, k, v)
+    reference = jax.grad(objective(lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, mask=m)), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(ours, reference):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        assert float(jnp.max(jnp.abs(b))) > 1e-2

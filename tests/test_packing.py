@@ -185,7 +185,6 @@ def test_shared_stream_bookkeeping_equals_per_client_bookkeeping():
 def test_shared_stream_round_equals_per_client_streams():
     import dataclasses
 
-    from fedlora_jax.server import device_shards, init_server_state
     from tiny import tiny_experiment
 
     for overrides in ({}, {"privacy.record_level": "true", "privacy.noise_multiplier": 1.0, "federation.method": "ffa"}):
@@ -194,12 +193,19 @@ def test_shared_stream_round_equals_per_client_streams():
         assert fed.trainer.shared_stream
         separate = dataclasses.replace(fed, trainer=dataclasses.replace(
             fed.trainer, shared_stream=False, token_buckets=(fed.trainer.token_buckets[-1],)))
-        shards = device_shards(exp.data)
-        state = init_server_state(exp.params, exp.frozen, seed=0, federation=fed)
-        (s1, o1), (s2, o2) = jax.jit(fed.round)(state, shards), jax.jit(separate.round)(state, shards)
+        (_, o1), (_, o2) = _same_round(exp, fed, separate)
         np.testing.assert_allclose(o1.train_loss, o2.train_loss, rtol=1e-5)
         for a, b in zip(jax.tree.leaves(o1.client_params), jax.tree.leaves(o2.client_params)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
+
+
+def _same_round(exp, *federations):
+    """(state, output) of one round of each federation from the same start."""
+    from fedlora_jax.server import device_shards, init_server_state
+
+    shards = device_shards(exp.data)
+    state = init_server_state(exp.params, exp.frozen, seed=0, federation=federations[0])
+    return [jax.jit(fed.round)(state, shards) for fed in federations]
 
 
 def _round_pair(**overrides):
@@ -239,7 +245,6 @@ def test_packed_round_equals_padded_round(overrides):
 def test_dp_bookkeeping_round_equals_vmap_round():
     import dataclasses
 
-    from fedlora_jax.server import device_shards, init_server_state
     from tiny import tiny_experiment
 
     exp = tiny_experiment(**{"privacy.record_level": "true", "privacy.noise_multiplier": 0.5, "data.packing": "null",
@@ -247,9 +252,7 @@ def test_dp_bookkeeping_round_equals_vmap_round():
     fed = exp.federation
     assert fed.trainer.bookkeeping
     vmapped = dataclasses.replace(fed, trainer=dataclasses.replace(fed.trainer, bookkeeping=False))
-    shards = device_shards(exp.data)
-    state = init_server_state(exp.params, exp.frozen, seed=0, federation=fed)
-    (s1, o1), (s2, o2) = jax.jit(fed.round)(state, shards), jax.jit(vmapped.round)(state, shards)
+    (s1, o1), (s2, o2) = _same_round(exp, fed, vmapped)
     np.testing.assert_allclose(o1.train_loss, o2.train_loss, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
