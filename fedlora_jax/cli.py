@@ -4,7 +4,9 @@
   fedlora-jax compare CONFIG.yaml --methods fedit,ffa,fra,flora_na --seeds 0,1,2 [--set ...] [--out DIR]
   fedlora-jax describe CONFIG.yaml [--set ...] [--out HEATMAP.png]
 
-Bad input prints one line ``fedlora-jax: error: ...`` and exits with status 2.
+Bad input prints one line ``fedlora-jax: error: ...`` and exits with status 2. A run whose loss or
+parameters go non-finite stops after that round, keeps what it logged before, prints one such
+line naming the round and exits with status 1.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ def _run(args) -> int:
     out = Path(args.out) if args.out else Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     result = run(config, out, progress=not args.quiet, experiment=experiment)
     print(f"run directory: {result.out_dir}")
+    if result.diverged:
+        print(f"fedlora-jax: error: {result.diverged}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -159,15 +159,17 @@ class RunLog:
             raise ConfigError(f"run directory {out_dir} already exists and is not empty")
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        for name in ("metrics.jsonl", "divergence.jsonl"):  # present even when no round is logged
+            (out_dir / name).touch()
 
     def append(self, filename: str, record: dict) -> None:
         if self.dir is not None:
             with open(self.dir / filename, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+                fh.write(json.dumps(record, allow_nan=False) + "\n")  # NaN is not JSON
 
     def write(self, filename: str, record: dict) -> None:
         if self.dir is not None:
-            (self.dir / filename).write_text(json.dumps(record, indent=2) + "\n")
+            (self.dir / filename).write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
 
 
 @dataclasses.dataclass
@@ -177,6 +179,7 @@ class RunResult:
     experiment: Experiment
     out_dir: Path | None
     compile_s: float
+    diverged: str | None = None  # why the run stopped on a non-finite value, if it did
 
 
 class Evaluation:
@@ -270,7 +273,7 @@ def run(config: Config, out_dir: str | Path | None = None, progress: bool = True
                TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
         task_id = bar.add_task(f"{config.name} [{fed.method.name}]", total=rounds, status="compiled in %.1fs" % compile_s)
-        stopped = None
+        stopped = diverged = None
         for r in range(rounds):
             try:
                 if exp.ledger.active:
@@ -280,14 +283,22 @@ def run(config: Config, out_dir: str | Path | None = None, progress: bool = True
                 console.print(f"[yellow]{stopped}[/yellow]")
                 break
             t_round = time.perf_counter()
-            state, out = compiled(state, shards)
+            new_state, out = compiled(state, shards)
             train_loss = float(out.train_loss)
             wall_s = time.perf_counter() - t_round
+            privacy = exp.ledger.commit(np.asarray(out.cohort))  # the round ran: its privacy cost is spent
+            problem = non_finite(train_loss, new_state, fed.method.modifies_base)
+            if problem:
+                diverged = (f"round {r + 1}: {problem} is not finite (NaN or inf); the run stopped and keeps the state "
+                            f"after round {r}")
+                console.print(f"[red]{diverged}[/red]")
+                break
+            state = new_state
             bytes_up, bytes_down = fed.communication_bytes(state.params, state.frozen, r)
             divergence = np.asarray(out.divergence)
             record = {"round": r + 1, "train_loss": train_loss, "divergence": float(divergence.mean()) if divergence.size else 0.0,
                       "wall_s": wall_s, "bytes_up": bytes_up, "bytes_down": bytes_down}
-            record.update(exp.ledger.commit(np.asarray(out.cohort)))
+            record.update(privacy)
             if (r + 1) % every == 0 or r + 1 == rounds:
                 t_eval = time.perf_counter()
                 record.update({f"global_{k}": v for k, v in evaluation.global_metrics(state).items()})
@@ -311,10 +322,27 @@ def run(config: Config, out_dir: str | Path | None = None, progress: bool = True
         summary["user_noise_multiplier"] = exp.ledger.user_noise_multiplier
     if stopped:
         summary["stopped"] = stopped
+    if diverged:
+        summary["diverged"] = diverged
+        summary.update({f"spent_{k}": v for k, v in privacy.items()})  # including the discarded round
     log.write("summary.json", summary)
     if progress:
         console.print(summary_table(summary, title=f"{config.name}: {fed.method.name}, {rounds} rounds"))
-    return RunResult(history, state, exp, log.dir, compile_s)
+    return RunResult(history, state, exp, log.dir, compile_s, diverged)
+
+
+def non_finite(train_loss: float, state: ServerState, check_frozen: bool) -> str | None:
+    """What went non-finite in a round (the training loss, or the first trainable leaf, or frozen
+    leaf when the method writes the base), or None."""
+    if not np.isfinite(train_loss):
+        return "the training loss"
+    trees = [("trainable", state.params)] + ([("frozen", state.frozen)] if check_frozen else [])
+    for kind, tree in trees:
+        finite = jax.device_get([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)])
+        for name, ok in zip(leaf_names(tree), finite):
+            if not ok:
+                return f"{kind} parameter {name}"
+    return None
 
 
 def summarise(history: list[dict], headline: str, compile_s: float) -> dict:

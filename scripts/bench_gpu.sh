@@ -31,7 +31,9 @@ prepare() {
 run() {
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fedlora_site "$GPU_DIR"/wheels/*.whl
   export PYTHONPATH="/tmp/fedlora_site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-  python3 - "$GPU_DIR/minilm" <<'EOF'
+  model=/tmp/fedlora_minilm_random
+  mkdir -p "$model" && cp "$GPU_DIR"/minilm/* "$model/"
+  python3 - "$model" <<'EOF'
 import sys
 from transformers import BertConfig, BertModel
 
@@ -44,7 +46,7 @@ EOF
     for clients in 8 64; do
       out="runs/gpu/w1_${clients}clients_${dtype}.json"
       python3 scripts/bench_vs_torch.py --workloads w1 --lengths padded64,real --clients "$clients" --dtype "$dtype" \
-        --pairs 2 --model "$GPU_DIR/minilm" --data "$GPU_DIR/SST-2" --out "$out" $quick
+        --pairs 2 --model "$model" --data "$GPU_DIR/SST-2" --out "$out" $quick
       if [ -n "${OUT:-}" ]; then cp "$out" "$OUT/"; fi
     done
   done

@@ -32,6 +32,24 @@ def test_run_writes_config_metrics_and_summary(tmp_path, capsys):
     assert summary["rounds"] == 2 and summary["total_bytes_up"] == sum(r["bytes_up"] for r in records)
 
 
+def test_diverged_run_stops_with_one_line_and_no_nan_in_metrics(tmp_path, capsys):
+    out = tmp_path / "run"
+    diverging = [*QUICK, "--set", "federation.rounds=3", "--set", "optim.name=sgd", "--set", "optim.learning_rate=1e30"]
+    assert main(["run", str(ROOT / "configs/quickstart.yaml"), "--out", str(out), "--quiet", *diverging]) == 1
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors[-1].startswith("fedlora-jax: error: round ") and "is not finite" in errors[-1]
+    diverged_round = int(errors[-1].split("round ")[1].split(":")[0])
+
+    def strict(constant):
+        raise AssertionError(f"{constant} written to a JSON file")
+
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=strict) for line in lines]
+    assert [r["round"] for r in records] == list(range(1, diverged_round))  # rounds before the non-finite one
+    summary = json.loads((out / "summary.json").read_text(), parse_constant=strict)
+    assert summary["rounds"] == diverged_round - 1 and summary["diverged"] == errors[-1].removeprefix("fedlora-jax: error: ")
+
+
 def write_jsonl(path: Path, rows: int) -> Path:
     path.write_text("".join(json.dumps({"text": f"sentence number {i}", "label": i % 2}) + "\n" for i in range(rows)))
     return path
