@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -104,6 +104,13 @@ class LocalTrainer:
         return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+class LocalStats(NamedTuple):
+    """Per-client diagnostics of one local update (computed from raw data: log, never release)."""
+
+    loss: jax.Array  # [C] mean training loss over the steps
+    non_finite: jax.Array  # [C] int32, DP-SGD examples whose gradient held NaN or inf (zeroed), over the steps
+
+
 def train_clients(trainer: LocalTrainer, frozen, params, data: dict, num_examples, keys, round_index, train_mask):
     """Runs ``local_steps`` optimiser steps on a group of C clients trained together.
 
@@ -120,21 +127,21 @@ def train_clients(trainer: LocalTrainer, frozen, params, data: dict, num_example
       round_index: global round (int scalar), for the learning-rate schedule.
       train_mask: tree like one client's ``params`` of scalars; 0 freezes a leaf.
     Returns:
-      (params after training [C, ...], mean training loss over the steps [C]).
+      (params after training [C, ...], :class:`LocalStats`).
     """
     opt_state = jax.vmap(trainer.optimizer.init)(params)
 
     def step(carry, t):
         params, opt_state = carry
         step_keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(keys)
-        losses, grads = _gradients(trainer, frozen, params, data, num_examples, step_keys, train_mask)
+        losses, grads, non_finite = _gradients(trainer, frozen, params, data, num_examples, step_keys, train_mask)
         direction, opt_state = jax.vmap(trainer.optimizer.update)(grads, opt_state, params)
         lr = trainer.schedule(round_index * trainer.local_steps + t)
         params = jax.tree.map(lambda p, d, m: p - (lr * m * d).astype(p.dtype), params, direction, train_mask)
-        return (params, opt_state), losses
+        return (params, opt_state), (losses, non_finite)
 
-    (params, _), losses = jax.lax.scan(step, (params, opt_state), jnp.arange(trainer.local_steps))
-    return params, jnp.mean(losses, axis=0)
+    (params, _), (losses, non_finite) = jax.lax.scan(step, (params, opt_state), jnp.arange(trainer.local_steps))
+    return params, LocalStats(jnp.mean(losses, axis=0), jnp.sum(non_finite, axis=0))
 
 
 def _sample(trainer: LocalTrainer, data: dict, num_examples, key):
@@ -153,7 +160,8 @@ def _sample(trainer: LocalTrainer, data: dict, num_examples, key):
 
 
 def _gradients(trainer: LocalTrainer, frozen, params, data: dict, num_examples, keys, train_mask):
-    """(losses [C], gradients [C, ...]) of one local step of every client of the group."""
+    """(losses [C], gradients [C, ...], non-finite DP examples [C]) of one local step of every
+    client of the group."""
     sample_keys, noise_keys = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
     rows, masks, expected = jax.vmap(functools.partial(_sample, trainer))(data, num_examples, sample_keys)
     def client_gradient(params, batch, mask, expected, key):
@@ -189,8 +197,9 @@ def _gradients(trainer: LocalTrainer, frozen, params, data: dict, num_examples, 
 
 
 def _shared_gradients(trainer: LocalTrainer, frozen, params, batch: dict, masks, expected, keys, train_mask):
-    """(losses [C], gradients [C, ...]) of C clients whose step batches share one packed stream
-    (``batch``, ``packing.clients == C``; ``masks`` [C, b]): one forward and backward for the group.
+    """(losses [C], gradients [C, ...], non-finite DP examples [C]) of C clients whose step batches
+    share one packed stream (``batch``, ``packing.clients == C``; ``masks`` [C, b]): one forward
+    and backward for the group.
 
     The total of the clients' losses is differentiated with respect to the stacked trainable
     leaves [C, ...]; client c's loss depends only on its own leaves, so slice c of the gradient
@@ -207,7 +216,7 @@ def _shared_gradients(trainer: LocalTrainer, frozen, params, batch: dict, masks,
             return jnp.sum(client_losses), client_losses
 
         (_, losses), grads = jax.value_and_grad(total, has_aux=True)(params)
-        return losses, jax.tree.map(lambda g, m: g * m.astype(g.dtype), grads, train_mask)
+        return losses, jax.tree.map(lambda g, m: g * m.astype(g.dtype), grads, train_mask), jnp.zeros(clients, jnp.int32)
     losses, per_example = per_example_gradients(trainer.graphdef, params, frozen, batch, flat_mask, trainer.task)
     per_client = jax.tree.map(lambda g: g.reshape((clients, rows) + g.shape[1:]), per_example)
 
@@ -215,23 +224,24 @@ def _shared_gradients(trainer: LocalTrainer, frozen, params, batch: dict, masks,
         grads, stats = privatize(per_example, losses, mask, key, clip_norm=dp.clip_norm,
                                  noise_multiplier=dp.noise_multiplier, expected_batch_size=expected,
                                  per_layer=dp.per_layer, grad_mask=train_mask)
-        return stats.mean_loss, grads
+        return stats.mean_loss, grads, stats.num_non_finite
 
     return jax.vmap(privatized)(per_client, losses.reshape(clients, rows), masks, expected, keys)
 
 
 def _client_gradient(trainer: LocalTrainer, frozen, params, batch: dict, mask, expected, key, train_mask):
-    """(loss, gradient) of one client's step batch (padded rows or packed); DP-SGD when ``trainer.dp`` is set."""
+    """(loss, gradient, non-finite DP examples) of one client's step batch (padded rows or packed);
+    DP-SGD when ``trainer.dp`` is set."""
     dp = trainer.dp
     if dp is None:
         loss, grads = jax.value_and_grad(trainer.loss)(params, frozen, batch, mask)
-        return loss, jax.tree.map(lambda g, m: g * m.astype(g.dtype), grads, train_mask)
+        return loss, jax.tree.map(lambda g, m: g * m.astype(g.dtype), grads, train_mask), jnp.int32(0)
     options = dict(clip_norm=dp.clip_norm, noise_multiplier=dp.noise_multiplier, expected_batch_size=expected,
                    per_layer=dp.per_layer, grad_mask=train_mask)
     if trainer.bookkeeping:
         losses, per_example = per_example_gradients(trainer.graphdef, params, frozen, batch, mask, trainer.task)
         grads, stats = privatize(per_example, losses, mask, key, **options)
-        return stats.mean_loss, grads
+        return stats.mean_loss, grads, stats.num_non_finite
     if "packing" in batch:
         raise ValueError("packed DP-SGD needs book-keeping per-example gradients")
 
@@ -239,4 +249,4 @@ def _client_gradient(trainer: LocalTrainer, frozen, params, batch: dict, mask, e
         return trainer.loss(p, frozen, jax.tree.map(lambda x: x[None], example), jnp.ones((1,), jnp.float32))
 
     grads, stats = private_gradient(example_loss, params, batch, mask, key, **options)
-    return stats.mean_loss, grads
+    return stats.mean_loss, grads, stats.num_non_finite

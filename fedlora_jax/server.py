@@ -54,6 +54,7 @@ class RoundOutput(NamedTuple):
     divergence: jax.Array  # [num_lora_modules] normalised aggregation error
     cohort: jax.Array  # [K] client ids
     client_params: Any  # trained client states, leaves [K, ...]
+    dp_non_finite: jax.Array  # int32 scalar: DP-SGD examples whose gradient held NaN or inf, over the cohort
 
 
 def init_server_state(params, frozen, seed: int, federation: "Federation | None" = None) -> ServerState:
@@ -128,6 +129,7 @@ class Federation:
         after another (``lax.map``; a last smaller group takes the remainder).
 
         ``start_params``/``shards``/``counts``/``keys`` carry a leading [K] axis; ``frozen`` does not.
+        Returns (trained params [K, ...], :class:`fedlora_jax.client.LocalStats` over [K]).
         """
 
         def train(args):
@@ -140,11 +142,11 @@ class Federation:
             return train(args)
         full = self.cohort_size // chunk * chunk
         grouped = jax.tree.map(lambda x: x[:full].reshape((full // chunk, chunk) + x.shape[1:]), args)
-        params, losses = jax.tree.map(lambda x: x.reshape((full,) + x.shape[2:]), jax.lax.map(train, grouped))
+        done = jax.tree.map(lambda x: x.reshape((full,) + x.shape[2:]), jax.lax.map(train, grouped))
         if full == self.cohort_size:
-            return params, losses
-        rest_params, rest_losses = train(jax.tree.map(lambda x: x[full:], args))
-        return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), (params, losses), (rest_params, rest_losses))
+            return done
+        rest = train(jax.tree.map(lambda x: x[full:], args))
+        return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), done, rest)
 
     def aggregate(self, client_params, weights, round_index, key, frozen):
         """New global trainable state from the cohort's states [K, ...], the (possibly updated)
@@ -203,7 +205,7 @@ class Federation:
         train_a, train_b = self.method.trains(state.round)
         mask = factor_mask(self.layout, state.params, train_a, train_b)
         keys = jax.random.split(train_key, self.cohort_size)
-        client_params, losses = self.run_clients(state.frozen, start, data, counts, keys, state.round, mask)
+        client_params, stats = self.run_clients(state.frozen, start, data, counts, keys, state.round, mask)
         frozen, local_b = state.frozen, state.local_b
         if self.user_dp is None:
             params, frozen, divergence = self.aggregate(client_params, weights, state.round, server_key, frozen)
@@ -213,7 +215,8 @@ class Federation:
             trained = jax.tree.leaves(client_params)
             local_b = tuple(bank.at[cohort].set(trained[m.b_index]) for m, bank in zip(self.layout.modules, local_b))
         new_state = ServerState(params, frozen, state.round + 1, key, local_b)
-        return new_state, RoundOutput(jnp.sum(weights * losses), divergence, cohort, client_params)
+        return new_state, RoundOutput(jnp.sum(weights * stats.loss), divergence, cohort, client_params,
+                                      jnp.sum(stats.non_finite))
 
     def compile_round(self):
         """The jitted round; the server state's buffers are donated."""

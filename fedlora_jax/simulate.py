@@ -299,6 +299,8 @@ def run(config: Config, out_dir: str | Path | None = None, progress: bool = True
             record = {"round": r + 1, "train_loss": train_loss, "divergence": float(divergence.mean()) if divergence.size else 0.0,
                       "wall_s": wall_s, "bytes_up": bytes_up, "bytes_down": bytes_down}
             record.update(privacy)
+            if exp.federation.trainer.dp is not None:
+                record["dp_non_finite_examples"] = int(out.dp_non_finite)
             if (r + 1) % every == 0 or r + 1 == rounds:
                 t_eval = time.perf_counter()
                 record.update({f"global_{k}": v for k, v in evaluation.global_metrics(state).items()})

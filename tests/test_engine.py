@@ -33,7 +33,7 @@ def test_vmapped_clients_equal_one_at_a_time():
     fed = exp.federation
     start, data, counts, keys, mask = cohort_inputs(exp, fed.cohort_size)
     round_index = jnp.int32(0)
-    batched, losses = jax.jit(fed.run_clients)(exp.frozen, start, data, counts, keys, round_index, mask)
+    batched, stats = jax.jit(fed.run_clients)(exp.frozen, start, data, counts, keys, round_index, mask)
     def one_client(params, data, n, key):  # a group of one client
         group = jax.tree.map(lambda x: x[None], (params, data, n, key))
         return jax.tree.map(lambda x: x[0], train_clients(fed.trainer, exp.frozen, *group, round_index, mask))
@@ -41,9 +41,9 @@ def test_vmapped_clients_equal_one_at_a_time():
     single = jax.jit(one_client)
     for u in range(fed.cohort_size):
         pick = lambda t: jax.tree.map(lambda x: x[u], t)
-        params_u, loss_u = single(pick(start), pick(data), counts[u], keys[u])
+        params_u, stats_u = single(pick(start), pick(data), counts[u], keys[u])
         assert_trees_close(pick(batched), params_u, atol=1e-5)
-        np.testing.assert_allclose(losses[u], loss_u, atol=1e-5)
+        np.testing.assert_allclose(stats.loss[u], stats_u.loss, atol=1e-5)
     # training moved the adapters: B left zero and differs between clients
     b = [x for n, x in zip(leaf_names(batched), jax.tree.leaves(batched)) if n.endswith("lora_b")][0]
     assert float(jnp.abs(b).max()) > 0 and float(jnp.abs(b[0] - b[1]).max()) > 0

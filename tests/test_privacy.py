@@ -190,6 +190,18 @@ def test_padding_examples_do_not_change_the_update():
     assert tree_allclose(clean_stats, dirty_stats, rtol=0, atol=0)
 
 
+def test_non_finite_example_gradients_are_zeroed_and_counted():
+    params, batch = make_params(jax.random.key(0)), make_batch(jax.random.key(1))
+    mask = jnp.array([1, 1, 1, 0, 1, 1], jnp.float32)
+    broken = {"x": batch["x"].at[2].set(jnp.nan).at[3].set(jnp.nan), "y": batch["y"].at[4].set(jnp.inf)}
+    kwargs = dict(clip_norm=1.0, noise_multiplier=0.0, expected_batch_size=5)
+    noisy, stats = privacy.private_gradient(example_loss, params, broken, mask, jax.random.key(5), **kwargs)
+    assert int(stats.num_non_finite) == 2  # rows 2 and 4; row 3 is padding
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(noisy))
+    _, clean_stats = privacy.private_gradient(example_loss, params, batch, mask, jax.random.key(5), **kwargs)
+    assert int(clean_stats.num_non_finite) == 0
+
+
 def test_grad_mask_freezes_leaf_without_gradient_noise_or_clipping_share():
     params, batch = make_params(jax.random.key(0)), make_batch(jax.random.key(1), scale=10.0)
     mask = jnp.ones(BATCH)

@@ -49,6 +49,7 @@ def test_target_epsilon_is_never_exceeded(tmp_path):
     result = run(config, tmp_path / "run", progress=False)
     eps = [h["epsilon"] for h in result.history]
     assert len(eps) == 4 and all(0 < e <= 2.0 for e in eps) and eps == sorted(eps)
+    assert [h["dp_non_finite_examples"] for h in result.history] == [0] * 4  # logged each round; none here
     # the calibrated sigma spends the budget on the worst-case client taking part in every round
     ledger = result.experiment.ledger
     worst = epsilon(ledger.noise_multiplier, float(ledger.client_rates.max()), 4 * config.federation.local_steps, 1e-5)

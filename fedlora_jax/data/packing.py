@@ -24,7 +24,8 @@ blocks of L stream tokens (L the padded row length): each example goes into the 
 room for it, leaving a few unused tokens at the end of some blocks. Attention then runs inside
 each block of L tokens, L keys per query as in the padded rows, instead of over the whole stream.
 
-Packing is a gather (no sort, no scatter), so it is cheap inside ``jit`` and under ``vmap``.
+Packing is a gather (no sort; aligned placement is a short scan over the examples), so it is
+cheap inside ``jit`` and under ``vmap``.
 Shapes are static: a batch whose tokens do not fit the buffer is reported by ``fits`` and the
 caller takes a larger buffer (see :func:`token_buckets`).
 """
@@ -69,7 +70,7 @@ class Packing:
         return self.starts.shape[0]
 
     def token_clients(self) -> jax.Array:
-        """Client of each stream token, [T] int32 (``clients`` on the unused tail)."""
+        """Client of each stream token, [T] int32 (``clients`` on unused tokens)."""
         per_client = self.num_examples // self.clients
         segments = self.segment_ids[0]
         return jnp.where(segments > 0, (segments - 1) // per_client, self.clients).astype(jnp.int32)
@@ -129,6 +130,8 @@ def pack(rows: dict, example_mask: jax.Array, num_tokens: int, clients: int = 1,
     """
     row_length = rows["attention_mask"].shape[-1]
     lengths = jnp.sum(rows["attention_mask"].astype(jnp.int32), axis=-1) * example_mask.astype(jnp.int32)
+    if lengths.shape[0] % clients:
+        raise ValueError(f"{lengths.shape[0]} rows cannot be split evenly between {clients} clients")
     starts, end = example_starts(lengths, row_length if aligned else None)
     stream = jnp.arange(num_tokens, dtype=jnp.int32)
     inside = (stream[:, None] >= starts[None, :]) & (stream[:, None] < (starts + lengths)[None, :])  # [T, b]
@@ -145,8 +148,6 @@ def pack(rows: dict, example_mask: jax.Array, num_tokens: int, clients: int = 1,
         else:
             batch[name] = values
     batch["example_mask"] = example_mask.astype(jnp.float32)
-    if lengths.shape[0] % clients:
-        raise ValueError(f"{lengths.shape[0]} rows cannot be split evenly between {clients} clients")
     batch["packing"] = Packing(segment_ids[None], offset[None].astype(jnp.int32), starts.astype(jnp.int32),
                                lengths.astype(jnp.int32), row_length, clients, aligned)
     return batch, end <= num_tokens

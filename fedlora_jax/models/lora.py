@@ -96,7 +96,7 @@ class ClientRouting:
     of each client in client order, e.g. pooled features reaching a head).
 
     Args:
-      token_clients: [T] int32, the client of each stream token (C on the unused tail).
+      token_clients: [T] int32, the client of each stream token (C on unused tokens).
       clients: C.
     """
 
@@ -104,7 +104,7 @@ class ClientRouting:
         self.token_clients = token_clients
         self.clients = clients
 
-    def _one_hot(self, dtype) -> jax.Array:  # [T, C]; all zero on the tail
+    def _one_hot(self, dtype) -> jax.Array:  # [T, C]; all zero on unused tokens
         return (self.token_clients[:, None] == jnp.arange(self.clients)[None, :]).astype(dtype)
 
     def low_rank(self, x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:

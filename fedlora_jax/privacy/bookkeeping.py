@@ -14,10 +14,10 @@ For a LoRA layer (delta = s (x A^T) B^T) example i's gradients are
 [r, d_in]; for a linear head on one row per example, ``dW_i = x_i^T g_i`` and ``db_i = g_i``. These
 are exact because examples do not interact (their tokens attend only within their own segment),
 so g_t of a token of example i is the gradient of example i's own loss. In a stream shared by C
-clients (trainable leaves [C, ...]), example i's factors are those of its own client. Only the small trainable
-factors get a per-example copy ([b, d_out, r], [b, r, d_in]); no per-example activation or
-frozen-weight gradient is ever formed, so this scales to decoders where vmapped per-example
-backward passes do not fit.
+clients (trainable leaves [C, ...]), example i's factors are those of its own client. Only the
+small trainable factors get a per-example copy ([b, d_out, r], [b, r, d_in]); no per-example
+activation or frozen-weight gradient is ever formed, so this scales to decoders where vmapped
+per-example backward passes do not fit.
 """
 
 from __future__ import annotations

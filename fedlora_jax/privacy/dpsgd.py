@@ -31,12 +31,15 @@ class GradientStats(NamedTuple):
       fraction_clipped: fraction of examples whose gradient was scaled down (with per-layer
         clipping: at least one leaf was), scalar in [0, 1].
       num_examples: realised number of real examples, float scalar.
+      num_non_finite: real examples whose gradient of a trained leaf held NaN or inf (those
+        entries are zeroed before clipping), int32 scalar.
     """
 
     mean_loss: jax.Array
     mean_grad_norm: jax.Array
     fraction_clipped: jax.Array
     num_examples: jax.Array
+    num_non_finite: jax.Array
 
 
 def _per_leaf_squared_norms(per_example_grads) -> list[jax.Array]:
@@ -141,6 +144,10 @@ def privatize(
     check_positive("clip_norm", clip_norm)
     check_non_negative("noise_multiplier", noise_multiplier)
     check_positive("expected_batch_size", expected_batch_size)
+    trained = jax.tree.leaves(grad_mask) if grad_mask is not None else [1.0] * len(jax.tree.leaves(per_example_grads))
+    finite = [jnp.all(jnp.isfinite(g).reshape(g.shape[0], -1), axis=1) | (jnp.asarray(m) == 0).all()
+              for g, m in zip(jax.tree.leaves(per_example_grads), trained)]
+    example_finite = jnp.all(jnp.stack(finite), axis=0)  # [b]
     per_example_grads = zero_non_finite(per_example_grads)
     if grad_mask is not None:
         per_example_grads = jax.tree.map(lambda g, m: (g * m).astype(g.dtype), per_example_grads, grad_mask)
@@ -180,5 +187,6 @@ def privatize(
         mean_grad_norm=masked_mean(grad_norms),
         fraction_clipped=masked_mean(was_clipped),
         num_examples=num_examples,
+        num_non_finite=jnp.sum(is_real & ~example_finite).astype(jnp.int32),
     )
     return noisy_grad, stats
