@@ -1,5 +1,7 @@
 """Every federated method inside the engine: protocol invariants on a real round, end-to-end runs."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -99,6 +101,18 @@ def test_fedsa_keeps_each_clients_b_and_shares_a():
         np.testing.assert_allclose(a1, np.einsum("u,uri->ri", w, np.asarray(trained[m.a_index])), atol=1e-6)
     # the round after next starts each client from its own B, not the global one
     assert any(np.abs(np.asarray(bank)[cohort[0]] - np.asarray(bank)[cohort[1]]).max() > 0 for bank in after.local_b)
+    # with a zero learning rate the trained B of each cohort client is exactly its own banked B
+    fed = exp.federation
+    still = dataclasses.replace(fed, trainer=dataclasses.replace(fed.trainer, schedule=lambda step: 0.0))
+    _, frozen_out = still.round(after, device_shards(exp.data))
+    cohort = np.asarray(frozen_out.cohort)
+    trained, global_leaves = jax.tree.leaves(frozen_out.client_params), jax.tree.leaves(after.params)
+    own_differs_from_global = False
+    for m, bank in zip(fed.layout.modules, after.local_b):
+        own = np.asarray(bank)[cohort]
+        np.testing.assert_array_equal(np.asarray(trained[m.b_index]), own)
+        own_differs_from_global |= bool(np.abs(own - np.asarray(global_leaves[m.b_index])).max() > 0)
+    assert own_differs_from_global
 
 
 def test_fra_product_is_the_truncated_svd_of_the_ideal_update():

@@ -29,11 +29,21 @@ def test_dp_sgd_with_zero_noise_and_huge_clip_equals_plain_training():
     np.testing.assert_allclose(plain_out.train_loss, dp_out.train_loss, atol=1e-5)
 
 
-def test_dp_noise_changes_the_update_only_through_noise():
-    _, _, (_, clean) = one_round(**DP)
-    _, _, (_, noisy) = one_round(**{**DP, "privacy.noise_multiplier": 1.0, "privacy.clip_norm": 1.0})
-    assert any(float(jnp.abs(a - b).max()) > 1e-3 for a, b in
-               zip(jax.tree.leaves(clean.client_params), jax.tree.leaves(noisy.client_params)))
+def test_dp_noise_is_the_only_difference_and_has_the_calibrated_scale():
+    """One SGD step with the same keys, with and without noise: the difference of each client's
+    update is -lr * N(0, (sigma C)^2) / expected batch on every trained coordinate."""
+    sigma, clip, lr = 1.5, 0.5, 0.1
+    step = {**DP, "privacy.clip_norm": clip, "optim.name": "sgd", "optim.learning_rate": lr,
+            "optim.weight_decay": 0.0, "federation.local_steps": 1}
+    exp, _, (_, clean) = one_round(**step)
+    _, _, (_, noisy) = one_round(**{**step, "privacy.noise_multiplier": sigma})
+    batch = exp.config.federation.batch_size
+    expected = np.minimum(batch, exp.data.num_train[np.asarray(clean.cohort)]).astype(np.float64)
+    z = [(np.asarray(b, np.float64) - np.asarray(a, np.float64)) * -expected.reshape((-1,) + (1,) * (a.ndim - 1))
+         / (lr * sigma * clip) for a, b in zip(jax.tree.leaves(clean.client_params), jax.tree.leaves(noisy.client_params))]
+    z = np.concatenate([x.ravel() for x in z])
+    assert z.size > 1000
+    assert np.std(z) == pytest.approx(1.0, rel=0.05) and abs(np.mean(z)) < 0.05
 
 
 def test_ffa_with_dp_adds_no_noise_to_the_frozen_a():
