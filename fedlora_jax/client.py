@@ -70,6 +70,11 @@ class RecordDP:
     poisson: bool = True
     buffer_size: int = 0
 
+    def mechanism(self, expected_batch_size, grad_mask) -> dict:
+        """Keyword arguments of :func:`fedlora_jax.privacy.dpsgd.privatize` for one client step."""
+        return dict(clip_norm=self.clip_norm, noise_multiplier=self.noise_multiplier,
+                    expected_batch_size=expected_batch_size, per_layer=self.per_layer, grad_mask=grad_mask)
+
 
 @dataclasses.dataclass(frozen=True)
 class LocalTrainer:
@@ -216,17 +221,20 @@ def _shared_gradients(trainer: LocalTrainer, frozen, params, batch: dict, masks,
             return jnp.sum(client_losses), client_losses
 
         (_, losses), grads = jax.value_and_grad(total, has_aux=True)(params)
-        return losses, jax.tree.map(lambda g, m: g * m.astype(g.dtype), grads, train_mask), jnp.zeros(clients, jnp.int32)
+        return losses, _masked(grads, train_mask), jnp.zeros(clients, jnp.int32)
     losses, per_example = per_example_gradients(trainer.graphdef, params, frozen, batch, flat_mask, trainer.task)
     per_client = jax.tree.map(lambda g: g.reshape((clients, rows) + g.shape[1:]), per_example)
 
     def privatized(per_example, losses, mask, expected, key):
-        grads, stats = privatize(per_example, losses, mask, key, clip_norm=dp.clip_norm,
-                                 noise_multiplier=dp.noise_multiplier, expected_batch_size=expected,
-                                 per_layer=dp.per_layer, grad_mask=train_mask)
+        grads, stats = privatize(per_example, losses, mask, key, **dp.mechanism(expected, train_mask))
         return stats.mean_loss, grads, stats.num_non_finite
 
     return jax.vmap(privatized)(per_client, losses.reshape(clients, rows), masks, expected, keys)
+
+
+def _masked(grads, train_mask):
+    """Gradients with the frozen leaves (mask 0) zeroed."""
+    return jax.tree.map(lambda g, m: g * m.astype(g.dtype), grads, train_mask)
 
 
 def _client_gradient(trainer: LocalTrainer, frozen, params, batch: dict, mask, expected, key, train_mask):
@@ -235,9 +243,8 @@ def _client_gradient(trainer: LocalTrainer, frozen, params, batch: dict, mask, e
     dp = trainer.dp
     if dp is None:
         loss, grads = jax.value_and_grad(trainer.loss)(params, frozen, batch, mask)
-        return loss, jax.tree.map(lambda g, m: g * m.astype(g.dtype), grads, train_mask), jnp.int32(0)
-    options = dict(clip_norm=dp.clip_norm, noise_multiplier=dp.noise_multiplier, expected_batch_size=expected,
-                   per_layer=dp.per_layer, grad_mask=train_mask)
+        return loss, _masked(grads, train_mask), jnp.int32(0)
+    options = dp.mechanism(expected, train_mask)
     if trainer.bookkeeping:
         losses, per_example = per_example_gradients(trainer.graphdef, params, frozen, batch, mask, trainer.task)
         grads, stats = privatize(per_example, losses, mask, key, **options)

@@ -47,8 +47,9 @@ def cohort_overrides(cohort: int, chunk: int | None = None) -> list[str]:
     return out + ([f"federation.clients_per_chunk={chunk}"] if chunk else [])
 
 
-def bench_engine_round(config_path: Path | dict, overrides: list[str], repeats: int):
-    """(config, experiment, compile seconds, median seconds per round) of the engine's jitted round."""
+def compiled_round(config_path: Path | dict, overrides: list[str]):
+    """(config, experiment, zero-argument function running one compiled round to completion,
+    compile seconds) of the engine's jitted round."""
     config = load_config(config_path, overrides)
     exp = build_experiment(config)
     shards = device_shards(exp.data)
@@ -56,10 +57,12 @@ def bench_engine_round(config_path: Path | dict, overrides: list[str], repeats: 
     t0 = time.perf_counter()
     compiled = jax.jit(exp.federation.round).lower(state, shards).compile()
     compile_s = time.perf_counter() - t0
+    return config, exp, (lambda: jax.block_until_ready(compiled(state, shards))), compile_s
 
-    def one_round():
-        jax.block_until_ready(compiled(state, shards))
 
+def bench_engine_round(config_path: Path | dict, overrides: list[str], repeats: int):
+    """(config, experiment, compile seconds, median seconds per round) of the engine's jitted round."""
+    config, exp, one_round, compile_s = compiled_round(config_path, overrides)
     one_round()
     return config, exp, compile_s, timed(one_round, repeats)
 

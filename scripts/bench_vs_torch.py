@@ -53,9 +53,7 @@ from tokenizers import Tokenizer  # noqa: E402
 from transformers import AutoModelForSequenceClassification  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from fedlora_jax.config import load_config  # noqa: E402
-from fedlora_jax.server import device_shards, init_server_state  # noqa: E402
-from fedlora_jax.simulate import build_experiment  # noqa: E402
+from bench_round import compiled_round  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LENGTH, BATCH_SIZE, RANK, ALPHA, LEARNING_RATE = 64, 16, 8, 8, 1e-3
@@ -96,14 +94,8 @@ def jax_round(model_dir: str, data_dir: str, workload: str, lengths: str, client
         overrides += ["privacy.record_level=true", f"privacy.noise_multiplier={NOISE_MULTIPLIER}",
                       f"privacy.clip_norm={CLIP_NORM}", "privacy.sampling=shuffle", "privacy.target_epsilon=null"]
     packing = [f"data.packing={'null' if lengths == 'padded64' else 'auto'}"]
-    config = load_config(ROOT / "configs/minilm_sst2.yaml", overrides + packing)
-    exp = build_experiment(config)
-    shards = device_shards(exp.data)
-    state = init_server_state(exp.params, exp.frozen, config.seed, exp.federation)
-    t0 = time.perf_counter()
-    compiled = jax.jit(exp.federation.round).lower(state, shards).compile()
-    compile_s = time.perf_counter() - t0
-    return (lambda: jax.block_until_ready(compiled(state, shards))), compile_s
+    _, _, run_once, compile_s = compiled_round(ROOT / "configs/minilm_sst2.yaml", overrides + packing)
+    return run_once, compile_s
 
 
 # ---------------------------------------------------------------------------------------------
