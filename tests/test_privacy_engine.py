@@ -18,7 +18,7 @@ DP = {"privacy.record_level": True, "privacy.sampling": "shuffle", "privacy.nois
 def one_round(**overrides):
     exp = tiny_experiment(**overrides)
     state = init_server_state(exp.params, exp.frozen, seed=0, federation=exp.federation)
-    return exp, state, exp.federation.round(state, device_shards(exp.data))
+    return exp, state, jax.jit(exp.federation.round)(state, device_shards(exp.data))
 
 
 def test_dp_sgd_with_zero_noise_and_huge_clip_equals_plain_training():
@@ -102,3 +102,122 @@ def test_user_level_epsilon_is_logged(tmp_path):
 def test_user_level_dp_rejects_nonlinear_aggregation():
     with pytest.raises(ValueError, match="user-level DP needs a method that averages uploads"):
         tiny_experiment(**{"federation.method": "fra", "privacy.user_level": True, "privacy.user_noise_multiplier": 1.0})
+
+
+def _cohort_draws(federation, draws=4000):
+    keys = jax.random.split(jax.random.key(11), draws)
+    ids, mask, overflow = jax.jit(jax.vmap(federation.sample_cohort))(keys)
+    return np.asarray(ids), np.asarray(mask), np.asarray(overflow)
+
+
+@pytest.mark.parametrize("client_sampling", ["fixed", "poisson"])
+def test_sampled_cohorts_follow_the_distribution_the_accountant_assumes(client_sampling):
+    """Fixed: exactly K distinct clients, each with probability K / U. Poisson: each client
+    independently with probability q = K / U, so cohort sizes are Binomial(U, q)."""
+    from scipy.stats import binom, chisquare
+
+    clients, cohort = 40, 8
+    exp = tiny_experiment(**{"data.num_clients": clients, "federation.clients_per_round": cohort,
+                             "privacy.user_level": True, "privacy.user_noise_multiplier": 1.0,
+                             "privacy.client_sampling": client_sampling})
+    ids, mask, overflow = _cohort_draws(exp.federation)
+    sizes = mask.sum(axis=1)
+    for row, row_mask in zip(ids[:200], mask[:200]):
+        assert len(set(row[row_mask].tolist())) == row_mask.sum()  # distinct clients
+        assert np.all(np.diff(row_mask.astype(int)) <= 0)  # taking part first
+    inclusion = np.bincount(ids[mask], minlength=clients) / len(ids)
+    assert np.all(np.abs(inclusion - cohort / clients) < 5 * np.sqrt(0.2 * 0.8 / len(ids)))
+    if client_sampling == "fixed":
+        assert np.all(sizes == cohort) and not overflow.any()
+        return
+    q = cohort / clients
+    assert exp.federation.cohort_size == exp.ledger.cohort_slots > cohort and not overflow.any()
+    assert exp.federation.expected_cohort == pytest.approx(cohort)
+    edges = [0, 5, 6, 7, 8, 9, 10, 11, 13, clients + 1]  # size bins of >= 100 expected draws each
+    observed = np.histogram(sizes, bins=edges)[0]
+    expected = np.diff(binom.cdf(np.array(edges) - 1, clients, q)) * len(sizes)
+    assert chisquare(observed, expected * observed.sum() / expected.sum()).pvalue > 1e-3
+
+
+def test_user_level_dp_noises_only_what_the_method_uploads():
+    """FFA-LoRA under user-level DP: A stays bit-identical (no server noise on a frozen factor);
+    B moves. RoLoRA: the idle factor of the round stays bit-identical too."""
+    for method, frozen_factor in (("ffa", "a"), ("rolora", "a")):
+        exp, state, (new, out) = one_round(**{"federation.method": method, "privacy.user_level": True,
+                                              "privacy.user_noise_multiplier": 1.0, "federation.local_steps": 1})
+        before, after = jax.tree.leaves(state.params), jax.tree.leaves(new.params)
+        for m in exp.federation.layout.modules:
+            idle, trained = (m.a_index, m.b_index) if frozen_factor == "a" else (m.b_index, m.a_index)
+            np.testing.assert_array_equal(np.asarray(after[idle]), np.asarray(before[idle]))
+            assert not np.array_equal(np.asarray(after[trained]), np.asarray(before[trained]))
+
+
+def test_poisson_cohorts_take_part_by_mask_with_the_fixed_denominator():
+    """Poisson cohort, no noise, no clipping: global + sum of the taking-part clients' updates / q U."""
+    exp, state, (new, out) = one_round(**{"privacy.user_level": True, "privacy.user_noise_multiplier": 0.0,
+                                          "privacy.user_clip_norm": 1e6, "privacy.client_sampling": "poisson",
+                                          "federation.clients_per_round": 3, "federation.local_steps": 1})
+    mask = np.asarray(out.cohort_mask)
+    assert 0 < mask.sum() < mask.size
+    for g, c, n in zip(jax.tree.leaves(state.params), jax.tree.leaves(out.client_params), jax.tree.leaves(new.params)):
+        update = (np.asarray(c, np.float64) - np.asarray(g, np.float64))[mask].sum(axis=0) / 3.0
+        np.testing.assert_allclose(np.asarray(n), np.asarray(g) + update, atol=1e-6)
+
+
+def test_next_cohort_is_the_cohort_every_round_trains():
+    exp = tiny_experiment(**{"privacy.user_level": True, "privacy.user_noise_multiplier": 0.5,
+                             "privacy.client_sampling": "poisson", "federation.clients_per_round": 3,
+                             "federation.local_steps": 1})
+    fed = exp.federation
+    state, shards = init_server_state(exp.params, exp.frozen, seed=5, federation=fed), device_shards(exp.data)
+    round_fn = fed.compile_round()
+    sizes = []
+    for _ in range(12):
+        preview = fed.next_cohort(state)
+        state, out = round_fn(state, shards)
+        cohort, mask = np.asarray(out.cohort), np.asarray(out.cohort_mask)
+        np.testing.assert_array_equal(preview, cohort[mask])
+        sizes.append(int(mask.sum()))
+    assert len(set(sizes)) > 1  # Poisson cohorts vary in size
+
+
+def test_ledger_epsilon_delta_and_overflows_against_independent_computations(tmp_path):
+    """One DP run, 2 of 6 clients per round (participations differ) and a buffer sized to
+    overflow often. Every round: the logged epsilon is the worst client's, each client's
+    recomputed with dp-accounting from the cohorts the run sampled; the logged delta adds each
+    client's (1 + e^eps_u) * steps_u * P(overflow_u) (Binomial(n_u + 1, q_u) tail); and the
+    counted overflows are as many as the binomial tail of the run's own data predicts."""
+    import dp_accounting
+    from scipy.stats import binom
+
+    sigma = 1.2
+    config = tiny_config(**{"privacy.record_level": True, "privacy.noise_multiplier": sigma,
+                            "privacy.overflow_probability": 0.3, "data.examples_per_client": [30, 40],
+                            "federation.clients_per_round": 2, "federation.rounds": 6, "eval.local": False})
+    result = run(config, tmp_path / "run", progress=False)
+    exp, f = result.experiment, config.federation
+    fed, ledger, key = exp.federation, exp.ledger, jax.random.key(config.seed)
+    n = exp.data.num_train
+    rates = np.minimum(1.0, f.batch_size / n)
+    participations = np.zeros(6, np.int64)
+    for record in result.history:
+        key, cohort_key, _, _ = fed.split_key(key)
+        ids, mask, _ = fed.sample_cohort(cohort_key)
+        participations[np.asarray(ids)[np.asarray(mask)]] += 1
+        steps = participations * f.local_steps
+        eps = np.zeros(6)
+        for u in np.flatnonzero(participations):
+            accountant = dp_accounting.rdp.RdpAccountant()
+            event = dp_accounting.PoissonSampledDpEvent(float(rates[u]), dp_accounting.GaussianDpEvent(sigma))
+            accountant.compose(dp_accounting.SelfComposedDpEvent(event, int(steps[u])))
+            eps[u] = accountant.get_epsilon(1e-5)
+        neighbour = binom.sf(ledger.record_buffer, n + 1, rates)
+        deltas = np.minimum(1.0, 1e-5 + (1 + np.exp(eps)) * steps * neighbour)
+        assert record["epsilon"] == pytest.approx(eps.max(), rel=1e-9)
+        assert record["delta"] == pytest.approx(deltas.max(), rel=1e-9)
+    assert len(set(participations.tolist())) > 1
+    np.testing.assert_array_equal(ledger.participations, participations)
+    expected = np.sum(participations * f.local_steps * binom.sf(ledger.record_buffer, n, rates))
+    counted = sum(h["dp_buffer_overflows"] for h in result.history)
+    assert expected > 5 and abs(counted - expected) < 4 * np.sqrt(expected)
+    assert result.history[-1]["delta"] > 1e-4

@@ -5,7 +5,7 @@ Mechanisms (pure JAX, jit-able, vmappable over a client axis):
   * :func:`noisy_mean_of_updates` / :func:`clip_update`: user-level DP-FedAvg at the server.
   * :func:`poisson_sample` / :func:`shuffled_batch`: static-shape batch selection.
 Accounting (host-side numpy + dp-accounting): :func:`epsilon`, :func:`noise_multiplier_for`,
-:func:`user_level_epsilon`, :func:`poisson_buffer_size`. See docs/privacy.md.
+:func:`user_level_epsilon`, :func:`poisson_buffer_size`, :func:`overflow_delta`. See docs/privacy.md.
 """
 
 from fedlora_jax.privacy.accounting import (
@@ -14,11 +14,19 @@ from fedlora_jax.privacy.accounting import (
     noise_multiplier_for,
     sampled_gaussian_event,
     user_level_epsilon,
+    user_level_noise_multiplier_for,
 )
 from fedlora_jax.privacy.clipping import clip_update, tree_l2_norm
 from fedlora_jax.privacy.dpsgd import GradientStats, private_gradient
 from fedlora_jax.privacy.noise import gaussian_noise_like
-from fedlora_jax.privacy.sampling import client_poisson_buffer_size, poisson_buffer_size, poisson_sample, shuffled_batch
+from fedlora_jax.privacy.sampling import (
+    client_poisson_buffer_size,
+    overflow_delta,
+    overflow_probability,
+    poisson_buffer_size,
+    poisson_sample,
+    shuffled_batch,
+)
 from fedlora_jax.privacy.user_level import noisy_mean_of_updates
 
 __all__ = [
@@ -30,6 +38,8 @@ __all__ = [
     "gaussian_noise_like",
     "noise_multiplier_for",
     "noisy_mean_of_updates",
+    "overflow_delta",
+    "overflow_probability",
     "poisson_buffer_size",
     "poisson_sample",
     "private_gradient",
@@ -37,4 +47,5 @@ __all__ = [
     "shuffled_batch",
     "tree_l2_norm",
     "user_level_epsilon",
+    "user_level_noise_multiplier_for",
 ]

@@ -1,27 +1,53 @@
-"""Privacy accounting for the Poisson-subsampled Gaussian mechanism (host-side, numpy).
+"""Privacy accounting for the subsampled Gaussian mechanism (host-side, numpy).
 
 Both DP modes of fedlora_jax release, at every step, a sum of L2-clipped contributions plus
-Gaussian noise of standard deviation ``noise_multiplier * clip_norm``, where each contribution
-(an example in DP-SGD, a client in DP-FedAvg) was included independently with probability
-``sampling_rate``. The privacy loss of ``steps`` such releases is that of the dp-accounting event
-``SelfComposed(PoissonSampled(q, Gaussian(sigma)), steps)`` under the add-or-remove-one
-neighbouring relation, evaluated here with the RDP accountant (the TF-Privacy numbers) or the
-tighter PLD accountant.
+Gaussian noise of standard deviation ``noise_multiplier * clip_norm``. Two ways of choosing the
+contributions are accounted for:
+
+* Poisson sampling (record level always; user level with ``client_sampling="poisson"``): each
+  unit (an example in DP-SGD, a client in DP-FedAvg) is included independently with probability
+  ``sampling_rate``. ``steps`` releases are the dp-accounting event
+  ``SelfComposed(PoissonSampled(q, Gaussian(sigma)), steps)`` under add-or-remove-one neighbours.
+* Fixed-size sampling without replacement (user level with ``client_sampling="fixed"``: exactly
+  K of U clients per round). Its analysis needs the replace-one relation (U is public), under
+  which one client changes the clipped sum by up to 2 S, so the event is
+  ``SelfComposed(SampledWithoutReplacement(U, K, Gaussian(sigma / 2)), steps)`` (RDP only).
+
+Either is evaluated with the RDP accountant (the TF-Privacy numbers) or the tighter PLD
+accountant (Poisson only).
 
 These functions run on the host between rounds; nothing here is traced by JAX.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 
 import dp_accounting
 from dp_accounting import mechanism_calibration, pld, rdp
 
 ACCOUNTANTS = ("rdp", "pld")
+CLIENT_SAMPLINGS = ("fixed", "poisson")
+_REPLACE_ONE = dp_accounting.NeighboringRelation.REPLACE_ONE
 
 # Absolute tolerance of the noise multiplier returned by noise_multiplier_for.
 _CALIBRATION_TOLERANCE = 1e-4
+# The without-replacement RDP bound divides by sigma: its calibration searches from here.
+_FIXED_COHORT_MIN_SIGMA = 1e-2
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    """Keeps dp-accounting's absl warnings (orders it skips for small clients) off the console."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _check_accountant(accountant: str) -> None:
@@ -44,7 +70,9 @@ def _check_delta(delta: float) -> None:
         raise ValueError(f"delta must be in (0, 1), got {delta!r}")
 
 
-def _make_accountant(accountant: str) -> dp_accounting.PrivacyAccountant:
+def _make_accountant(accountant: str, replace_one: bool = False) -> dp_accounting.PrivacyAccountant:
+    if replace_one:
+        return rdp.RdpAccountant(neighboring_relation=_REPLACE_ONE)
     if accountant == "rdp":
         return rdp.RdpAccountant()
     return pld.PLDAccountant()
@@ -107,8 +135,9 @@ def epsilon(
     if noise_multiplier == 0.0:
         return math.inf
     privacy_accountant = _make_accountant(accountant)
-    privacy_accountant.compose(sampled_gaussian_event(noise_multiplier, sampling_rate, steps))
-    return float(privacy_accountant.get_epsilon(delta))
+    with _quiet_absl():
+        privacy_accountant.compose(sampled_gaussian_event(noise_multiplier, sampling_rate, steps))
+        return float(privacy_accountant.get_epsilon(delta))
 
 
 def noise_multiplier_for(
@@ -144,8 +173,8 @@ def noise_multiplier_for(
     _check_delta(delta)
     if steps == 0:
         return 0.0
-    return float(
-        dp_accounting.calibrate_dp_mechanism(
+    with _quiet_absl():
+        sigma = dp_accounting.calibrate_dp_mechanism(
             make_fresh_accountant=lambda: _make_accountant(accountant),
             make_event_from_param=lambda sigma: sampled_gaussian_event(sigma, sampling_rate, steps),
             target_epsilon=target_epsilon,
@@ -153,37 +182,116 @@ def noise_multiplier_for(
             bracket_interval=mechanism_calibration.LowerEndpointAndGuess(0.0, 1.0),
             tol=_CALIBRATION_TOLERANCE,
         )
-    )
+    return float(sigma)
+
+
+def fixed_cohort_event(noise_multiplier: float, num_clients: int, cohort_size: int,
+                       rounds: int) -> dp_accounting.DpEvent:
+    """``rounds`` releases of a clipped sum over exactly ``cohort_size`` of ``num_clients`` clients.
+
+    Sampling without replacement is analysed under the replace-one relation (Wang, Balle and
+    Kasiviswanathan, 2019), where replacing one client's update moves the clipped sum by up to
+    2 S: the noise std sigma * S is sigma / 2 in units of that sensitivity.
+    """
+    gaussian = dp_accounting.GaussianDpEvent(noise_multiplier / 2.0)
+    step_event = (gaussian if cohort_size == num_clients
+                  else dp_accounting.SampledWithoutReplacementDpEvent(num_clients, cohort_size, gaussian))
+    return dp_accounting.SelfComposedDpEvent(step_event, rounds)
+
+
+def _check_cohort(num_clients: int, cohort_size: int, accountant: str, client_sampling: str) -> None:
+    _check_accountant(accountant)
+    if client_sampling not in CLIENT_SAMPLINGS:
+        raise ValueError(f"client_sampling must be one of {CLIENT_SAMPLINGS}, got {client_sampling!r}")
+    if not 1 <= cohort_size <= num_clients:
+        raise ValueError(f"cohort_size must be in [1, num_clients={num_clients}], got {cohort_size!r}")
+    if client_sampling == "fixed" and accountant == "pld":
+        raise ValueError("the PLD accountant cannot account fixed-size cohorts (sampling without replacement); "
+                         "use accountant 'rdp' or Poisson cohorts")
 
 
 def user_level_epsilon(
     noise_multiplier: float,
-    client_sampling_rate: float,
+    num_clients: int,
+    cohort_size: int,
     rounds: int,
     delta: float,
     accountant: str = "rdp",
+    client_sampling: str = "poisson",
 ) -> float:
-    """Epsilon of user-level DP-FedAvg: the same computation as :func:`epsilon`, per client.
+    """Epsilon of user-level DP-FedAvg after ``rounds`` rounds; the unit of privacy is a client.
 
-    In DP-FedAvg (:func:`fedlora_jax.privacy.noisy_mean_of_updates`) the unit of privacy is a
-    whole client: each round the server includes every client independently with probability
-    ``client_sampling_rate`` (= expected cohort size / number of clients), clips each client's
-    update to L2 norm S and adds N(0, sigma^2 S^2) to their sum. That is the Poisson-subsampled
-    Gaussian mechanism with clients in place of examples, so the guarantee after ``rounds``
-    rounds is ``epsilon(noise_multiplier, client_sampling_rate, rounds, delta, accountant)``. It
-    protects everything a client contributes (all its examples) and holds for every client.
+    In DP-FedAvg (:func:`fedlora_jax.privacy.noisy_mean_of_updates`) each included client's
+    update is clipped to L2 norm S and N(0, sigma^2 S^2) is added once to their sum. The
+    guarantee protects everything a client contributes and holds for every client; which one it
+    is depends on how the cohort is drawn:
+
+    * ``"poisson"``: each client included independently with q = cohort_size / num_clients
+      (cohorts vary in size; the mean divides by q U). Add-or-remove-one neighbours:
+      ``epsilon(noise_multiplier, q, rounds, delta, accountant)``.
+    * ``"fixed"``: exactly ``cohort_size`` distinct clients, uniformly (what
+      ``Federation.sample_cohort`` does by default). Replace-one neighbours,
+      :func:`fixed_cohort_event`, RDP accountant only.
 
     Args:
       noise_multiplier: sigma >= 0 of the server-side noise (noise std / S).
-      client_sampling_rate: per-round inclusion probability of a client, in (0, 1].
+      num_clients: U, the number of clients (public).
+      cohort_size: K, the (expected) number of clients per round, 1 <= K <= U.
       rounds: number of rounds run (>= 0).
       delta: target delta in (0, 1), usually below 1 / number of clients.
-      accountant: "rdp" or "pld".
+      accountant: "rdp" or "pld" (Poisson only).
+      client_sampling: "poisson" or "fixed".
 
     Returns:
       Epsilon as a Python float.
 
     Raises:
-      ValueError: as :func:`epsilon`.
+      ValueError: on an argument outside its range, or the PLD accountant with fixed cohorts.
     """
-    return epsilon(noise_multiplier, client_sampling_rate, rounds, delta, accountant)
+    _check_cohort(num_clients, cohort_size, accountant, client_sampling)
+    if client_sampling == "poisson":
+        return epsilon(noise_multiplier, cohort_size / num_clients, rounds, delta, accountant)
+    if not noise_multiplier >= 0.0:
+        raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier!r}")
+    _check_steps(rounds)
+    _check_delta(delta)
+    if rounds == 0:
+        return 0.0
+    if noise_multiplier == 0.0:
+        return math.inf
+    privacy_accountant = _make_accountant(accountant, replace_one=True)
+    with _quiet_absl():
+        privacy_accountant.compose(fixed_cohort_event(noise_multiplier, num_clients, cohort_size, rounds))
+        return float(privacy_accountant.get_epsilon(delta))
+
+
+def user_level_noise_multiplier_for(
+    target_epsilon: float,
+    num_clients: int,
+    cohort_size: int,
+    rounds: int,
+    delta: float,
+    accountant: str = "rdp",
+    client_sampling: str = "poisson",
+) -> float:
+    """Smallest server noise multiplier (to 1e-4) whose :func:`user_level_epsilon` does not
+    exceed the target; arguments as there and in :func:`noise_multiplier_for`."""
+    _check_cohort(num_clients, cohort_size, accountant, client_sampling)
+    if client_sampling == "poisson":
+        return noise_multiplier_for(target_epsilon, cohort_size / num_clients, rounds, delta, accountant)
+    if not 0.0 < target_epsilon < math.inf:
+        raise ValueError(f"target_epsilon must be finite and > 0, got {target_epsilon!r}")
+    _check_steps(rounds)
+    _check_delta(delta)
+    if rounds == 0:
+        return 0.0
+    with _quiet_absl():
+        sigma = dp_accounting.calibrate_dp_mechanism(
+            make_fresh_accountant=lambda: _make_accountant(accountant, replace_one=True),
+            make_event_from_param=lambda sigma: fixed_cohort_event(sigma, num_clients, cohort_size, rounds),
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            bracket_interval=mechanism_calibration.LowerEndpointAndGuess(_FIXED_COHORT_MIN_SIGMA, 1.0),
+            tol=_CALIBRATION_TOLERANCE,
+        )
+    return float(sigma)

@@ -40,9 +40,10 @@ def poisson_sample(
     Each of the first ``num_examples`` rows is included independently with probability
     ``sampling_rate``; padding rows (index >= num_examples) never are. The included rows are
     placed first in the buffer, in uniformly random order. If more than ``buffer_size`` rows are
-    included, a uniformly random ``buffer_size`` of them are kept and the rest dropped; this
-    truncation slightly changes the mechanism, so choose ``buffer_size`` with
-    :func:`poisson_buffer_size` to make it negligible (probability < 1e-6 per step).
+    included (an overflow), a uniformly random ``buffer_size`` of them are kept and the rest
+    dropped. That truncation changes the mechanism: choose ``buffer_size`` with
+    :func:`client_poisson_buffer_size` or :func:`poisson_buffer_size` to make it rare, count the
+    overflows, and add their probability to delta (:func:`overflow_delta`).
 
     Args:
       key: PRNG key.
@@ -54,8 +55,9 @@ def poisson_sample(
       max_examples: static padded length of the client's data array (> 0).
 
     Returns:
-      ``(indices, mask)``: int32 [buffer_size] row indices (always valid rows of the padded
-      array) and bool [buffer_size], True at slots holding an included example.
+      ``(indices, mask, overflow)``: int32 [buffer_size] row indices (always valid rows of the
+      padded array), bool [buffer_size] True at slots holding an included example, and a bool
+      scalar, True when more rows were included than the buffer holds (some were dropped).
 
     Raises:
       ValueError: if buffer_size or max_examples is not a positive int, or a concrete
@@ -72,7 +74,7 @@ def poisson_sample(
     # included rows uniformly at random; excluded rows sort after every included one.
     indices = _smallest_keys_first(jnp.where(included, uniforms, 2.0), buffer_size)
     mask = included[indices] & (jnp.arange(buffer_size) < max_examples)
-    return indices, mask
+    return indices, mask, jnp.sum(included) > buffer_size
 
 
 def poisson_buffer_size(
@@ -154,14 +156,16 @@ def shuffled_batch(
 def client_poisson_buffer_size(
     num_examples,
     batch_size: float,
-    overflow_probability: float = 1e-6,
+    overflow_probability: float = 1e-12,
 ) -> int:
     """Smallest buffer that holds every client's Poisson sample but with probability < p (host-side).
 
     Client u has n_u examples and samples each with q_u = min(1, batch_size / n_u), so its count
-    is exactly Binomial(n_u, q_u); the buffer is the largest per-client (1 - p) quantile. With the
-    client sizes known this is much tighter than :func:`poisson_buffer_size`'s size-free Chernoff
-    bound (e.g. 34 instead of 41 slots for n = 64, batch 16, p = 1e-6).
+    is exactly Binomial(n_u, q_u). The guarantee is about the data and its add-one neighbour, so
+    the buffer is the largest per-client (1 - p) quantile of Binomial(n_u + 1, q_u) (n_u + 1 when
+    q_u = 1): :func:`overflow_probability` is below p for every client. With the client sizes
+    known this is much tighter than :func:`poisson_buffer_size`'s size-free Chernoff bound (e.g.
+    34 instead of 41 slots for n = 64, batch 16, p = 1e-6).
 
     Args:
       num_examples: [U] client example counts (>= 1).
@@ -181,5 +185,39 @@ def client_poisson_buffer_size(
     if counts.size == 0 or counts.min() < 1:
         raise ValueError("num_examples must be a non-empty array of counts >= 1")
     rates = np.minimum(1.0, batch_size / counts)
-    quantiles = binom.isf(overflow_probability, counts, rates)
-    return max(1, int(np.max(np.where(rates >= 1.0, counts, quantiles))))
+    quantiles = binom.isf(overflow_probability, counts + 1, rates)
+    return max(1, int(np.max(np.where(rates >= 1.0, counts + 1, quantiles))))
+
+
+def overflow_probability(population, sampling_rate, buffer_size: int) -> np.ndarray:
+    """Per-draw probability that a Poisson sample overflows ``buffer_size`` slots (host-side).
+
+    The bound must hold for the data and for its add-one neighbour, so it is the tail of
+    Binomial(population + 1, q), the larger of the two: P(X > buffer_size).
+
+    Args:
+      population: [U] (or scalar) number of units sampled from (a client's examples, or clients).
+      sampling_rate: [U] (or scalar) inclusion probability q.
+      buffer_size: the static number of slots.
+
+    Returns:
+      float64 array shaped like the broadcast inputs.
+    """
+    from scipy.stats import binom
+
+    return binom.sf(buffer_size, np.asarray(population, np.int64) + 1, np.asarray(sampling_rate, np.float64))
+
+
+def overflow_delta(epsilon: float, draws: int, probability: float) -> float:
+    """What truncated Poisson draws add to delta.
+
+    A buffer that overflowed on ``draws`` draws, each with probability at most ``probability``,
+    makes the run's output differ from the untruncated mechanism's with probability at most
+    eta = draws * probability on any dataset (union bound). An (epsilon, delta)-DP mechanism
+    within total variation eta of the one run is (epsilon, delta + (1 + e^epsilon) eta)-DP, so
+    this returns (1 + e^epsilon) eta, capped at 1 (a delta of 1 guarantees nothing).
+    """
+    eta = draws * probability
+    if eta == 0.0:
+        return 0.0
+    return float(min(1.0, (1.0 + np.exp(min(epsilon, 700.0))) * eta))

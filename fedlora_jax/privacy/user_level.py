@@ -23,6 +23,7 @@ def noisy_mean_of_updates(
     noise_multiplier,
     key: jax.Array,
     expected_clients,
+    noise_mask=None,
 ):
     """Clipped, noised, fixed-denominator mean of stacked client updates.
 
@@ -44,6 +45,9 @@ def noisy_mean_of_updates(
       key: PRNG key of this round's aggregation.
       expected_clients: > 0, the expected cohort size (q * total clients, or the expected total
         weight); the divisor, independent of how many clients actually took part.
+      noise_mask: optional tree like one client's update of 0/1 scalars (may be traced): leaves
+        with 0 are not uploaded (e.g. FFA-LoRA's frozen A), carry zero update and get no noise.
+        It must not depend on private data.
 
     Returns:
       A pytree like one client's update (leaves [...]) holding the noisy mean.
@@ -60,5 +64,7 @@ def noisy_mean_of_updates(
     summed = jax.tree.map(lambda x: jnp.tensordot(bounded_weights.astype(x.dtype), x, axes=1), clipped)
     if concrete_value(noise_multiplier) != 0.0:
         noise = gaussian_noise_like(key, summed, noise_multiplier * clip_norm)
+        if noise_mask is not None:
+            noise = jax.tree.map(lambda n, m: n * jnp.asarray(m, n.dtype), noise, noise_mask)
         summed = jax.tree.map(lambda s, n: s + n, summed, noise)
     return jax.tree.map(lambda s: (s / expected_clients).astype(s.dtype), summed)
