@@ -75,6 +75,12 @@ BAD_INPUTS = {
     "unknown method": (["--set", "federation.method=fedavgx"], "unknown method 'fedavgx'"),
     "test length zero": (["--set", "data.test_max_length=0"], "config key 'data.test_max_length' must be >= 1"),
     "cohort larger than clients": (["--set", "federation.clients_per_round=50"], "exceeds data.num_clients"),
+    "partition on synthetic data": (["--set", "data.partition={scheme: dirichlet, alpha: 0.1}"],
+                                    "config key 'data.partition' does not apply to data.source=synthetic"),
+    "poisson cohorts without user-level dp": (["--set", "privacy.client_sampling=poisson"],
+                                              "needs privacy.user_level=true"),
+    "pld with fixed cohorts": (["--set", "privacy.user_level=true", "--set", "privacy.user_noise_multiplier=1.0",
+                                "--set", "privacy.accountant=pld"], "cannot account fixed-size cohorts"),
 }
 
 
