@@ -1,12 +1,14 @@
 """Command line.
 
   fedlora-jax run CONFIG.yaml [--set key=value ...] [--out RUN_DIR]
+  fedlora-jax resume RUN_DIR [--quiet]
   fedlora-jax compare CONFIG.yaml --methods fedit,ffa,fra,flora_na --seeds 0,1,2 [--set ...] [--out DIR]
   fedlora-jax describe CONFIG.yaml [--set ...] [--out HEATMAP.png]
 
 Bad input prints one line ``fedlora-jax: error: ...`` and exits with status 2. A run whose loss or
 parameters go non-finite stops after that round, keeps what it logged before, prints one such
-line naming the round and exits with status 1.
+line naming the round and exits with status 1. Ctrl-C stops a run after the current round with a
+checkpoint (status 130); ``resume`` continues it.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--seeds", default="0", help="comma-separated integer seeds (default: 0)")
     compare.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
     add("describe", "print per-client sizes and label histograms", "PNG path for the client x label heat map")
+    resume = sub.add_parser("resume", help="continue a run from its newest checkpoint")
+    resume.add_argument("run_dir", help="the run directory (holds config.yaml and checkpoints/)")
+    resume.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
     return parser
 
 
@@ -52,12 +57,27 @@ def _run(args) -> int:
     config = load_config(args.config, args.overrides)
     experiment = build_experiment(config)
     out = Path(args.out) if args.out else Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    result = run(config, out, progress=not args.quiet, experiment=experiment)
+    return _finish(run(config, out, progress=not args.quiet, experiment=experiment))
+
+
+def _resume(args) -> int:
+    from fedlora_jax.config import load_config
+    from fedlora_jax.simulate import build_experiment, run
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ValueError(f"{run_dir} is not a run directory (no config.yaml)")
+    config = load_config(run_dir / "config.yaml")
+    return _finish(run(config, run_dir, progress=not args.quiet, experiment=build_experiment(config), resume=True))
+
+
+def _finish(result) -> int:
+    """Exit status of a finished run: 1 when it diverged, 130 when Ctrl-C stopped it."""
     print(f"run directory: {result.out_dir}")
     if result.diverged:
         print(f"fedlora-jax: error: {result.diverged}", file=sys.stderr)
         return 1
-    return 0
+    return 130 if result.interrupted else 0
 
 
 def _split(text: str, what: str) -> list[str]:
@@ -95,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     args = _parser().parse_args(argv)
     try:
-        return {"run": _run, "compare": _compare, "describe": _describe}[args.command](args)
+        return {"run": _run, "resume": _resume, "compare": _compare, "describe": _describe}[args.command](args)
     except (ValueError, FileNotFoundError, OSError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"fedlora-jax: error: {message}", file=sys.stderr)

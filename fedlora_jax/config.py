@@ -177,6 +177,16 @@ class EvalConfig:
 
 
 @dataclasses.dataclass
+class CheckpointConfig:
+    """Checkpoints in ``RUN_DIR/checkpoints/`` every ``every`` rounds (null: only at the end) and
+    at the end of a run; the newest ``keep`` are kept. ``fedlora-jax resume RUN_DIR`` continues
+    from the newest one."""
+
+    every: int | None = 10
+    keep: int = 2
+
+
+@dataclasses.dataclass
 class Config:
     seed: int = 0
     name: str = "run"
@@ -187,6 +197,7 @@ class Config:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     privacy: PrivacyConfig = dataclasses.field(default_factory=PrivacyConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -315,6 +326,9 @@ def validate(c: Config) -> None:
     _require(c.lora.rank > 0, f"config key 'lora.rank' must be > 0, got {c.lora.rank}")
     _require(c.lora.alpha > 0, f"config key 'lora.alpha' must be > 0, got {c.lora.alpha}")
     _require(c.data.num_clients >= 1, f"config key 'data.num_clients' must be >= 1, got {c.data.num_clients}")
+    _require(c.checkpoint.every is None or c.checkpoint.every >= 1,
+             f"config key 'checkpoint.every' must be >= 1 or null, got {c.checkpoint.every}")
+    _require(c.checkpoint.keep >= 1, f"config key 'checkpoint.keep' must be >= 1, got {c.checkpoint.keep}")
     _require(c.data.max_length >= 1, f"config key 'data.max_length' must be >= 1, got {c.data.max_length}")
     _require(c.data.test_max_length is None or c.data.test_max_length >= 1,
              f"config key 'data.test_max_length' must be >= 1 or null, got {c.data.test_max_length}")

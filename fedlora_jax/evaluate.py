@@ -108,7 +108,13 @@ class Evaluator:
 
 
 def score(task_name: str, task: str, preds: np.ndarray, losses: np.ndarray, arrays: dict, valid: np.ndarray) -> dict:
-    """Task metrics plus mean loss over the valid rows (``valid`` [N] bool)."""
+    """Task metrics plus mean loss over the valid rows (``valid`` [N] bool).
+
+    Causal LM: ``preds`` [N, L-1] are the outputs at positions 0 .. L-2, scored against tokens
+    1 .. L-1 where ``loss_mask[:, 1:]`` (default the attention mask) is 1, the target-token
+    convention of :mod:`fedlora_jax.tasks`; ``token_accuracy`` pools those tokens over the valid
+    rows, while ``loss`` is the mean of the per-example losses.
+    """
     out = {"loss": float(np.mean(losses[valid]))}
     if task == "causal_lm":
         targets = arrays["input_ids"][:, 1:]

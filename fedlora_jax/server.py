@@ -59,6 +59,8 @@ class RoundOutput(NamedTuple):
     client_params: Any  # trained client states, leaves [K, ...]
     dp_non_finite: jax.Array  # int32 scalar: DP-SGD examples whose gradient held NaN or inf, over the cohort
     dp_overflows: jax.Array  # int32 scalar: DP-SGD steps whose Poisson batch overflowed its buffer, over the cohort
+    finite: jax.Array  # [1 + trainable leaves (+ frozen leaves when the method rewrites the base)] bool:
+    #   the training loss, then each new leaf, is finite; when any is not, the round returns the old state
 
 
 def init_server_state(params, frozen, seed: int, federation: "Federation | None" = None) -> ServerState:
@@ -243,9 +245,25 @@ class Federation:
             trained = jax.tree.leaves(client_params)
             local_b = tuple(bank.at[cohort].set(trained[m.b_index]) for m, bank in zip(self.layout.modules, local_b))
         new_state = ServerState(params, frozen, state.round + 1, key, local_b)
-        return new_state, RoundOutput(jnp.sum(weights * stats.loss), divergence, cohort, taking_part, overflow,
+        train_loss = jnp.sum(weights * stats.loss)
+        finite, new_state = self._keep_if_finite(train_loss, new_state, state)
+        return new_state, RoundOutput(train_loss, divergence, cohort, taking_part, overflow,
                                       client_params, jnp.sum(stats.non_finite * taking_part),
-                                      jnp.sum(stats.overflows * taking_part))
+                                      jnp.sum(stats.overflows * taking_part), finite)
+
+    def _keep_if_finite(self, train_loss, new_state: ServerState, old_state: ServerState):
+        """(finite flags, the new state if every flag holds, else the old one). The old state's
+        buffers are donated to the round, so the last good state must come back from it."""
+        checked = [new_state.params] + ([new_state.frozen] if self.method.modifies_base else [])
+        finite = jnp.stack([jnp.isfinite(train_loss)] + [jnp.all(jnp.isfinite(x)) for t in checked
+                                                          for x in jax.tree.leaves(t)])
+        ok = jnp.all(finite)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+        frozen = keep(new_state.frozen, old_state.frozen) if self.method.modifies_base else new_state.frozen
+        key = jax.random.wrap_key_data(keep(jax.random.key_data(new_state.key), jax.random.key_data(old_state.key)))
+        state = ServerState(keep(new_state.params, old_state.params), frozen, keep(new_state.round, old_state.round),
+                            key, keep(new_state.local_b, old_state.local_b))
+        return finite, state
 
     def compile_round(self):
         """The jitted round; the server state's buffers are donated."""

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fedlora_jax import models
+from fedlora_jax.checkpoint import Checkpointer, config_digest
 from fedlora_jax.client import LocalTrainer, RecordDP, make_optimizer, make_schedule
 from fedlora_jax.config import Config, ConfigError, cohort_size
 from fedlora_jax.data.base import FederatedData
@@ -150,11 +154,20 @@ def build_experiment(config: Config, data: FederatedData | None = None) -> Exper
 
 
 class RunLog:
-    """The run directory: resolved config, metrics.jsonl, divergence.jsonl, summary.json."""
+    """The run directory: resolved config, metrics.jsonl, divergence.jsonl, summary.json.
 
-    def __init__(self, out_dir: Path | None, config: Config):
+    A new run needs an empty or absent directory; a resumed one (``resume``) needs the run's own
+    directory with its config.yaml."""
+
+    def __init__(self, out_dir: Path | None, config: Config, resume: bool = False):
         self.dir = out_dir
         if out_dir is None:
+            if resume:
+                raise ConfigError("resuming needs the run directory")
+            return
+        if resume:
+            if not (out_dir / "config.yaml").is_file():
+                raise ConfigError(f"{out_dir} is not a run directory (no config.yaml)")
             return
         if out_dir.exists() and any(out_dir.iterdir()):
             raise ConfigError(f"run directory {out_dir} already exists and is not empty")
@@ -168,9 +181,30 @@ class RunLog:
             with open(self.dir / filename, "a") as fh:
                 fh.write(json.dumps(record, allow_nan=False) + "\n")  # NaN is not JSON
 
+    def round(self, record: dict) -> None:
+        """Logs a round: its metrics (``record`` less ``"modules"``) and its per-module divergence."""
+        self.append("metrics.jsonl", {k: v for k, v in record.items() if k != "modules"})
+        self.append("divergence.jsonl", {"round": record["round"], **record["modules"]})
+
     def write(self, filename: str, record: dict) -> None:
         if self.dir is not None:
             (self.dir / filename).write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
+
+    def truncate(self, rounds: int) -> list[dict]:
+        """Keeps the records of rounds 1..``rounds`` in the per-round logs (atomically, each
+        file); returns the metrics.jsonl records kept."""
+        kept = {}
+        for name in ("metrics.jsonl", "divergence.jsonl"):
+            path = self.dir / name
+            lines = path.read_text().splitlines() if path.exists() else []
+            records = [json.loads(line) for line in lines if line.strip()]
+            kept[name] = [r for r in records if r["round"] <= rounds]
+            if [r["round"] for r in kept[name]] != list(range(1, rounds + 1)):
+                raise ConfigError(f"{path} does not hold rounds 1..{rounds} of the checkpoint")
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in kept[name]))
+            os.replace(tmp, path)
+        return kept["metrics.jsonl"]
 
 
 @dataclasses.dataclass
@@ -181,6 +215,7 @@ class RunResult:
     out_dir: Path | None
     compile_s: float
     diverged: str | None = None  # why the run stopped on a non-finite value, if it did
+    interrupted: bool = False  # Ctrl-C stopped it (after a round, with a checkpoint)
 
 
 class Evaluation:
@@ -212,15 +247,30 @@ class Evaluation:
                 generation.eos_token)
         return out
 
-    def local_metrics(self, state: ServerState, client_params, cohort: np.ndarray,
-                      taking_part: np.ndarray | None = None) -> dict:
-        """Each cohort client's trained model ([K, ...] leaves) on its own local test rows, weighted
-        by their counts; slots with ``taking_part`` False (empty Poisson-cohort slots) weigh 0."""
+    def metrics(self, state: ServerState, client_base, client_params, cohort: np.ndarray, taking_part: np.ndarray,
+                headline: str) -> dict:
+        """The evaluation fields of a round's record: ``global_*`` (the new global model),
+        ``local_*`` (each cohort client's trained factors on ``client_base``, the base it
+        trained on), the local-global gap of the headline metric and ``eval_s``."""
+        t_eval = time.perf_counter()
+        record = {f"global_{k}": v for k, v in self.global_metrics(state).items()}
+        if self.exp.config.eval.local:
+            record.update({f"local_{k}": v for k, v in self.local_metrics(client_base, client_params, cohort,
+                                                                          taking_part).items()})
+            if f"local_{headline}" in record:
+                record["local_global_gap"] = record[f"local_{headline}"] - record[f"global_{headline}"]
+        record["eval_s"] = time.perf_counter() - t_eval
+        return record
+
+    def local_metrics(self, frozen, client_params, cohort: np.ndarray, taking_part: np.ndarray | None = None) -> dict:
+        """Each cohort client's trained model (``client_params`` [K, ...] leaves on the base
+        ``frozen``) on its own local test rows, weighted by their counts; slots with
+        ``taking_part`` False (empty Poisson-cohort slots) weigh 0."""
         sizes = self.local_sizes[cohort] * (1 if taking_part is None else taking_part)
         if sizes.sum() == 0:
             return {}
         batches = jax.tree.map(lambda v: jnp.asarray(v[cohort]), self.local_batches)
-        preds, losses = jax.device_get(self.local_fn(client_params, state.frozen, batches))
+        preds, losses = jax.device_get(self.local_fn(client_params, frozen, batches))
         per_client = []
         for i, (u, n) in enumerate(zip(cohort, sizes)):
             width = self.local_arrays["attention_mask"].shape[1]
@@ -254,110 +304,214 @@ def _headline(task: str) -> str:
 
 
 def run(config: Config, out_dir: str | Path | None = None, progress: bool = True,
-        console: Console | None = None, experiment: Experiment | None = None) -> RunResult:
-    """Runs a federated simulation; writes the run directory when ``out_dir`` is given."""
+        console: Console | None = None, experiment: Experiment | None = None, resume: bool = False) -> RunResult:
+    """Runs a federated simulation; writes the run directory when ``out_dir`` is given.
+
+    With ``resume`` the run directory must hold an earlier run of ``config``: it continues from
+    the newest usable checkpoint. Ctrl-C stops after the current round with a checkpoint.
+    """
     exp = experiment or build_experiment(config)
     console = console or Console(stderr=True)
-    log = RunLog(Path(out_dir) if out_dir is not None else None, config)
-    fed = exp.federation
+    fed, rounds = exp.federation, config.federation.rounds
+    log = RunLog(Path(out_dir) if out_dir is not None else None, config, resume)
+    checkpoints = (Checkpointer(log.dir, config_digest(config.to_dict()), config.checkpoint.keep,
+                                fed.method.modifies_base) if log.dir is not None else None)
     shards: ClientShards = device_shards(exp.data)
     state = init_server_state(exp.params, exp.frozen, config.seed, fed)
-    round_fn = fed.compile_round()
+    history: list[dict] = []
+    if resume:
+        state, history = restore(checkpoints, state, exp.ledger, log, console)
+    compiled, compile_s = compile_round(fed, state, shards)
     evaluation = Evaluation(exp)
     headline = _headline(exp.data.task)
-    rounds, every = config.federation.rounds, config.eval.every
-    module_names = [m.name for m in fed.layout.modules]
-
-    t0 = time.perf_counter()
-    compiled = round_fn.lower(state, shards).compile()
-    compile_s = time.perf_counter() - t0
-
-    history: list[dict] = []
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
-               TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
-        task_id = bar.add_task(f"{config.name} [{fed.method.name}]", total=rounds, status="compiled in %.1fs" % compile_s)
-        stopped = diverged = None
-        for r in range(rounds):
-            try:
-                if exp.ledger.active:
-                    exp.ledger.check(fed.next_cohort(state))
-            except BudgetExceeded as e:
-                stopped = str(e)
-                console.print(f"[yellow]{stopped}[/yellow]")
+    stopped = diverged = None
+    with RoundProgress(console, progress, f"{config.name} [{fed.method.name}]", rounds, len(history), compile_s,
+                       headline) as bar, InterruptFlag() as interrupted:
+        for r in range(len(history), rounds):
+            stopped = budget_stop(exp.ledger, fed, state)
+            if stopped:
                 break
-            t_round = time.perf_counter()
-            new_state, out = compiled(state, shards)
-            train_loss = float(out.train_loss)
-            wall_s = time.perf_counter() - t_round
-            cohort, taking_part = np.asarray(out.cohort), np.asarray(out.cohort_mask)
-            privacy = exp.ledger.commit(cohort[taking_part])  # the round ran: its privacy cost is spent
-            problem = non_finite(train_loss, new_state, fed.method.modifies_base)
-            if problem:
-                diverged = (f"round {r + 1}: {problem} is not finite (NaN or inf); the run stopped and keeps the state "
-                            f"after round {r}")
-                console.print(f"[red]{diverged}[/red]")
+            state, record, diverged = play_round(exp, compiled, state, shards, evaluation, r, headline)
+            if diverged:
                 break
-            state = new_state
-            bytes_up, bytes_down = fed.communication_bytes(state.params, state.frozen, r, int(taking_part.sum()))
-            divergence = np.asarray(out.divergence)
-            record = {"round": r + 1, "train_loss": train_loss, "divergence": float(divergence.mean()) if divergence.size else 0.0,
-                      "wall_s": wall_s, "bytes_up": bytes_up, "bytes_down": bytes_down}
-            if fed.client_sampling_rate is not None:
-                record.update(cohort_size=int(taking_part.sum()), cohort_overflow=bool(out.cohort_overflow))
-            record.update(privacy)
-            dp = exp.federation.trainer.dp
-            if dp is not None:
-                record["dp_non_finite_examples"] = int(out.dp_non_finite)
-                if dp.poisson:
-                    record["dp_buffer_overflows"] = int(out.dp_overflows)
-            if (r + 1) % every == 0 or r + 1 == rounds:
-                t_eval = time.perf_counter()
-                record.update({f"global_{k}": v for k, v in evaluation.global_metrics(state).items()})
-                if config.eval.local:
-                    local = evaluation.local_metrics(state, out.client_params, cohort, taking_part)
-                    record.update({f"local_{k}": v for k, v in local.items()})
-                    if f"local_{headline}" in record:
-                        record["local_global_gap"] = record[f"local_{headline}"] - record[f"global_{headline}"]
-                record["eval_s"] = time.perf_counter() - t_eval
             history.append(record)
-            log.append("metrics.jsonl", record)
-            log.append("divergence.jsonl", {"round": r + 1, **dict(zip(module_names, map(float, divergence)))})
-            status = f"loss {train_loss:.4f}"
-            if f"global_{headline}" in record:
-                status += f"  {headline} {record[f'global_{headline}']:.4f}"
-            bar.update(task_id, advance=1, status=status)
-    summary = summarise(history, headline, compile_s)
-    if exp.ledger.noise_multiplier is not None:
-        summary["noise_multiplier"] = exp.ledger.noise_multiplier
-    if exp.ledger.user_noise_multiplier is not None:
-        summary["user_noise_multiplier"] = exp.ledger.user_noise_multiplier
-    if stopped:
-        summary["stopped"] = stopped
-    if diverged:
-        summary["diverged"] = diverged
-        summary.update({f"spent_{k}": v for k, v in privacy.items()})  # including the discarded round
+            log.round(record)
+            bar.advance(record)
+            if checkpoints and config.checkpoint.every and (r + 1) % config.checkpoint.every == 0:
+                checkpoints.save(state, exp.ledger.participations, exp.ledger.rounds_done)
+            if interrupted():
+                stopped = f"interrupted after round {r + 1}; continue with: fedlora-jax resume {log.dir or 'RUN_DIR'}"
+                break
+    for message, style in ((stopped, "yellow"), (diverged, "red")):
+        if message:
+            console.print(f"[{style}]{message}[/{style}]", soft_wrap=True)
+    if checkpoints:  # the state the run ends with (the last good one after a divergence)
+        checkpoints.save(state, exp.ledger.participations, exp.ledger.rounds_done)
+    summary = summarise(history, headline, compile_s, exp.ledger, stopped, diverged)
     log.write("summary.json", summary)
     if progress:
         console.print(summary_table(summary, title=f"{config.name}: {fed.method.name}, {rounds} rounds"))
-    return RunResult(history, state, exp, log.dir, compile_s, diverged)
+    return RunResult(history, state, exp, log.dir, compile_s, diverged, interrupted())
 
 
-def non_finite(train_loss: float, state: ServerState, check_frozen: bool) -> str | None:
-    """What went non-finite in a round (the training loss, or the first trainable leaf, or frozen
-    leaf when the method writes the base), or None."""
-    if not np.isfinite(train_loss):
-        return "the training loss"
-    trees = [("trainable", state.params)] + ([("frozen", state.frozen)] if check_frozen else [])
-    for kind, tree in trees:
-        finite = jax.device_get([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)])
-        for name, ok in zip(leaf_names(tree), finite):
-            if not ok:
-                return f"{kind} parameter {name}"
+def play_round(exp: Experiment, compiled, state: ServerState, shards: ClientShards, evaluation: "Evaluation",
+               r: int, headline: str) -> tuple[ServerState, dict, str | None]:
+    """Round r (0-based): (the new state, its metrics record with the per-module divergence
+    under ``"modules"``, None), or (the last good state, {}, why it diverged)."""
+    fed, config = exp.federation, exp.config
+    evaluate = (r + 1) % config.eval.every == 0 or r + 1 == config.federation.rounds
+    # clients trained on the base before the round; FedEx and FLoRA rewrite it (and the round
+    # consumes the old buffers), so their local evaluation needs a copy
+    base_before = (jax.tree.map(jnp.copy, state.frozen)
+                   if evaluate and config.eval.local and fed.method.modifies_base else None)
+    t_round = time.perf_counter()
+    state, out = compiled(state, shards)
+    train_loss, wall_s = float(out.train_loss), time.perf_counter() - t_round
+    cohort, taking_part = np.asarray(out.cohort), np.asarray(out.cohort_mask)
+    privacy = exp.ledger.commit(cohort[taking_part])  # the round ran: its privacy cost is spent
+    diverged = non_finite(np.asarray(out.finite), state, fed.method.modifies_base, r)
+    if diverged:
+        return state, {}, diverged
+    record = round_record(exp, state, out, r, train_loss, wall_s, privacy)
+    if evaluate:
+        client_base = state.frozen if base_before is None else base_before
+        record.update(evaluation.metrics(state, client_base, out.client_params, cohort, taking_part, headline))
+    record["modules"] = dict(zip([m.name for m in fed.layout.modules], map(float, np.asarray(out.divergence))))
+    return state, record, None
+
+
+def compile_round(fed: Federation, state: ServerState, shards: ClientShards):
+    """(the compiled round, seconds it took to compile)."""
+    t0 = time.perf_counter()
+    compiled = fed.compile_round().lower(state, shards).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def restore(checkpoints: Checkpointer, template: ServerState, ledger: PrivacyLedger, log: RunLog,
+            console: Console) -> tuple[ServerState, list[dict]]:
+    """The newest usable checkpoint's state; the ledger set to it; the logged rounds after it
+    removed from the run directory (they run again). Returns (state, history so far)."""
+    found = checkpoints.latest(template, lambda message: console.print(f"[yellow]{message}[/yellow]", soft_wrap=True))
+    if found is None:
+        raise ConfigError(f"run directory {log.dir} has no usable checkpoint to resume from")
+    ledger.participations[:] = found.participations
+    ledger.rounds_done = found.rounds_spent
+    history = log.truncate(found.round)
+    console.print(f"resuming {log.dir} after round {found.round} ({found.path.name})", soft_wrap=True)
+    return found.state, history
+
+
+def budget_stop(ledger: PrivacyLedger, fed: Federation, state: ServerState) -> str | None:
+    """Why the next round must not run (its privacy cost would exceed a target), or None."""
+    if not ledger.active:
+        return None
+    try:
+        ledger.check(fed.next_cohort(state))
+    except BudgetExceeded as e:
+        return str(e)
     return None
 
 
-def summarise(history: list[dict], headline: str, compile_s: float) -> dict:
+def round_record(exp: Experiment, state: ServerState, out, r: int, train_loss: float, wall_s: float,
+                 privacy: dict) -> dict:
+    """The metrics.jsonl record of round r (0-based) before evaluation."""
+    fed, taking_part = exp.federation, np.asarray(out.cohort_mask)
+    bytes_up, bytes_down = fed.communication_bytes(state.params, state.frozen, r, int(taking_part.sum()))
+    divergence = np.asarray(out.divergence)
+    record = {"round": r + 1, "train_loss": train_loss, "divergence": float(divergence.mean()) if divergence.size else 0.0,
+              "wall_s": wall_s, "bytes_up": bytes_up, "bytes_down": bytes_down}
+    if fed.client_sampling_rate is not None:
+        record.update(cohort_size=int(taking_part.sum()), cohort_overflow=bool(out.cohort_overflow))
+    record.update(privacy)
+    dp = fed.trainer.dp
+    if dp is not None:
+        record["dp_non_finite_examples"] = int(out.dp_non_finite)
+        if dp.poisson:
+            record["dp_buffer_overflows"] = int(out.dp_overflows)
+    return record
+
+
+class RoundProgress:
+    """The progress bar of a run (disabled when ``progress`` is False)."""
+
+    def __init__(self, console: Console, progress: bool, description: str, rounds: int, done: int,
+                 compile_s: float, headline: str):
+        columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+        self.bar = Progress(*columns, console=console, disable=not progress, transient=False)
+        self.task = self.bar.add_task(description, total=rounds, completed=done, status="compiled in %.1fs" % compile_s)
+        self.headline = headline
+
+    def __enter__(self) -> "RoundProgress":
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.__exit__(*exc)
+
+    def advance(self, record: dict) -> None:
+        status = f"loss {record['train_loss']:.4f}"
+        if f"global_{self.headline}" in record:
+            status += f"  {self.headline} {record[f'global_{self.headline}']:.4f}"
+        self.bar.update(self.task, advance=1, status=status)
+
+
+class InterruptFlag:
+    """Within the block, the first Ctrl-C (SIGINT) only sets a flag, read by calling the object;
+    a second one interrupts as usual. Outside the main thread it never fires."""
+
+    def __init__(self):
+        self.fired, self.previous = False, None
+
+    def __enter__(self) -> "InterruptFlag":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.fired:
+            raise KeyboardInterrupt
+        self.fired = True
+
+    def __call__(self) -> bool:
+        return self.fired
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def non_finite(finite: np.ndarray, state: ServerState, check_frozen: bool, r: int) -> str | None:
+    """The divergence message of round r (0-based) from the round's finite flags (the training
+    loss, then each trainable leaf, then each frozen leaf when the method writes the base), or None."""
+    if finite.all():
+        return None
+    names = (["the training loss"] + [f"trainable parameter {n}" for n in leaf_names(state.params)]
+             + ([f"frozen parameter {n}" for n in leaf_names(state.frozen)] if check_frozen else []))
+    what = names[int(np.argmin(finite))]
+    return (f"round {r + 1}: {what} is not finite (NaN or inf); the run stopped and keeps the state "
+            f"after round {r}")
+
+
+def summarise(history: list[dict], headline: str, compile_s: float, ledger: PrivacyLedger | None = None,
+              stopped: str | None = None, diverged: str | None = None) -> dict:
+    """Final and best values of the evaluated metrics, totals of bytes and time; the noise that
+    ran, why the run stopped early and, after a divergence, the privacy spent (the discarded
+    round ran and counts)."""
+    out = summarise_history(history, headline, compile_s)
+    if ledger is not None:
+        out.update({k: v for k, v in (("noise_multiplier", ledger.noise_multiplier),
+                                      ("user_noise_multiplier", ledger.user_noise_multiplier)) if v is not None})
+    if stopped:
+        out["stopped"] = stopped
+    if diverged:
+        out["diverged"] = diverged
+        if ledger is not None:
+            out.update({f"spent_{k}": v for k, v in ledger.report().items()})
+    return out
+
+
+def summarise_history(history: list[dict], headline: str, compile_s: float) -> dict:
     """Final and best values of the evaluated metrics, totals of bytes and time."""
     if not history:
         return {"rounds": 0, "compile_s": compile_s}

@@ -3,7 +3,10 @@
 A batch is a dict with ``input_ids`` [b, L], ``attention_mask`` [b, L], optional
 ``token_type_ids`` [b, L], and ``labels``: [b] int (classification), [b] float (regression) or
 absent for causal LM, where the targets are the next tokens and ``loss_mask`` [b, L] (optional,
-default the attention mask) marks the positions whose next token is scored.
+default the attention mask) marks the target tokens that are scored: ``loss_mask[:, t] = 1``
+scores the output at position t - 1 on token t (so column 0 is never used). This is how
+:func:`fedlora_jax.data.tokenise.tokenize_prompt_answer` builds it (1 on the answer tokens), so
+every answer token, the first one included, is a target and no prompt or padding token is.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ def forward(model, batch: dict) -> jax.Array:
 
 
 def per_example_loss(logits: jax.Array, batch: dict, task: str) -> jax.Array:
-    """Loss of each example, [b]. Causal LM: mean token cross-entropy over scored positions."""
+    """Loss of each example, [b]. Causal LM: mean cross-entropy of the scored targets, i.e. of the
+    output at position t - 1 on token t for every t >= 1 with ``loss_mask[:, t] = 1`` (0 for an
+    example with none)."""
     logits = logits.astype(jnp.float32)
     if task == "classification":
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])

@@ -299,7 +299,7 @@ def test_packed_evaluation_equals_padded_evaluation():
     for exp in (packed, padded):
         evaluation = Evaluation(exp)
         results.append({**evaluation.global_metrics(state),
-                        **{f"local_{k}": v for k, v in evaluation.local_metrics(state, out.client_params, cohort).items()}})
+                        **{f"local_{k}": v for k, v in evaluation.local_metrics(state.frozen, out.client_params, cohort).items()}})
     assert results[0].keys() == results[1].keys() and "local_accuracy" in results[0]
     for key in results[0]:
         np.testing.assert_allclose(results[0][key], results[1][key], rtol=1e-5, err_msg=key)

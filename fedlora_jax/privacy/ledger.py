@@ -171,9 +171,14 @@ class PrivacyLedger:
 
     def commit(self, cohort: np.ndarray) -> dict:
         """Records a finished round with the clients that took part; returns the metrics to log:
-        ``epsilon`` / ``delta`` (worst client, record level) and ``user_epsilon`` / ``user_delta``."""
+        ``epsilon`` / ``delta`` (worst client, record level) and ``user_epsilon`` / ``user_delta``
+        (:meth:`report`)."""
         self.participations[cohort] += 1
         self.rounds_done += 1
+        return self.report()
+
+    def report(self) -> dict:
+        """The guarantees spent so far, as :meth:`commit` logs them."""
         out = {}
         if self.client_rates is not None:
             out["epsilon"] = self.record_epsilon(self.participations)

@@ -1,0 +1,112 @@
+"""Checkpoints and resume: a run killed with SIGKILL, or stopped with Ctrl-C, and resumed ends
+with the same metrics (every field but timings) and bit-identical final parameters as an
+uninterrupted run; a corrupt newest checkpoint falls back to the previous one; a changed config
+is refused with one line."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from safetensors.numpy import load_file
+
+from fedlora_jax import simulate
+from fedlora_jax.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--set", "federation.rounds=6", "--set", "checkpoint.every=2", "--set", "checkpoint.keep=2",
+         "--set", "eval.every=3", "--set", "federation.clients_per_round=3", "--set", "model.config.num_hidden_layers=1",
+         "--set", "federation.local_steps=2", "--set", "eval.local=false", "--set", "data.test_examples=64"]
+
+
+def metrics_without_timings(run_dir: Path) -> list[dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in records]
+
+
+def final_state(run_dir: Path) -> dict:
+    newest = sorted((run_dir / "checkpoints").glob("round_*"))[-1]
+    return load_file(str(newest / "state.safetensors"))
+
+
+def assert_same_run(run_dir: Path, reference: Path) -> None:
+    assert metrics_without_timings(run_dir) == metrics_without_timings(reference)
+    assert (run_dir / "divergence.jsonl").read_text() == (reference / "divergence.jsonl").read_text()
+    got, want = final_state(run_dir), final_state(reference)
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "run"
+    assert main(["run", str(ROOT / "configs/quickstart.yaml"), "--out", str(out), "--quiet", *SMALL]) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["round_000004", "round_000006"]  # keep 2
+    return out
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(reference, tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "fedlora_jax", "run", str(ROOT / "configs/quickstart.yaml"), "--out", str(out),
+               "--quiet", *SMALL]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoints" / "round_000002").exists():  # killed while round 3 or later runs
+            assert process.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert main(["resume", str(out), "--quiet"]) == 0
+    assert_same_run(out, reference)
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+
+
+def test_ctrl_c_stops_after_the_round_with_a_checkpoint_and_resume_finishes(reference, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    advance = simulate.RoundProgress.advance
+
+    def press_ctrl_c_in_round_3(self, record):
+        advance(self, record)
+        if record["round"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(simulate.RoundProgress, "advance", press_ctrl_c_in_round_3)
+    assert main(["run", str(ROOT / "configs/quickstart.yaml"), "--out", str(out), "--quiet", *SMALL]) == 130
+    assert "interrupted after round 3; continue with: fedlora-jax resume" in capsys.readouterr().err
+    assert [r["round"] for r in metrics_without_timings(out)] == [1, 2, 3]
+    assert (out / "checkpoints" / "round_000003").is_dir()
+    monkeypatch.setattr(simulate.RoundProgress, "advance", advance)
+    assert main(["resume", str(out), "--quiet"]) == 0
+    assert_same_run(out, reference)
+
+
+def test_corrupt_newest_checkpoint_falls_back_and_changed_config_is_refused(reference, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    newest = out / "checkpoints" / "round_000006" / "state.safetensors"
+    newest.write_bytes(newest.read_bytes()[:-100] + b"\0" * 100)
+    assert main(["resume", str(out), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "round_000006 is corrupt" in err and "falling back to the previous checkpoint" in err
+    assert "after round 4" in err
+    assert_same_run(out, reference)  # rounds 5 and 6 ran again and came out the same
+
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    config["optim"]["learning_rate"] = 0.5
+    (out / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["resume", str(out), "--quiet"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("fedlora-jax: error: checkpoint") and "different config" in lines[-1]
+    assert main(["resume", str(tmp_path / "nowhere")]) == 2
+    assert "is not a run directory" in capsys.readouterr().err
