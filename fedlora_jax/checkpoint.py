@@ -88,11 +88,12 @@ class Checkpointer:
       digest: :func:`config_digest` of the run's config.
       keep: how many of the newest checkpoints to keep.
       with_frozen: whether the base changes during the run (it is then saved too).
+      info: what else a reader needs without the data (the task and its number of labels).
     """
 
-    def __init__(self, run_dir: Path, digest: str, keep: int, with_frozen: bool):
+    def __init__(self, run_dir: Path, digest: str, keep: int, with_frozen: bool, info: dict | None = None):
         self.dir = Path(run_dir) / "checkpoints"
-        self.digest, self.keep, self.with_frozen = digest, keep, with_frozen
+        self.digest, self.keep, self.with_frozen, self.info = digest, keep, with_frozen, info or {}
 
     def save(self, state: ServerState, participations: np.ndarray, rounds_spent: int) -> Path:
         """Writes the checkpoint of ``state`` (after round ``state.round``) atomically, with the
@@ -105,7 +106,7 @@ class Checkpointer:
         tmp.mkdir()
         save_file(_flatten(jax.device_get(state), self.with_frozen), str(tmp / "state.safetensors"))
         meta = {"format": FORMAT, "round": int(state.round), "config_digest": self.digest,
-                "participations": np.asarray(participations).tolist(), "rounds_spent": rounds_spent,
+                "participations": np.asarray(participations).tolist(), "rounds_spent": rounds_spent, **self.info,
                 "state_sha256": _sha256(tmp / "state.safetensors")}
         (tmp / "meta.json").write_text(json.dumps(meta) + "\n")
         for f in tmp.iterdir():
@@ -122,6 +123,15 @@ class Checkpointer:
             shutil.rmtree(stale, ignore_errors=True)
         for old in self.checkpoints()[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
+
+    def newest_meta(self) -> dict | None:
+        """meta.json of the newest checkpoint (unverified), or None."""
+        for path in reversed(self.checkpoints()):
+            try:
+                return json.loads((path / "meta.json").read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+        return None
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoint directories, oldest first."""

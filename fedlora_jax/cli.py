@@ -2,6 +2,7 @@
 
   fedlora-jax run CONFIG.yaml [--set key=value ...] [--out RUN_DIR]
   fedlora-jax resume RUN_DIR [--quiet]
+  fedlora-jax export RUN_DIR --out DIR [--clients]
   fedlora-jax compare CONFIG.yaml --methods fedit,ffa,fra,flora_na --seeds 0,1,2 [--set ...] [--out DIR]
   fedlora-jax describe CONFIG.yaml [--set ...] [--out HEATMAP.png]
 
@@ -43,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     resume = sub.add_parser("resume", help="continue a run from its newest checkpoint")
     resume.add_argument("run_dir", help="the run directory (holds config.yaml and checkpoints/)")
     resume.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
+    export = sub.add_parser("export", help="write the run's adapter as a Hugging Face PEFT adapter")
+    export.add_argument("run_dir", help="the run directory (its newest checkpoint is exported)")
+    export.add_argument("--out", required=True, help="output directory (new or empty)")
+    export.add_argument("--clients", action="store_true", help="FedSA: also each client's own adapter")
     return parser
 
 
@@ -69,6 +74,13 @@ def _resume(args) -> int:
         raise ValueError(f"{run_dir} is not a run directory (no config.yaml)")
     config = load_config(run_dir / "config.yaml")
     return _finish(run(config, run_dir, progress=not args.quiet, experiment=build_experiment(config), resume=True))
+
+
+def _export(args) -> int:
+    from fedlora_jax.export import export_run
+
+    print(f"PEFT adapter: {export_run(args.run_dir, args.out, clients=args.clients)}")
+    return 0
 
 
 def _finish(result) -> int:
@@ -115,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     args = _parser().parse_args(argv)
     try:
-        return {"run": _run, "resume": _resume, "compare": _compare, "describe": _describe}[args.command](args)
+        return {"run": _run, "resume": _resume, "export": _export, "compare": _compare,
+                "describe": _describe}[args.command](args)
     except (ValueError, FileNotFoundError, OSError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"fedlora-jax: error: {message}", file=sys.stderr)

@@ -315,7 +315,8 @@ def run(config: Config, out_dir: str | Path | None = None, progress: bool = True
     fed, rounds = exp.federation, config.federation.rounds
     log = RunLog(Path(out_dir) if out_dir is not None else None, config, resume)
     checkpoints = (Checkpointer(log.dir, config_digest(config.to_dict()), config.checkpoint.keep,
-                                fed.method.modifies_base) if log.dir is not None else None)
+                                fed.method.modifies_base, {"task": exp.data.task, "num_labels": exp.data.num_labels})
+                   if log.dir is not None else None)
     shards: ClientShards = device_shards(exp.data)
     state = init_server_state(exp.params, exp.frozen, config.seed, fed)
     history: list[dict] = []

@@ -182,7 +182,7 @@ def _path_name(path: tuple) -> str:
 
 
 def _matches(path: tuple, targets: Sequence[str]) -> bool:
-    if not path:
+    if not path or "head" in path:  # the task head trains in full: no LoRA inside it
         return False
     if ALL_LINEAR in targets:
         return not any(p in ("head", "lm_head") for p in path)

@@ -1,0 +1,195 @@
+"""Export a run's trained adapter as a Hugging Face PEFT adapter (and its base when needed).
+
+``export_run(RUN_DIR, OUT)`` reads the run's newest checkpoint and writes
+
+* ``OUT/adapter_config.json`` and ``OUT/adapter_model.safetensors``: a LoRA adapter with PEFT's
+  tensor names (``base_model.model.<module>.lora_A.weight`` [r, d_in], ``lora_B.weight``
+  [d_out, r]), r, lora_alpha, use_rslora, the adapted modules by full name, and the task head
+  under ``modules_to_save``;
+* ``OUT/base/`` (config.json + model.safetensors), a transformers checkpoint of the base, when
+  the run's base is not a published checkpoint: a randomly initialised model, or a base the
+  method rewrote (FedEx's residual, FLoRA's merged products). ``base_model_name_or_path`` points
+  at it (relative to OUT) or at ``model.pretrained``;
+* with ``pooling: mean`` (no such head in transformers) a feature-extraction adapter on the bare
+  encoder plus ``OUT/head.safetensors`` (``weight`` [num_labels, H], ``bias``) to apply to the
+  masked mean of the last hidden states;
+* for FedSA with ``clients=True``, ``OUT/clients/<u>/``: client u's adapter (shared A, its own B).
+
+Names follow the same rules as loading (:mod:`fedlora_jax.models.weights`), so an exported base
+loads back with ``model.pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import numpy as np
+from safetensors.numpy import save_file
+
+from fedlora_jax.checkpoint import Checkpointer, config_digest
+from fedlora_jax.config import ConfigError, load_config
+from fedlora_jax.methods import make_method
+from fedlora_jax.models.lora import split_model
+from fedlora_jax.models.weights import _hf_module_path, hf_tensor_name, model_config_from_pretrained
+from fedlora_jax.params import leaf_names, trainable_layout
+from fedlora_jax.server import ServerState
+
+_BASE_PREFIX = {"bert": "bert.", "roberta": "roberta.", "llama": "model.", "mistral": "model.", "qwen2": "model."}
+_ARCHITECTURES = {("bert", "SEQ_CLS"): "BertForSequenceClassification",
+                  ("roberta", "SEQ_CLS"): "RobertaForSequenceClassification",
+                  ("bert", "FEATURE_EXTRACTION"): "BertModel", ("roberta", "FEATURE_EXTRACTION"): "RobertaModel",
+                  ("llama", "CAUSAL_LM"): "LlamaForCausalLM", ("mistral", "CAUSAL_LM"): "MistralForCausalLM",
+                  ("qwen2", "CAUSAL_LM"): "Qwen2ForCausalLM"}
+LORA_LEAVES = {"lora_a": "lora_A", "lora_b": "lora_B"}
+
+
+class TaskInfo(NamedTuple):
+    """What building the model needs from the data: the task and its number of labels."""
+
+    task: str
+    num_labels: int
+
+
+def template_state(params, frozen, method, num_clients: int) -> ServerState:
+    """A server state of the run's shapes to read a checkpoint into (values do not matter)."""
+    local_b = ()
+    if method.keeps_local_b:
+        leaves = jax.tree.leaves(params)
+        local_b = tuple(np.zeros((num_clients,) + leaves[m.b_index].shape, leaves[m.b_index].dtype)
+                        for m in trainable_layout(params).modules)
+    return ServerState(params, frozen, np.zeros((), np.int32), jax.random.key(0), local_b)
+
+
+def _paths(tree) -> list[tuple[str, ...]]:
+    return [tuple(str(p) for p in name.split(".")) for name in leaf_names(tree)]
+
+
+class _Naming:
+    """Our parameter paths -> names inside the transformers model the adapter is loaded onto."""
+
+    def __init__(self, model_type: str, task_type: str):
+        self.family = "llama" if model_type in ("llama", "mistral", "qwen2") else "bert"
+        # a feature-extraction base is the bare encoder: its parameters carry no "bert." prefix
+        self.prefix = "" if task_type == "FEATURE_EXTRACTION" else _BASE_PREFIX[model_type]
+
+    def module(self, module_path: tuple[str, ...]) -> str:
+        if module_path[0] == "head":
+            return _hf_module_path(".".join(module_path), self.family)
+        return self.prefix + _hf_module_path(".".join(module_path), self.family)
+
+    def tensor(self, path: tuple[str, ...]) -> str:
+        name = hf_tensor_name(path, self.family)
+        return name if path[0] == "head" else self.prefix + name
+
+
+def _torch_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(value.T if path[-1] == "kernel" else value)
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, clients: bool = False) -> Path:
+    """Writes the PEFT adapter of ``run_dir``'s newest checkpoint to ``out_dir`` (see the module)."""
+    from fedlora_jax.simulate import build_model
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ConfigError(f"export directory {out_dir} already exists and is not empty")
+    config = load_config(run_dir / "config.yaml")
+    method = make_method(config.federation.method, config.federation.method_options, lora_rank=config.lora.rank)
+    checkpoints = Checkpointer(run_dir, config_digest(config.to_dict()), config.checkpoint.keep, method.modifies_base)
+    meta = checkpoints.newest_meta()
+    if meta is None:
+        raise ConfigError(f"run directory {run_dir} has no checkpoint to export")
+    task = TaskInfo(meta["task"], meta["num_labels"])
+    _, params, frozen = split_model(build_model(config, task)[0])
+    found = checkpoints.latest(template_state(params, frozen, method, config.data.num_clients), lambda message: None)
+    if found is None:
+        raise ConfigError(f"run directory {run_dir} has no readable checkpoint to export")
+    if clients and not method.keeps_local_b:
+        raise ConfigError(f"--clients exports per-client adapters of FedSA; method {method.name!r} has none")
+    state = jax.device_get(found.state)
+    model_type = (model_config_from_pretrained(config.model.pretrained)["model_type"] if config.model.pretrained
+                  else config.model.arch)
+    task_type = {"causal_lm": "CAUSAL_LM"}.get(task.task, "SEQ_CLS")
+    if task_type == "SEQ_CLS" and config.model.pooling == "mean":
+        task_type = "FEATURE_EXTRACTION"
+    naming = _Naming(model_type, task_type)
+
+    lora, head, targets = {}, {}, []
+    for path, value in zip(_paths(state.params), jax.tree.leaves(state.params)):
+        if path[-1] in LORA_LEAVES:
+            module = naming.module(path[:-1])
+            lora[f"base_model.model.{module}.{LORA_LEAVES[path[-1]]}.weight"] = np.asarray(value)
+            targets.append(module)
+        else:
+            head[path] = np.asarray(value)
+    tensors = dict(lora)
+    modules_to_save = []
+    if task_type == "SEQ_CLS":
+        tensors.update({f"base_model.model.{naming.tensor(p)}": _torch_layout(p, v) for p, v in head.items()})
+        modules_to_save = sorted({naming.tensor(p).split(".")[0] for p in head})
+    elif head:
+        save_file({naming.tensor(p).split(".")[-1]: _torch_layout(p, v) for p, v in head.items()},
+                  str(_mkdir(out_dir) / "head.safetensors"))
+
+    base = config.model.pretrained
+    if base is None or method.modifies_base:
+        _write_base(out_dir / "base", config, task, state, naming, model_type, task_type)
+        base = "base"
+    adapter = {"peft_type": "LORA", "task_type": task_type, "r": config.lora.rank, "lora_alpha": config.lora.alpha,
+               "use_rslora": config.lora.rslora, "target_modules": sorted(set(targets)), "lora_dropout": 0.0,
+               "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": modules_to_save or None,
+               "base_model_name_or_path": str(base)}
+    _write_adapter(_mkdir(out_dir), adapter, tensors)
+    if clients:
+        for u in range(config.data.num_clients):
+            own = dict(tensors)
+            for m, bank in zip(trainable_layout(params).modules, state.local_b):
+                path = tuple(m.name.split("."))
+                own[f"base_model.model.{naming.module(path)}.lora_B.weight"] = np.asarray(bank[u])
+            _write_adapter(_mkdir(out_dir / "clients" / str(u)), {**adapter, "base_model_name_or_path": f"../../{base}"
+                                                                 if base == "base" else base}, own)
+    return out_dir
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _write_adapter(directory: Path, adapter: dict, tensors: dict) -> None:
+    (directory / "adapter_config.json").write_text(json.dumps(adapter, indent=2) + "\n")
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(directory / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def _write_base(directory: Path, config, task: "TaskInfo", state, naming: _Naming, model_type: str,
+                task_type: str) -> None:
+    """A transformers checkpoint of the base the adapter applies to (the frozen weights the run
+    ends with, and for a classifier its final head)."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if config.model.pretrained:
+        hf_config = model_config_from_pretrained(config.model.pretrained)
+    else:
+        hf_config = dict(config.model.config)
+    hf_config.update(model_type=model_type, architectures=[_ARCHITECTURES[(model_type, task_type)]])
+    tensors = {naming.tensor(p): _torch_layout(p, np.asarray(v))
+               for p, v in zip(_paths(state.frozen), jax.tree.leaves(state.frozen))}
+    if task_type == "SEQ_CLS":
+        hf_config["num_labels"] = task.num_labels if task.task != "regression" else 1
+        hf_config.pop("id2label", None), hf_config.pop("label2id", None)
+        if task.task == "regression":
+            hf_config["problem_type"] = "regression"
+        tensors.update({naming.tensor(p): _torch_layout(p, np.asarray(v))
+                        for p, v in zip(_paths(state.params), jax.tree.leaves(state.params)) if p[-1] not in LORA_LEAVES})
+    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    shutil.rmtree(directory, ignore_errors=True)
+    tmp.rename(directory)

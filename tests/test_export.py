@@ -1,0 +1,137 @@
+"""PEFT export: a run's adapter loads with ``PeftModel.from_pretrained`` onto the transformers base
+in PyTorch and gives the logits fedlora_jax gives (max abs diff < 1e-4): random BERT, RoBERTa and
+Llama bases (exported with the adapter), mean pooling (feature-extraction adapter + head), FedEx's
+rewritten base, and FedSA's per-client adapters."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from safetensors.numpy import load_file
+
+from fedlora_jax.cli import main
+from fedlora_jax.simulate import run
+from tiny import tiny_config
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+ROUNDS = {"federation.rounds": 2, "federation.local_steps": 2, "eval.local": False, "checkpoint.every": 2,
+          "optim.learning_rate": 0.05}
+LLAMA = {"model.arch": "llama", "model.config": {
+    "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "max_position_embeddings": 32, "tie_word_embeddings": False}}
+
+
+def trained(tmp_path, **overrides):
+    config = tiny_config(**{**ROUNDS, **overrides})
+    result = run(config, tmp_path / "run", progress=False)
+    return result, tmp_path / "run"
+
+
+def ours(result, ids, mask):
+    model = nnx.merge(result.experiment.graphdef, result.state.params, result.state.frozen)
+    return np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)), np.float64)
+
+
+def inputs(result, rows=6):
+    arrays = result.experiment.data.global_test
+    return arrays["input_ids"][:rows], arrays["attention_mask"][:rows]
+
+
+def peft_model(out, auto):
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    base = adapter["base_model_name_or_path"]
+    base_dir = out / base if (out / base).is_dir() else base
+    model = auto.from_pretrained(str(base_dir), torch_dtype=torch.float32)
+    return peft.PeftModel.from_pretrained(model, str(out)).eval(), adapter
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_classifier_adapter_loads_in_peft_with_the_same_logits(arch, tmp_path):
+    overrides = {} if arch == "bert" else {"model.arch": "roberta", "model.config.pad_token_id": 1}
+    result, run_dir = trained(tmp_path, **overrides, **{"lora.targets": ["query", "value", "dense", "intermediate"]})
+    out = tmp_path / "adapter"
+    assert main(["export", str(run_dir), "--out", str(out)]) == 0
+    model, adapter = peft_model(out, transformers.AutoModelForSequenceClassification)
+    assert adapter["task_type"] == "SEQ_CLS" and adapter["modules_to_save"] == ["classifier"]
+    assert adapter["r"] == 4 and adapter["use_rslora"] is False
+    ids, mask = inputs(result)
+    with torch.no_grad():
+        theirs = model(input_ids=torch.as_tensor(ids, dtype=torch.long), attention_mask=torch.as_tensor(mask)).logits
+    want = ours(result, ids, mask)
+    np.testing.assert_allclose(theirs.numpy(), want, atol=1e-4)
+    # the adapter moved the model: without it the logits differ
+    with model.disable_adapter(), torch.no_grad():
+        bare = model(input_ids=torch.as_tensor(ids, dtype=torch.long), attention_mask=torch.as_tensor(mask)).logits
+    assert np.abs(bare.numpy() - want).max() > 1e-3
+
+
+def test_mean_pooling_exports_a_feature_extraction_adapter_and_its_head(tmp_path):
+    result, run_dir = trained(tmp_path, **{"model.pooling": "mean"})
+    out = tmp_path / "adapter"
+    assert main(["export", str(run_dir), "--out", str(out)]) == 0
+    model, adapter = peft_model(out, transformers.AutoModel)
+    assert adapter["task_type"] == "FEATURE_EXTRACTION"
+    head = load_file(str(out / "head.safetensors"))
+    ids, mask = inputs(result)
+    with torch.no_grad():
+        hidden = model(input_ids=torch.as_tensor(ids, dtype=torch.long),
+                       attention_mask=torch.as_tensor(mask)).last_hidden_state.numpy().astype(np.float64)
+    m = mask[..., None].astype(np.float64)
+    pooled = (hidden * m).sum(1) / np.maximum(m.sum(1), 1.0)
+    np.testing.assert_allclose(pooled @ head["weight"].T + head["bias"], ours(result, ids, mask), atol=1e-4)
+
+
+def test_causal_lm_adapter_loads_in_peft_with_the_same_logits(tmp_path):
+    from fedlora_jax.data.base import FederatedData
+
+    rng = np.random.default_rng(0)
+    clients, n, length = 3, 12, 10
+    ids = rng.integers(4, 64, size=(clients, n, length)).astype(np.int32)
+    mask = np.ones_like(ids)
+    train = {"input_ids": ids, "attention_mask": mask, "loss_mask": mask}
+    test_ids = rng.integers(4, 64, size=(8, length)).astype(np.int32)
+    test = {"input_ids": test_ids, "attention_mask": np.ones_like(test_ids), "loss_mask": np.ones_like(test_ids)}
+    local = {k: v[:, :2] for k, v in train.items()}
+    data = FederatedData(name="lm", task="causal_lm", num_labels=0, train=train, num_train=np.full(clients, n),
+                         local_test=local, num_local_test=np.full(clients, 2), global_test=test)
+    config = tiny_config(**{**ROUNDS, **LLAMA, "data.num_clients": clients, "federation.clients_per_round": clients})
+    from fedlora_jax.simulate import build_experiment
+
+    result = run(config, tmp_path / "run", progress=False, experiment=build_experiment(config, data))
+    out = tmp_path / "adapter"
+    assert main(["export", str(tmp_path / "run"), "--out", str(out)]) == 0
+    model, adapter = peft_model(out, transformers.AutoModelForCausalLM)
+    assert adapter["task_type"] == "CAUSAL_LM" and not adapter["modules_to_save"]
+    with torch.no_grad():
+        theirs = model(input_ids=torch.as_tensor(test_ids, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(theirs, ours(result, test_ids, np.ones_like(test_ids)), atol=1e-4)
+
+
+def test_fedex_exports_its_rewritten_base_and_fedsa_each_clients_adapter(tmp_path):
+    result, run_dir = trained(tmp_path / "fedex", **{"federation.method": "fedex"})
+    out = tmp_path / "fedex_adapter"
+    assert main(["export", str(run_dir), "--out", str(out)]) == 0
+    model, adapter = peft_model(out, transformers.AutoModelForSequenceClassification)
+    assert adapter["base_model_name_or_path"] == "base"
+    ids, mask = inputs(result)
+    with torch.no_grad():
+        theirs = model(input_ids=torch.as_tensor(ids, dtype=torch.long), attention_mask=torch.as_tensor(mask)).logits
+    np.testing.assert_allclose(theirs.numpy(), ours(result, ids, mask), atol=1e-4)
+
+    result, run_dir = trained(tmp_path / "fedsa", **{"federation.method": "fedsa"})
+    out = tmp_path / "fedsa_adapter"
+    assert main(["export", str(run_dir), "--out", str(out), "--clients"]) == 0
+    state, layout = result.state, result.experiment.federation.layout
+    for u in (0, 3):
+        client = load_file(str(out / "clients" / str(u) / "adapter_model.safetensors"))
+        for m, bank in zip(layout.modules, state.local_b):
+            name = [k for k in client if k.endswith(".lora_B.weight") and ".".join(m.name.split(".")[-2:])
+                    .replace("attention.", "attention.self.") in k]
+            assert len(name) == 1
+            np.testing.assert_array_equal(client[name[0]], np.asarray(bank[u]))
+    assert main(["export", str(run_dir), "--out", str(out)]) == 2  # not empty: refused, nothing overwritten
