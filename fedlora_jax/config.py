@@ -333,9 +333,6 @@ def validate(c: Config) -> None:
     _require(c.data.test_max_length is None or c.data.test_max_length >= 1,
              f"config key 'data.test_max_length' must be >= 1 or null, got {c.data.test_max_length}")
     _require(c.data.packing in ("auto", None), f"config key 'data.packing' must be auto or null, got {c.data.packing!r}")
-    _require(c.data.source != "synthetic" or c.data.partition == {"scheme": "iid"},
-             "config key 'data.partition' does not apply to data.source=synthetic, which draws its own split "
-             "(data.examples_per_client, data.label_skew_alpha); remove it or use a real source")
     _require(0 <= c.data.local_test_fraction < 1,
              f"config key 'data.local_test_fraction' must be in [0, 1), got {c.data.local_test_fraction}")
     f = c.federation

