@@ -1,10 +1,17 @@
 """PEFT export: a run's adapter loads with ``PeftModel.from_pretrained`` onto the transformers base
 in PyTorch and gives the logits fedlora_jax gives (max abs diff < 1e-4): random BERT, RoBERTa and
 Llama bases (exported with the adapter), mean pooling (feature-extraction adapter + head), FedEx's
-rewritten base, and FedSA's per-client adapters."""
+rewritten base, and FedSA's per-client adapters.
+
+Export reads a run directory's newest checkpoint, however its numbers were reached (checkpoints
+of real runs are tested in test_checkpoint.py), so these run directories hold a checkpoint of the
+initial state with every trainable leaf, and where the method writes it the base and the B bank,
+moved at random: no round is compiled."""
 
 import json
+from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,28 +19,44 @@ import torch
 from flax import nnx
 from safetensors.numpy import load_file
 
+from fedlora_jax.checkpoint import Checkpointer, config_digest
 from fedlora_jax.cli import main
-from fedlora_jax.simulate import run
+from fedlora_jax.server import ServerState, init_server_state
+from fedlora_jax.simulate import Experiment, RunLog, build_experiment
 from tiny import tiny_config
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-ROUNDS = {"federation.rounds": 2, "federation.local_steps": 2, "eval.local": False, "checkpoint.every": 2,
-          "optim.learning_rate": 0.05}
 LLAMA = {"model.arch": "llama", "model.config": {
     "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
     "num_key_value_heads": 2, "max_position_embeddings": 32, "tie_word_embeddings": False}}
 
 
-def trained(tmp_path, **overrides):
-    config = tiny_config(**{**ROUNDS, **overrides})
-    result = run(config, tmp_path / "run", progress=False)
-    return result, tmp_path / "run"
+class Saved(NamedTuple):
+    experiment: Experiment
+    state: ServerState
 
 
-def ours(result, ids, mask):
-    model = nnx.merge(result.experiment.graphdef, result.state.params, result.state.frozen)
+def saved_run(run_dir, data=None, **overrides) -> Saved:
+    """A run directory (config.yaml + one checkpoint) of a state with randomly moved factors."""
+    config = tiny_config(**overrides)
+    exp = build_experiment(config, data)
+    RunLog(run_dir, config)
+    fed, rng = exp.federation, np.random.default_rng(0)
+    state = init_server_state(exp.params, exp.frozen, config.seed, fed)
+    moved = lambda tree: jax.tree.map(lambda x: x + 0.2 * rng.standard_normal(x.shape).astype(x.dtype), tree)
+    state = state._replace(params=moved(state.params), local_b=moved(state.local_b))
+    if fed.method.modifies_base:
+        state = state._replace(frozen=moved(state.frozen))
+    info = {"task": exp.data.task, "num_labels": exp.data.num_labels}
+    Checkpointer(run_dir, config_digest(config.to_dict()), 1, fed.method.modifies_base, info).save(
+        state, exp.ledger.participations, 0)
+    return Saved(exp, state)
+
+
+def ours(saved, ids, mask):
+    model = nnx.merge(saved.experiment.graphdef, saved.state.params, saved.state.frozen)
     return np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)), np.float64)
 
 
@@ -53,7 +76,8 @@ def peft_model(out, auto):
 @pytest.mark.parametrize("arch", ["bert", "roberta"])
 def test_classifier_adapter_loads_in_peft_with_the_same_logits(arch, tmp_path):
     overrides = {} if arch == "bert" else {"model.arch": "roberta", "model.config.pad_token_id": 1}
-    result, run_dir = trained(tmp_path, **overrides, **{"lora.targets": ["query", "value", "dense", "intermediate"]})
+    run_dir = tmp_path / "run"
+    result = saved_run(run_dir, **overrides, **{"lora.targets": ["query", "value", "dense", "intermediate"]})
     out = tmp_path / "adapter"
     assert main(["export", str(run_dir), "--out", str(out)]) == 0
     model, adapter = peft_model(out, transformers.AutoModelForSequenceClassification)
@@ -71,7 +95,8 @@ def test_classifier_adapter_loads_in_peft_with_the_same_logits(arch, tmp_path):
 
 
 def test_mean_pooling_exports_a_feature_extraction_adapter_and_its_head(tmp_path):
-    result, run_dir = trained(tmp_path, **{"model.pooling": "mean"})
+    run_dir = tmp_path / "run"
+    result = saved_run(run_dir, **{"model.pooling": "mean"})
     out = tmp_path / "adapter"
     assert main(["export", str(run_dir), "--out", str(out)]) == 0
     model, adapter = peft_model(out, transformers.AutoModel)
@@ -99,10 +124,8 @@ def test_causal_lm_adapter_loads_in_peft_with_the_same_logits(tmp_path):
     local = {k: v[:, :2] for k, v in train.items()}
     data = FederatedData(name="lm", task="causal_lm", num_labels=0, train=train, num_train=np.full(clients, n),
                          local_test=local, num_local_test=np.full(clients, 2), global_test=test)
-    config = tiny_config(**{**ROUNDS, **LLAMA, "data.num_clients": clients, "federation.clients_per_round": clients})
-    from fedlora_jax.simulate import build_experiment
-
-    result = run(config, tmp_path / "run", progress=False, experiment=build_experiment(config, data))
+    result = saved_run(tmp_path / "run", data, **LLAMA, **{"data.num_clients": clients,
+                                                            "federation.clients_per_round": clients})
     out = tmp_path / "adapter"
     assert main(["export", str(tmp_path / "run"), "--out", str(out)]) == 0
     model, adapter = peft_model(out, transformers.AutoModelForCausalLM)
@@ -113,7 +136,8 @@ def test_causal_lm_adapter_loads_in_peft_with_the_same_logits(tmp_path):
 
 
 def test_fedex_exports_its_rewritten_base_and_fedsa_each_clients_adapter(tmp_path):
-    result, run_dir = trained(tmp_path / "fedex", **{"federation.method": "fedex"})
+    run_dir = tmp_path / "fedex" / "run"
+    result = saved_run(run_dir, **{"federation.method": "fedex"})
     out = tmp_path / "fedex_adapter"
     assert main(["export", str(run_dir), "--out", str(out)]) == 0
     model, adapter = peft_model(out, transformers.AutoModelForSequenceClassification)
@@ -123,10 +147,11 @@ def test_fedex_exports_its_rewritten_base_and_fedsa_each_clients_adapter(tmp_pat
         theirs = model(input_ids=torch.as_tensor(ids, dtype=torch.long), attention_mask=torch.as_tensor(mask)).logits
     np.testing.assert_allclose(theirs.numpy(), ours(result, ids, mask), atol=1e-4)
 
-    result, run_dir = trained(tmp_path / "fedsa", **{"federation.method": "fedsa"})
+    run_dir = tmp_path / "fedsa" / "run"
+    result = saved_run(run_dir, **{"federation.method": "fedsa"})
     out = tmp_path / "fedsa_adapter"
     assert main(["export", str(run_dir), "--out", str(out), "--clients"]) == 0
-    state, layout = result.state, result.experiment.federation.layout
+    state, layout = jax.device_get(result.state), result.experiment.federation.layout
     for u in (0, 3):
         client = load_file(str(out / "clients" / str(u) / "adapter_model.safetensors"))
         for m, bank in zip(layout.modules, state.local_b):

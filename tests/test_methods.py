@@ -1,4 +1,5 @@
-"""Every federated method inside the engine: protocol invariants on a real round, end-to-end runs."""
+"""Every federated method inside the engine: protocol invariants on a real round (end-to-end runs of
+every method from a config: tests/test_reported.py)."""
 
 import dataclasses
 
@@ -6,11 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from fedlora_jax.methods import METHOD_NAMES, make_method
+from fedlora_jax.methods import make_method
 from fedlora_jax.params import leaf_names
 from fedlora_jax.server import device_shards, init_server_state
-from fedlora_jax.simulate import run
-from tiny import tiny_config, tiny_experiment
+from tiny import tiny_experiment
 
 
 def one_round(method, rounds_before=0, **overrides):
@@ -159,20 +159,6 @@ def test_bytes_follow_each_protocol():
     fedex = tiny_experiment(**{"federation.method": "fedex"})
     kernels = sum(jax.tree.leaves(fedex.frozen)[j].nbytes for j in fedex.federation.base_kernels)
     assert fedex.federation.communication_bytes(fedex.params, fedex.frozen, 0)[1] == k * (a_bytes + b_bytes + head + kernels)
-
-
-@pytest.mark.parametrize("method", [m for m in METHOD_NAMES])
-def test_every_method_runs_from_a_config(method, tmp_path):
-    overrides = {"federation.method": method, "federation.rounds": 2}
-    if method == "fra_then_ffa":
-        overrides["federation.method_options"] = "{switch_round: 1}"
-    result = run(tiny_config(**overrides), tmp_path / "run", progress=False)
-    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 2 and len(result.history) == 2
-    last = result.history[-1]
-    assert np.isfinite(last["train_loss"]) and 0 <= last["global_accuracy"] <= 1
-    assert last["bytes_up"] > 0 and np.isfinite(last["divergence"])
-    assert (tmp_path / "run" / "divergence.jsonl").exists()
 
 
 def test_unknown_method_and_options_are_rejected():

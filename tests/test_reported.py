@@ -290,6 +290,20 @@ def dense_divergence(b, a, w, b_hat, a_hat):
     return np.linalg.norm(np.asarray(b_hat, np.float64) @ np.asarray(a_hat, np.float64) - ideal) / np.linalg.norm(ideal)
 
 
+def test_the_runs_cover_every_method():
+    from fedlora_jax.methods import METHOD_NAMES
+
+    assert {method for method, _ in RUNS.values()} == set(METHOD_NAMES)
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_every_method_runs_from_a_config_and_logs_every_round(recorded, name):
+    rec = recorded(name)
+    assert [m["round"] for m in rec.metrics] == [d["round"] for d in rec.divergence] == list(range(1, ROUNDS + 1))
+    assert all(np.isfinite(m["train_loss"]) and m["train_loss"] > 0 for m in rec.metrics)
+    assert len(rec.rounds) == ROUNDS
+
+
 @pytest.mark.parametrize("name", list(RUNS))
 def test_divergence_matches_dense_numpy(recorded, name):
     rec = recorded(name)
