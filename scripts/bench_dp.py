@@ -2,10 +2,10 @@
 
 The model has MiniLM's shape (6 layers, hidden 384, 12 heads, intermediate 1536, vocab 30522;
 random weights: the cost does not depend on their values), LoRA r = 8 on query/value, 8 clients,
-batch 16, sequence 64, on the synthetic task. DP-SGD uses Poisson sampling (a buffer sized for
-overflow probability 1e-6, so its batches are larger than 16 on average by design) and, for a
-like-for-like batch, shuffled fixed-size batches. Per-example gradients are materialised only for
-the LoRA + head parameters.
+batch 16, sequence 64, on the synthetic task. DP-SGD uses Poisson sampling (the engine's buffer,
+sized for overflow probability 1e-12 per step for the data and its add-one neighbour, so it has
+far more slots than 16 by design) and, for a like-for-like batch, shuffled fixed-size batches.
+Per-example gradients are materialised only for the LoRA + head parameters.
 
   python scripts/bench_dp.py --out runs/bench_dp.json
 """
