@@ -125,19 +125,47 @@ def epsilon(
       ValueError: on an unknown accountant or an argument outside its range.
     """
     _check_accountant(accountant)
+    _check_sampling_rate(sampling_rate)
+    return _epsilon_of(lambda sigma: sampled_gaussian_event(sigma, sampling_rate, steps), noise_multiplier, steps,
+                       delta, accountant)
+
+
+def _epsilon_of(make_event, noise_multiplier: float, steps: int, delta: float, accountant: str,
+                replace_one: bool = False) -> float:
+    """Epsilon of ``make_event(noise_multiplier)`` (``steps`` releases) at ``delta``."""
     if not noise_multiplier >= 0.0:
         raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier!r}")
-    _check_sampling_rate(sampling_rate)
     _check_steps(steps)
     _check_delta(delta)
     if steps == 0:
         return 0.0
     if noise_multiplier == 0.0:
         return math.inf
-    privacy_accountant = _make_accountant(accountant)
+    privacy_accountant = _make_accountant(accountant, replace_one)
     with _quiet_absl():
-        privacy_accountant.compose(sampled_gaussian_event(noise_multiplier, sampling_rate, steps))
+        privacy_accountant.compose(make_event(noise_multiplier))
         return float(privacy_accountant.get_epsilon(delta))
+
+
+def _calibrate(make_event, target_epsilon: float, steps: int, delta: float, accountant: str,
+               replace_one: bool = False, lowest_sigma: float = 0.0) -> float:
+    """Smallest sigma (to 1e-4) with ``make_event(sigma)``'s epsilon at most the target."""
+    if not 0.0 < target_epsilon < math.inf:
+        raise ValueError(f"target_epsilon must be finite and > 0, got {target_epsilon!r}")
+    _check_steps(steps)
+    _check_delta(delta)
+    if steps == 0:
+        return 0.0
+    with _quiet_absl():
+        sigma = dp_accounting.calibrate_dp_mechanism(
+            make_fresh_accountant=lambda: _make_accountant(accountant, replace_one),
+            make_event_from_param=make_event,
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            bracket_interval=mechanism_calibration.LowerEndpointAndGuess(lowest_sigma, 1.0),
+            tol=_CALIBRATION_TOLERANCE,
+        )
+    return float(sigma)
 
 
 def noise_multiplier_for(
@@ -166,23 +194,9 @@ def noise_multiplier_for(
       ValueError: on an unknown accountant or an argument outside its range.
     """
     _check_accountant(accountant)
-    if not 0.0 < target_epsilon < math.inf:
-        raise ValueError(f"target_epsilon must be finite and > 0, got {target_epsilon!r}")
     _check_sampling_rate(sampling_rate)
-    _check_steps(steps)
-    _check_delta(delta)
-    if steps == 0:
-        return 0.0
-    with _quiet_absl():
-        sigma = dp_accounting.calibrate_dp_mechanism(
-            make_fresh_accountant=lambda: _make_accountant(accountant),
-            make_event_from_param=lambda sigma: sampled_gaussian_event(sigma, sampling_rate, steps),
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            bracket_interval=mechanism_calibration.LowerEndpointAndGuess(0.0, 1.0),
-            tol=_CALIBRATION_TOLERANCE,
-        )
-    return float(sigma)
+    return _calibrate(lambda sigma: sampled_gaussian_event(sigma, sampling_rate, steps), target_epsilon, steps, delta,
+                      accountant)
 
 
 def fixed_cohort_event(noise_multiplier: float, num_clients: int, cohort_size: int,
@@ -251,18 +265,8 @@ def user_level_epsilon(
     _check_cohort(num_clients, cohort_size, accountant, client_sampling)
     if client_sampling == "poisson":
         return epsilon(noise_multiplier, cohort_size / num_clients, rounds, delta, accountant)
-    if not noise_multiplier >= 0.0:
-        raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier!r}")
-    _check_steps(rounds)
-    _check_delta(delta)
-    if rounds == 0:
-        return 0.0
-    if noise_multiplier == 0.0:
-        return math.inf
-    privacy_accountant = _make_accountant(accountant, replace_one=True)
-    with _quiet_absl():
-        privacy_accountant.compose(fixed_cohort_event(noise_multiplier, num_clients, cohort_size, rounds))
-        return float(privacy_accountant.get_epsilon(delta))
+    return _epsilon_of(lambda sigma: fixed_cohort_event(sigma, num_clients, cohort_size, rounds), noise_multiplier,
+                       rounds, delta, accountant, replace_one=True)
 
 
 def user_level_noise_multiplier_for(
@@ -279,19 +283,5 @@ def user_level_noise_multiplier_for(
     _check_cohort(num_clients, cohort_size, accountant, client_sampling)
     if client_sampling == "poisson":
         return noise_multiplier_for(target_epsilon, cohort_size / num_clients, rounds, delta, accountant)
-    if not 0.0 < target_epsilon < math.inf:
-        raise ValueError(f"target_epsilon must be finite and > 0, got {target_epsilon!r}")
-    _check_steps(rounds)
-    _check_delta(delta)
-    if rounds == 0:
-        return 0.0
-    with _quiet_absl():
-        sigma = dp_accounting.calibrate_dp_mechanism(
-            make_fresh_accountant=lambda: _make_accountant(accountant, replace_one=True),
-            make_event_from_param=lambda sigma: fixed_cohort_event(sigma, num_clients, cohort_size, rounds),
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            bracket_interval=mechanism_calibration.LowerEndpointAndGuess(_FIXED_COHORT_MIN_SIGMA, 1.0),
-            tol=_CALIBRATION_TOLERANCE,
-        )
-    return float(sigma)
+    return _calibrate(lambda sigma: fixed_cohort_event(sigma, num_clients, cohort_size, rounds), target_epsilon,
+                      rounds, delta, accountant, replace_one=True, lowest_sigma=_FIXED_COHORT_MIN_SIGMA)
