@@ -4,7 +4,8 @@ A checkpoint is a directory ``RUN_DIR/checkpoints/round_<r>/`` with
 
 * ``state.safetensors``: the server state (global trainable leaves ``params/<name>``, the base
   leaves a method rewrites ``frozen/<name>`` (FedEx, FLoRA; others rebuild the base from the
-  config), per-client banks ``local_b/<i>``, the round and the PRNG key data);
+  config), the method's server state ``method/<name>`` (e.g. FedSA's per-client B banks), the
+  round and the PRNG key data);
 * ``meta.json``: the round, a digest of the config, the privacy ledger (participations, rounds
   done) and the SHA-256 of ``state.safetensors``.
 
@@ -63,7 +64,8 @@ def _flatten(state: ServerState, with_frozen: bool) -> dict[str, np.ndarray]:
     if with_frozen:
         arrays.update({f"frozen/{n}": np.asarray(x)
                        for n, x in zip(leaf_names(state.frozen), jax.tree.leaves(state.frozen))})
-    arrays.update({f"local_b/{i}": np.asarray(x) for i, x in enumerate(state.local_b)})
+    arrays.update({f"method/{n}": np.asarray(x)
+                   for n, x in zip(leaf_names(state.method_state), jax.tree.leaves(state.method_state))})
     arrays["round"] = np.asarray(state.round)
     arrays["key"] = np.asarray(jax.random.key_data(state.key))
     return arrays
@@ -164,9 +166,9 @@ class Checkpointer:
 
         params = restore("params", template.params)
         frozen = restore("frozen", template.frozen) if self.with_frozen else template.frozen
-        local_b = tuple(jnp.asarray(arrays[f"local_b/{i}"]) for i in range(len(template.local_b)))
+        method_state = restore("method", template.method_state)
         key = jax.random.wrap_key_data(jnp.asarray(arrays["key"]))
-        state = ServerState(params, frozen, jnp.asarray(arrays["round"]), key, local_b)
+        state = ServerState(params, frozen, jnp.asarray(arrays["round"]), key, method_state)
         return Checkpoint(int(meta["round"]), state, np.asarray(meta["participations"], np.int64),
                           int(meta["rounds_spent"]), path)
 

@@ -13,7 +13,9 @@
 * with ``pooling: mean`` (no such head in transformers) a feature-extraction adapter on the bare
   encoder plus ``OUT/head.safetensors`` (``weight`` [num_labels, H], ``bias``) to apply to the
   masked mean of the last hidden states;
-* for FedSA with ``clients=True``, ``OUT/clients/<u>/``: client u's adapter (shared A, its own B).
+* with ``clients=True``, for methods whose clients keep part of their model (FedSA),
+  ``OUT/clients/<u>/``: client u's adapter (FedSA: shared A, its own B), the model client u
+  starts its next round from.
 
 Names follow the same rules as loading (:mod:`fedlora_jax.models.weights`), so an exported base
 loads back with ``model.pretrained``.
@@ -55,13 +57,9 @@ class TaskInfo(NamedTuple):
 
 
 def template_state(params, frozen, method, num_clients: int) -> ServerState:
-    """A server state of the run's shapes to read a checkpoint into (values do not matter)."""
-    local_b = ()
-    if method.keeps_local_b:
-        leaves = jax.tree.leaves(params)
-        local_b = tuple(np.zeros((num_clients,) + leaves[m.b_index].shape, leaves[m.b_index].dtype)
-                        for m in trainable_layout(params).modules)
-    return ServerState(params, frozen, np.zeros((), np.int32), jax.random.key(0), local_b)
+    """A server state of the run's shapes to read a checkpoint into (only shapes and dtypes)."""
+    method_state = jax.eval_shape(lambda p: method.init_state(p, trainable_layout(p), num_clients), params)
+    return ServerState(params, frozen, np.zeros((), np.int32), jax.random.key(0), method_state)
 
 
 def _paths(tree) -> list[tuple[str, ...]]:
@@ -110,8 +108,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, clients: bool = False) 
     found = checkpoints.latest(template_state(params, frozen, method, config.data.num_clients), lambda message: None)
     if found is None:
         raise ConfigError(f"run directory {run_dir} has no readable checkpoint to export")
-    if clients and not method.keeps_local_b:
-        raise ConfigError(f"--clients exports per-client adapters of FedSA; method {method.name!r} has none")
+    if clients and not method.keeps_client_state:
+        raise ConfigError(f"--clients exports per-client adapters (FedSA); the clients of method {method.name!r} "
+                          "keep no state of their own")
     state = jax.device_get(found.state)
     model_type = (model_config_from_pretrained(config.model.pretrained)["model_type"] if config.model.pretrained
                   else config.model.arch)
@@ -119,23 +118,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, clients: bool = False) 
     if task_type == "SEQ_CLS" and config.model.pooling == "mean":
         task_type = "FEATURE_EXTRACTION"
     naming = _Naming(model_type, task_type)
-
-    lora, head, targets = {}, {}, []
-    for path, value in zip(_paths(state.params), jax.tree.leaves(state.params)):
-        if path[-1] in LORA_LEAVES:
-            module = naming.module(path[:-1])
-            lora[f"base_model.model.{module}.{LORA_LEAVES[path[-1]]}.weight"] = np.asarray(value)
-            targets.append(module)
-        else:
-            head[path] = np.asarray(value)
-    tensors = dict(lora)
-    modules_to_save = []
-    if task_type == "SEQ_CLS":
-        tensors.update({f"base_model.model.{naming.tensor(p)}": _torch_layout(p, v) for p, v in head.items()})
-        modules_to_save = sorted({naming.tensor(p).split(".")[0] for p in head})
-    elif head:
-        save_file({naming.tensor(p).split(".")[-1]: _torch_layout(p, v) for p, v in head.items()},
-                  str(_mkdir(out_dir) / "head.safetensors"))
+    tensors, targets, modules_to_save = _write_trainable(state.params, naming, task_type, out_dir)
 
     base = config.model.pretrained
     if base is None or method.modifies_base:
@@ -147,14 +130,36 @@ def export_run(run_dir: str | Path, out_dir: str | Path, clients: bool = False) 
                "base_model_name_or_path": str(base)}
     _write_adapter(_mkdir(out_dir), adapter, tensors)
     if clients:
+        layout = trainable_layout(params)
         for u in range(config.data.num_clients):
-            own = dict(tensors)
-            for m, bank in zip(trainable_layout(params).modules, state.local_b):
-                path = tuple(m.name.split("."))
-                own[f"base_model.model.{naming.module(path)}.lora_B.weight"] = np.asarray(bank[u])
-            _write_adapter(_mkdir(out_dir / "clients" / str(u)), {**adapter, "base_model_name_or_path": f"../../{base}"
-                                                                 if base == "base" else base}, own)
+            own_params = jax.tree.map(lambda x: np.asarray(x[0]), method.client_start(
+                state.method_state, state.params, np.array([u]), layout))
+            client_dir = out_dir / "clients" / str(u)
+            own, _, _ = _write_trainable(own_params, naming, task_type, client_dir)
+            _write_adapter(_mkdir(client_dir), {**adapter, "base_model_name_or_path": f"../../{base}"
+                                                if base == "base" else base}, own)
     return out_dir
+
+
+def _write_trainable(params, naming: _Naming, task_type: str, out_dir: Path) -> tuple[dict, list, list]:
+    """(adapter tensors by PEFT name, adapted module names, modules_to_save) of a trainable tree;
+    a head outside the transformers model (mean pooling) goes to ``out_dir/head.safetensors``."""
+    tensors, head, targets = {}, {}, []
+    for path, value in zip(_paths(params), jax.tree.leaves(params)):
+        if path[-1] in LORA_LEAVES:
+            module = naming.module(path[:-1])
+            tensors[f"base_model.model.{module}.{LORA_LEAVES[path[-1]]}.weight"] = np.asarray(value)
+            targets.append(module)
+        else:
+            head[path] = np.asarray(value)
+    modules_to_save = []
+    if task_type == "SEQ_CLS":
+        tensors.update({f"base_model.model.{naming.tensor(p)}": _torch_layout(p, v) for p, v in head.items()})
+        modules_to_save = sorted({naming.tensor(p).split(".")[0] for p in head})
+    elif head:
+        save_file({naming.tensor(p).split(".")[-1]: _torch_layout(p, v) for p, v in head.items()},
+                  str(_mkdir(out_dir) / "head.safetensors"))
+    return tensors, targets, modules_to_save
 
 
 def _mkdir(path: Path) -> Path:

@@ -18,7 +18,7 @@ import numpy as np
 from fedlora_jax import aggregation
 from fedlora_jax.client import LocalTrainer, train_clients
 from fedlora_jax.data.base import FederatedData
-from fedlora_jax.methods import Method
+from fedlora_jax.methods import LoraBytes, Method
 from fedlora_jax.privacy import noisy_mean_of_updates, poisson_sample
 from fedlora_jax.params import TrainableLayout, factor_mask, leaf_bytes
 
@@ -30,15 +30,15 @@ class ServerState(NamedTuple):
     frozen: frozen base state (changes only for methods that fold updates into it).
     round: the next round's index (int32 scalar).
     key: PRNG key, split every round.
-    local_b: per-client B factors kept by methods where B never leaves the client (FedSA): one
-      [U, d_out, r] array per LoRA module; () otherwise.
+    method_state: what the method keeps at the server between rounds (a pytree; e.g. FedSA's
+      per-client B banks [U, d_out, r]); () for most methods.
     """
 
     params: Any
     frozen: Any
     round: jax.Array
     key: jax.Array
-    local_b: tuple = ()
+    method_state: Any = ()
 
 
 class ClientShards(NamedTuple):
@@ -64,13 +64,10 @@ class RoundOutput(NamedTuple):
 
 
 def init_server_state(params, frozen, seed: int, federation: "Federation | None" = None) -> ServerState:
-    """Round 0 state; with a FedSA-like method, every client's B starts as the global B."""
-    local_b = ()
-    if federation is not None and federation.method.keeps_local_b:
-        leaves = jax.tree.leaves(params)
-        local_b = tuple(jnp.broadcast_to(leaves[m.b_index], (federation.num_clients,) + m.b_shape)
-                        for m in federation.layout.modules)
-    return ServerState(params, frozen, jnp.zeros((), jnp.int32), jax.random.key(seed), local_b)
+    """Round 0 state, with the method's initial server state when a federation is given."""
+    method_state = () if federation is None else federation.method.init_state(params, federation.layout,
+                                                                              federation.num_clients)
+    return ServerState(params, frozen, jnp.zeros((), jnp.int32), jax.random.key(seed), method_state)
 
 
 def device_shards(data: FederatedData) -> ClientShards:
@@ -187,8 +184,13 @@ class Federation:
             b = jnp.stack([leaves[m.b_index] for m in group])  # [M, K, d_out, r]
             a = jnp.stack([leaves[m.a_index] for m in group])  # [M, K, r, d_in]
             keys = jax.random.split(jax.random.fold_in(key, position[group[0].name]), len(group))
-            out = map_modules(lambda x: self.method.aggregate_fn(x[0], x[1], weights, round_index, x[2]), (b, a, keys))
-            div = map_modules(lambda x: aggregation.divergence(x[0], x[1], weights, x[2], x[3]), (b, a, out.b, out.a))
+            method = self.method
+
+            def module_update(x):
+                out = method.aggregate(x[0], x[1], weights, round_index, x[2])
+                return out, method.divergence(x[0], x[1], weights, out)
+
+            out, div = map_modules(module_update, (b, a, keys))
             for i, m in enumerate(group):
                 new[m.b_index], new[m.a_index] = out.b[i], out.a[i]
                 divergence[position[m.name]] = div[i]
@@ -198,9 +200,6 @@ class Federation:
                     frozen_leaves[j] = (kernel + self.lora_scaling * out.base_delta[i].T).astype(kernel.dtype)
         for i in self.layout.other_indices:
             new[i] = aggregation.weighted_mean(leaves[i], weights).astype(leaves[i].dtype)
-        if self.method.modifies_base:
-            # FedEx: the residual makes base + B_bar A_bar exact; FLoRA: the product moved into the base
-            divergence = [jnp.zeros_like(d) for d in divergence]
         return jax.tree.unflatten(treedef, new), jax.tree.unflatten(frozen_def, frozen_leaves), jnp.stack(divergence)
 
     def private_mean(self, global_params, client_params, taking_part, trained, key):
@@ -226,25 +225,19 @@ class Federation:
         counts = shards.num_examples[cohort]
         counted = counts.astype(jnp.float32) * taking_part
         weights = counted / jnp.maximum(jnp.sum(counted), 1.0)
-        start = jax.tree.map(lambda x: jnp.broadcast_to(x, (self.cohort_size,) + x.shape), state.params)
-        if self.method.keeps_local_b:
-            start_leaves, start_def = jax.tree.flatten(start)
-            for m, bank in zip(self.layout.modules, state.local_b):
-                start_leaves[m.b_index] = bank[cohort]
-            start = jax.tree.unflatten(start_def, start_leaves)
+        start = self.method.client_start(state.method_state, state.params, cohort, self.layout)
         train_a, train_b = self.method.trains(state.round)
         mask = factor_mask(self.layout, state.params, train_a, train_b)
         keys = jax.random.split(train_key, self.cohort_size)
         client_params, stats = self.run_clients(state.frozen, start, data, counts, keys, state.round, mask)
-        frozen, local_b = state.frozen, state.local_b
+        frozen = state.frozen
         if self.user_dp is None:
             params, frozen, divergence = self.aggregate(client_params, weights, state.round, server_key, frozen)
         else:
             params, divergence = self.private_mean(state.params, client_params, taking_part, mask, server_key)
-        if self.method.keeps_local_b:
-            trained = jax.tree.leaves(client_params)
-            local_b = tuple(bank.at[cohort].set(trained[m.b_index]) for m, bank in zip(self.layout.modules, local_b))
-        new_state = ServerState(params, frozen, state.round + 1, key, local_b)
+        params, method_state = self.method.update_state(state.method_state, params, client_params, cohort,
+                                                        taking_part, self.layout)
+        new_state = ServerState(params, frozen, state.round + 1, key, method_state)
         train_loss = jnp.sum(weights * stats.loss)
         finite, new_state = self._keep_if_finite(train_loss, new_state, state)
         return new_state, RoundOutput(train_loss, divergence, cohort, taking_part, overflow,
@@ -262,7 +255,7 @@ class Federation:
         frozen = keep(new_state.frozen, old_state.frozen) if self.method.modifies_base else new_state.frozen
         key = jax.random.wrap_key_data(keep(jax.random.key_data(new_state.key), jax.random.key_data(old_state.key)))
         state = ServerState(keep(new_state.params, old_state.params), frozen, keep(new_state.round, old_state.round),
-                            key, keep(new_state.local_b, old_state.local_b))
+                            key, keep(new_state.method_state, old_state.method_state))
         return finite, state
 
     def compile_round(self):
@@ -271,18 +264,12 @@ class Federation:
 
     def communication_bytes(self, params, frozen, round_index: int, clients: int | None = None) -> tuple[int, int]:
         """Exact (bytes_up, bytes_down) of one round over the ``clients`` that took part (default K)."""
-        sizes, k = leaf_bytes(params), self.cohort_size if clients is None else clients
+        sizes, frozen_sizes = leaf_bytes(params), leaf_bytes(frozen)
+        k = self.cohort_size if clients is None else clients
         head = int(sum(sizes[i] for i in self.layout.other_indices))
-        up_a, up_b = self.method.uploads(round_index)
-        down_a, down_b = self.method.downloads(round_index)
-
-        def lora(send_a, send_b):
-            return int(sum(sizes[m.a_index] * send_a + sizes[m.b_index] * send_b for m in self.layout.modules))
-
-        down = lora(down_a, down_b)
-        if self.method.download_stacked:  # FLoRA: [d_out, K r] and [K r, d_in] stacked factors
-            down = k * lora(True, True)
-        if self.method.modifies_base and not self.method.download_stacked:  # FedEx: updated base weights
-            frozen_sizes = leaf_bytes(frozen)
-            down += int(sum(frozen_sizes[j] for j in self.base_kernels))
-        return k * (lora(up_a, up_b) + head), k * (down + head)
+        lora = LoraBytes(int(sum(sizes[m.a_index] for m in self.layout.modules)),
+                         int(sum(sizes[m.b_index] for m in self.layout.modules)),
+                         int(sum(frozen_sizes[j] for j in self.base_kernels)))
+        up = int(self.method.upload_bytes(round_index, lora))
+        down = int(self.method.download_bytes(round_index, lora, k))
+        return k * (up + head), k * (down + head)

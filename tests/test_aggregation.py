@@ -75,11 +75,6 @@ def all_products(B, A, w, round_index=0):
     }
 
 
-def test_registry_names():
-    assert agg.METHOD_NAMES == ("fedit", "ffa", "fra", "flora_na", "fedex", "flora", "fedsa", "rolora")
-    assert all(callable(agg.METHODS[name]) for name in agg.METHOD_NAMES)
-
-
 @pytest.mark.parametrize("shape,seed", CASES, ids=CASE_IDS)
 def test_fedit_and_fedsa_are_weighted_means(shape, seed):
     B, A, w = make_clients(shape, seed)

@@ -46,7 +46,7 @@ def saved_run(run_dir, data=None, **overrides) -> Saved:
     fed, rng = exp.federation, np.random.default_rng(0)
     state = init_server_state(exp.params, exp.frozen, config.seed, fed)
     moved = lambda tree: jax.tree.map(lambda x: x + 0.2 * rng.standard_normal(x.shape).astype(x.dtype), tree)
-    state = state._replace(params=moved(state.params), local_b=moved(state.local_b))
+    state = state._replace(params=moved(state.params), method_state=moved(state.method_state))
     if fed.method.modifies_base:
         state = state._replace(frozen=moved(state.frozen))
     info = {"task": exp.data.task, "num_labels": exp.data.num_labels}
@@ -154,7 +154,7 @@ def test_fedex_exports_its_rewritten_base_and_fedsa_each_clients_adapter(tmp_pat
     state, layout = jax.device_get(result.state), result.experiment.federation.layout
     for u in (0, 3):
         client = load_file(str(out / "clients" / str(u) / "adapter_model.safetensors"))
-        for m, bank in zip(layout.modules, state.local_b):
+        for m, bank in zip(layout.modules, state.method_state):
             name = [k for k in client if k.endswith(".lora_B.weight") and ".".join(m.name.split(".")[-2:])
                     .replace("attention.", "attention.self.") in k]
             assert len(name) == 1

@@ -94,13 +94,13 @@ def test_fedsa_keeps_each_clients_b_and_shares_a():
     counts = exp.data.num_train[cohort].astype(np.float64)
     w = counts / counts.sum()
     outside = np.setdiff1d(np.arange(exp.data.num_clients), cohort)
-    for m, bank_before, bank_after in zip(exp.federation.layout.modules, before.local_b, after.local_b):
+    for m, bank_before, bank_after in zip(exp.federation.layout.modules, before.method_state, after.method_state):
         np.testing.assert_allclose(np.asarray(bank_after)[cohort], np.asarray(trained[m.b_index]), atol=0)
         np.testing.assert_array_equal(np.asarray(bank_after)[outside], np.asarray(bank_before)[outside])
         _, a1 = factors(exp, after.params, m)
         np.testing.assert_allclose(a1, np.einsum("u,uri->ri", w, np.asarray(trained[m.a_index])), atol=1e-6)
     # the round after next starts each client from its own B, not the global one
-    assert any(np.abs(np.asarray(bank)[cohort[0]] - np.asarray(bank)[cohort[1]]).max() > 0 for bank in after.local_b)
+    assert any(np.abs(np.asarray(bank)[cohort[0]] - np.asarray(bank)[cohort[1]]).max() > 0 for bank in after.method_state)
     # with a zero learning rate the trained B of each cohort client is exactly its own banked B
     fed = exp.federation
     still = dataclasses.replace(fed, trainer=dataclasses.replace(fed.trainer, schedule=lambda step: 0.0))
@@ -108,7 +108,7 @@ def test_fedsa_keeps_each_clients_b_and_shares_a():
     cohort = np.asarray(frozen_out.cohort)
     trained, global_leaves = jax.tree.leaves(frozen_out.client_params), jax.tree.leaves(after.params)
     own_differs_from_global = False
-    for m, bank in zip(fed.layout.modules, after.local_b):
+    for m, bank in zip(fed.layout.modules, after.method_state):
         own = np.asarray(bank)[cohort]
         np.testing.assert_array_equal(np.asarray(trained[m.b_index]), own)
         own_differs_from_global |= bool(np.abs(own - np.asarray(global_leaves[m.b_index])).max() > 0)

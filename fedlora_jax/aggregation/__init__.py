@@ -14,23 +14,7 @@ from fedlora_jax.aggregation.fra import fra, fra_then_ffa
 from fedlora_jax.aggregation.linalg import divergence, product_svd, stack_factors
 from fedlora_jax.aggregation.stacking import flora_stack
 
-# Registry: method name -> aggregation function. Signatures differ beyond (B, A, w): ``fra`` needs
-# ``rank``, ``rolora`` needs ``round_index``; see each function's docstring.
-METHODS = {
-    "fedit": fedit,
-    "ffa": ffa,
-    "fra": fra,
-    "flora_na": flora_na,
-    "fedex": fedex,
-    "flora": flora_stack,
-    "fedsa": fedsa,
-    "rolora": rolora,
-}
-METHOD_NAMES = tuple(METHODS)
-
 __all__ = [
-    "METHODS",
-    "METHOD_NAMES",
     "divergence",
     "fedex",
     "fedit",

@@ -1,0 +1,26 @@
+"""FFA-LoRA: A stays frozen at its shared initialisation; clients train and upload B, the server
+averages it. mean(B) A is the exact mean of the products."""
+
+from fedlora_jax import aggregation
+from fedlora_jax.methods.base import Aggregate, Method, register_method
+
+
+class FFA(Method):
+    mean_based = True
+
+    def trains(self, round_index):
+        return (0.0, 1.0)
+
+    def uploads(self, round_index):
+        return (False, True)
+
+    def downloads(self, round_index):
+        return (False, True)
+
+    def aggregate(self, b, a, w, round_index, key):
+        return Aggregate(*aggregation.ffa(b, a, w))
+
+
+@register_method("ffa")
+def ffa() -> Method:
+    return FFA()
