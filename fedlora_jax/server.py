@@ -18,7 +18,7 @@ import numpy as np
 from fedlora_jax import aggregation
 from fedlora_jax.client import LocalTrainer, train_clients
 from fedlora_jax.data.base import FederatedData
-from fedlora_jax.methods import LoraBytes, Method
+from fedlora_jax.methods import LoraBytes, Method, ServerUpdate
 from fedlora_jax.privacy import noisy_mean_of_updates, poisson_sample
 from fedlora_jax.params import TrainableLayout, factor_mask, leaf_bytes
 
@@ -235,8 +235,8 @@ class Federation:
             params, frozen, divergence = self.aggregate(client_params, weights, state.round, server_key, frozen)
         else:
             params, divergence = self.private_mean(state.params, client_params, taking_part, mask, server_key)
-        params, method_state = self.method.update_state(state.method_state, params, client_params, cohort,
-                                                        taking_part, self.layout)
+        params, method_state = self.method.update_state(state.method_state, ServerUpdate(
+            state.params, params, client_params, cohort, taking_part, state.round, self.layout))
         new_state = ServerState(params, frozen, state.round + 1, key, method_state)
         train_loss = jnp.sum(weights * stats.loss)
         finite, new_state = self._keep_if_finite(train_loss, new_state, state)

@@ -19,8 +19,8 @@ outside the package is named in a config as ``package.module:factory`` (docs/met
 | rolora       | B even, A odd      | trained  | mean of the trained factor               | trained factor    |
 """
 
-from fedlora_jax.methods.base import (Aggregate, LoraBytes, Method, make_method, method_names, options_for,
-                                      register_method)
+from fedlora_jax.methods.base import (Aggregate, LoraBytes, Method, ServerUpdate, make_method, method_names,
+                                      options_for, register_method)
 from fedlora_jax.methods import fedit, ffa, fra, flora_na, fedex, flora, fedsa, rolora  # noqa: F401 (registers them)
 
-__all__ = ["Aggregate", "LoraBytes", "Method", "make_method", "method_names", "options_for", "register_method"]
+__all__ = ["Aggregate", "LoraBytes", "Method", "ServerUpdate", "make_method", "method_names", "options_for", "register_method"]

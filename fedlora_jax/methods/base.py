@@ -40,6 +40,18 @@ class LoraBytes(NamedTuple):
     base: int
 
 
+class ServerUpdate(NamedTuple):
+    """What :meth:`Method.update_state` sees of a round (arrays over the cohort have a [K] axis)."""
+
+    before: Any  # the global trainable state the cohort started from
+    after: Any  # the aggregate (or the user-level DP mean) of the cohort's uploads
+    client_params: Any  # the cohort's trained states, leaves [K, ...]
+    cohort: jax.Array  # [K] client ids
+    taking_part: jax.Array  # [K] 0/1: the slot's client took part
+    round_index: jax.Array  # int32 scalar
+    layout: TrainableLayout
+
+
 class Method:
     """A federated LoRA method. Subclass it, set ``name`` and override what differs.
 
@@ -110,10 +122,11 @@ class Method:
         """The module's normalised aggregation error ||B_hat A_hat - M|| / ||M|| (scalar)."""
         return aggregation.divergence(b, a, w, out.b, out.a)
 
-    def update_state(self, state, params, client_params, cohort, taking_part, layout: TrainableLayout):
-        """(new global params, new method state) after aggregation: ``params`` is the aggregate,
-        ``client_params`` the cohort's trained states [K, ...], ``taking_part`` [K] 0/1."""
-        return params, state
+    def update_state(self, state, update: ServerUpdate):
+        """(new global trainable state, new method state) after aggregation; by default the
+        aggregate and the state unchanged. Server optimisers (momentum) and per-client banks
+        (FedSA) live here."""
+        return update.after, state
 
 
 # ---------------------------------------------------------------------------------- the registry

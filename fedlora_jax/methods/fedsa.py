@@ -35,11 +35,13 @@ class FedSA(Method):
         b_bar = aggregation.weighted_mean(b, w).astype(b.dtype)  # the "global" model reported for FedSA uses the mean B
         return Aggregate(b_bar, a_bar)
 
-    def update_state(self, state, params, client_params, cohort, taking_part, layout):
-        trained = jax.tree.leaves(client_params)
-        banks = tuple(bank.at[cohort].set(jnp.where(taking_part.reshape((-1, 1, 1)) > 0, trained[m.b_index], bank[cohort]))
-                      for m, bank in zip(layout.modules, state))
-        return params, banks
+    def update_state(self, state, update):
+        """Each cohort client's trained B goes into its slot of the bank."""
+        trained, cohort = jax.tree.leaves(update.client_params), update.cohort
+        took_part = update.taking_part.reshape((-1, 1, 1)) > 0
+        banks = tuple(bank.at[cohort].set(jnp.where(took_part, trained[m.b_index], bank[cohort]))
+                      for m, bank in zip(update.layout.modules, state))
+        return update.after, banks
 
 
 @register_method("fedsa")
