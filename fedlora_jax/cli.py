@@ -77,7 +77,7 @@ def _resume(args) -> int:
 
 
 def _export(args) -> int:
-    from fedlora_jax.export import export_run
+    from fedlora_jax.adapters import export_run
 
     print(f"PEFT adapter: {export_run(args.run_dir, args.out, clients=args.clients)}")
     return 0

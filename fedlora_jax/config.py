@@ -24,13 +24,17 @@ class ModelConfig:
     """The transformer. Either ``pretrained`` (a local directory or hub id) or a random init of
     ``arch`` with ``config`` (Hugging Face config.json keys). ``pooling`` (sequence
     classification): ``cls`` (HF's head on the first token) or ``mean`` (masked mean of the last
-    hidden states, for checkpoints trained for mean pooling such as sentence-transformers)."""
+    hidden states, for checkpoints trained for mean pooling such as sentence-transformers).
+    ``adapter``: a PEFT LoRA adapter directory (e.g. one ``fedlora-jax export`` wrote) whose
+    factors, and head when it saved one, the run starts from instead of a fresh LoRA init; its
+    rank, alpha, rsLoRA and adapted modules must match the ``lora`` section."""
 
     arch: str = "bert"
     pretrained: str | None = None
     config: dict = dataclasses.field(default_factory=dict)
     dtype: str = "float32"
     pooling: str = "cls"
+    adapter: str | None = None
 
 
 @dataclasses.dataclass

@@ -33,6 +33,7 @@ from fedlora_jax.data.sources import SOURCES, load_federated
 from fedlora_jax.data.synthetic import make_synthetic
 from fedlora_jax.evaluate import Evaluator, client_eval_batches, eval_batches, score, unbatch, weighted_client_metrics
 from fedlora_jax.generate import gsm8k_exact_match
+from fedlora_jax.adapters import load_adapter
 from fedlora_jax.methods import make_method
 from fedlora_jax.models.lora import LoRAConfig, inject_lora, split_model
 from fedlora_jax.params import leaf_names, trainable_layout
@@ -121,6 +122,8 @@ def build_experiment(config: Config, data: FederatedData | None = None) -> Exper
         raise ConfigError(f"data has {data.num_clients} clients but data.num_clients is {config.data.num_clients}")
     model, adapted = build_model(config, data)
     graphdef, params, frozen = split_model(model)
+    if config.model.adapter:
+        params = load_adapter(config.model.adapter, params, config, data.task)
     f, p = config.federation, config.privacy
     ledger = PrivacyLedger.create(p, data.num_train, f.batch_size, f.local_steps, f.rounds, cohort_size(config))
     record_dp = None

@@ -1,7 +1,9 @@
-"""PEFT export: a run's adapter loads with ``PeftModel.from_pretrained`` onto the transformers base
-in PyTorch and gives the logits fedlora_jax gives (max abs diff < 1e-4): random BERT, RoBERTa and
-Llama bases (exported with the adapter), mean pooling (feature-extraction adapter + head), FedEx's
-rewritten base, and FedSA's per-client adapters.
+"""PEFT export and import: a run's adapter loads with ``PeftModel.from_pretrained`` onto the
+transformers base in PyTorch and gives the logits fedlora_jax gives (max abs diff < 1e-4): random
+BERT, RoBERTa and Llama bases (exported with the adapter), mean pooling (feature-extraction adapter
++ head), FedEx's rewritten base, and FedSA's per-client adapters. ``model.adapter`` reads an
+exported adapter back into exactly the exported state, and an adapter PEFT itself saved into a
+model with PEFT's logits; mismatched adapters are refused with one line.
 
 Export reads a run directory's newest checkpoint, however its numbers were reached (checkpoints
 of real runs are tested in test_checkpoint.py), so these run directories hold a checkpoint of the
@@ -21,6 +23,8 @@ from safetensors.numpy import load_file
 
 from fedlora_jax.checkpoint import Checkpointer, config_digest
 from fedlora_jax.cli import main
+from fedlora_jax.config import ConfigError, load_config
+from fedlora_jax.params import leaf_names
 from fedlora_jax.server import ServerState, init_server_state
 from fedlora_jax.simulate import Experiment, RunLog, build_experiment
 from tiny import tiny_config
@@ -92,6 +96,26 @@ def test_classifier_adapter_loads_in_peft_with_the_same_logits(arch, tmp_path):
     with model.disable_adapter(), torch.no_grad():
         bare = model(input_ids=torch.as_tensor(ids, dtype=torch.long), attention_mask=torch.as_tensor(mask)).logits
     assert np.abs(bare.numpy() - want).max() > 1e-3
+    # import: our export reads back into exactly the exported trainable state ...
+    imported = build_experiment(load_config(run_dir / "config.yaml", [f"model.pretrained={out / 'base'}",
+                                                                       f"model.adapter={out}"]), result.experiment.data)
+    for name, got, saved in zip(leaf_names(imported.params), jax.tree.leaves(imported.params),
+                                jax.tree.leaves(result.state.params)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(saved), err_msg=name)
+    # ... and an adapter PEFT saved (after moving its factors) gives PEFT's logits in our model
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            if "lora_" in name:
+                tensor.add_(0.1 * torch.randn_like(tensor))
+        theirs = model(input_ids=torch.as_tensor(ids, dtype=torch.long), attention_mask=torch.as_tensor(mask)).logits
+    model.save_pretrained(str(tmp_path / "peft_saved"))
+    from_peft = build_experiment(load_config(run_dir / "config.yaml", [f"model.pretrained={out / 'base'}",
+                                                                        f"model.adapter={tmp_path / 'peft_saved'}"]),
+                                 result.experiment.data)
+    ours_now = np.asarray(nnx.merge(from_peft.graphdef, from_peft.params, from_peft.frozen)(
+        jnp.asarray(ids), jnp.asarray(mask)), np.float64)
+    np.testing.assert_allclose(ours_now, theirs.numpy(), atol=1e-4)
+    assert np.abs(ours_now - want).max() > 1e-3
 
 
 def test_mean_pooling_exports_a_feature_extraction_adapter_and_its_head(tmp_path):
@@ -109,6 +133,18 @@ def test_mean_pooling_exports_a_feature_extraction_adapter_and_its_head(tmp_path
     m = mask[..., None].astype(np.float64)
     pooled = (hidden * m).sum(1) / np.maximum(m.sum(1), 1.0)
     np.testing.assert_allclose(pooled @ head["weight"].T + head["bias"], ours(result, ids, mask), atol=1e-4)
+    # import reads the factors and head.safetensors back; mismatched adapters get one line each
+    load = lambda *extra: build_experiment(load_config(run_dir / "config.yaml", [
+        f"model.pretrained={out / 'base'}", f"model.adapter={out}", *extra]), result.experiment.data)
+    for got, saved in zip(jax.tree.leaves(load().params), jax.tree.leaves(result.state.params)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(saved))
+    for extra, message in [(["lora.rank=8"], "has r=4 but lora.rank is 8"),
+                           (["lora.alpha=4"], "has lora_alpha=16.0 but lora.alpha is 4"),
+                           (["lora.targets=[query]"], "adapts encoder.layer.0.attention.self.value"),
+                           (["lora.targets=[query, value, key]"], "does not adapt encoder.layer.0.attention.self.key"),
+                           (["model.adapter=" + str(tmp_path)], "is not a PEFT adapter directory")]:
+        with pytest.raises(ConfigError, match=message):
+            load(*extra)
 
 
 def test_causal_lm_adapter_loads_in_peft_with_the_same_logits(tmp_path):

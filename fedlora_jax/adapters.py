@@ -1,4 +1,5 @@
-"""Export a run's trained adapter as a Hugging Face PEFT adapter (and its base when needed).
+"""Hugging Face PEFT adapters in and out: export a run's trained adapter (and its base when
+needed); start a run from an existing adapter (``model.adapter``).
 
 ``export_run(RUN_DIR, OUT)`` reads the run's newest checkpoint and writes
 
@@ -18,7 +19,8 @@
   starts its next round from.
 
 Names follow the same rules as loading (:mod:`fedlora_jax.models.weights`), so an exported base
-loads back with ``model.pretrained``.
+loads back with ``model.pretrained``, and :func:`load_adapter` reads an adapter (ours or one PEFT
+saved) into the initial trainable state by the same names.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 from fedlora_jax.checkpoint import Checkpointer, config_digest
 from fedlora_jax.config import ConfigError, load_config
@@ -112,12 +115,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, clients: bool = False) 
         raise ConfigError(f"--clients exports per-client adapters (FedSA); the clients of method {method.name!r} "
                           "keep no state of their own")
     state = jax.device_get(found.state)
-    model_type = (model_config_from_pretrained(config.model.pretrained)["model_type"] if config.model.pretrained
-                  else config.model.arch)
-    task_type = {"causal_lm": "CAUSAL_LM"}.get(task.task, "SEQ_CLS")
-    if task_type == "SEQ_CLS" and config.model.pooling == "mean":
-        task_type = "FEATURE_EXTRACTION"
-    naming = _Naming(model_type, task_type)
+    naming, model_type, task_type = _naming_for(config, task.task)
     tensors, targets, modules_to_save = _write_trainable(state.params, naming, task_type, out_dir)
 
     base = config.model.pretrained
@@ -141,25 +139,108 @@ def export_run(run_dir: str | Path, out_dir: str | Path, clients: bool = False) 
     return out_dir
 
 
+def _naming_for(config, task: str) -> tuple[_Naming, str, str]:
+    """(naming, transformers model_type, PEFT task_type) of a config's model for ``task``."""
+    model_type = (model_config_from_pretrained(config.model.pretrained)["model_type"] if config.model.pretrained
+                  else config.model.arch)
+    task_type = {"causal_lm": "CAUSAL_LM"}.get(task, "SEQ_CLS")
+    if task_type == "SEQ_CLS" and config.model.pooling == "mean":
+        task_type = "FEATURE_EXTRACTION"
+    return _Naming(model_type, task_type), model_type, task_type
+
+
+class _Place(NamedTuple):
+    """Where a trainable leaf lives in an adapter directory."""
+
+    file: str  # ADAPTER_FILE or HEAD_FILE
+    name: str
+    transposed: bool  # stored as torch's [out, in] while we hold [in, out]
+    module: str | None  # the adapted module's name (LoRA factors), else None
+
+
+ADAPTER_FILE, HEAD_FILE = "adapter_model.safetensors", "head.safetensors"
+
+
+def _places(params, naming: _Naming, task_type: str) -> list[_Place]:
+    """The place of every trainable leaf (in leaf order): LoRA factors and a transformers head in
+    the adapter (PEFT names; the head under modules_to_save), a mean-pooling head in head.safetensors."""
+    places = []
+    for path in _paths(params):
+        if path[-1] in LORA_LEAVES:
+            module = naming.module(path[:-1])
+            places.append(_Place(ADAPTER_FILE, f"base_model.model.{module}.{LORA_LEAVES[path[-1]]}.weight", False, module))
+        elif task_type == "SEQ_CLS":
+            places.append(_Place(ADAPTER_FILE, f"base_model.model.{naming.tensor(path)}", path[-1] == "kernel", None))
+        else:
+            places.append(_Place(HEAD_FILE, naming.tensor(path).split(".")[-1], path[-1] == "kernel", None))
+    return places
+
+
 def _write_trainable(params, naming: _Naming, task_type: str, out_dir: Path) -> tuple[dict, list, list]:
     """(adapter tensors by PEFT name, adapted module names, modules_to_save) of a trainable tree;
     a head outside the transformers model (mean pooling) goes to ``out_dir/head.safetensors``."""
-    tensors, head, targets = {}, {}, []
-    for path, value in zip(_paths(params), jax.tree.leaves(params)):
-        if path[-1] in LORA_LEAVES:
-            module = naming.module(path[:-1])
-            tensors[f"base_model.model.{module}.{LORA_LEAVES[path[-1]]}.weight"] = np.asarray(value)
-            targets.append(module)
-        else:
-            head[path] = np.asarray(value)
-    modules_to_save = []
-    if task_type == "SEQ_CLS":
-        tensors.update({f"base_model.model.{naming.tensor(p)}": _torch_layout(p, v) for p, v in head.items()})
-        modules_to_save = sorted({naming.tensor(p).split(".")[0] for p in head})
-    elif head:
-        save_file({naming.tensor(p).split(".")[-1]: _torch_layout(p, v) for p, v in head.items()},
-                  str(_mkdir(out_dir) / "head.safetensors"))
-    return tensors, targets, modules_to_save
+    files = {ADAPTER_FILE: {}, HEAD_FILE: {}}
+    places = _places(params, naming, task_type)
+    for place, value in zip(places, jax.tree.leaves(params)):
+        value = np.asarray(value)
+        files[place.file][place.name] = np.ascontiguousarray(value.T if place.transposed else value)
+    if files[HEAD_FILE]:
+        save_file(files[HEAD_FILE], str(_mkdir(out_dir) / HEAD_FILE))
+    targets = [p.module for p in places if p.module]
+    modules_to_save = sorted({p.name.split(".")[2] for p in places if p.file == ADAPTER_FILE and not p.module})
+    return files[ADAPTER_FILE], targets, modules_to_save
+
+
+def load_adapter(path: str | Path, params, config, task: str):
+    """``params`` (the trainable state: LoRA factors and head) with the values of the PEFT adapter
+    in directory ``path``: every LoRA factor, and the head where the adapter saved one
+    (``modules_to_save``, or ``head.safetensors`` with mean pooling).
+
+    The adapter must match the run's LoRA setup: rank, alpha, rsLoRA and the adapted modules
+    (``lora.targets``); anything else is a :class:`ConfigError` naming the difference.
+    """
+    path = Path(path)
+    where = f"config key 'model.adapter': {path}"
+    if not (path / "adapter_config.json").is_file() or not (path / ADAPTER_FILE).is_file():
+        raise ConfigError(f"{where} is not a PEFT adapter directory (adapter_config.json + {ADAPTER_FILE})")
+    try:
+        adapter = json.loads((path / "adapter_config.json").read_text())
+        files = {ADAPTER_FILE: load_file(str(path / ADAPTER_FILE))}
+        if (path / HEAD_FILE).is_file():
+            files[HEAD_FILE] = load_file(str(path / HEAD_FILE))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{where} cannot be read ({type(e).__name__}: {e})") from None
+    if adapter.get("peft_type") != "LORA":
+        raise ConfigError(f"{where} is a {adapter.get('peft_type')} adapter; only LORA adapters can be loaded")
+    for key, ours_value in (("r", config.lora.rank), ("lora_alpha", config.lora.alpha),
+                            ("use_rslora", config.lora.rslora)):
+        theirs = adapter.get(key, False if key == "use_rslora" else None)
+        if theirs != ours_value:
+            section = {"r": "rank", "lora_alpha": "alpha", "use_rslora": "rslora"}[key]
+            raise ConfigError(f"{where} has {key}={theirs!r} but lora.{section} is {ours_value!r}; set lora.{section} to match")
+    naming, _, task_type = _naming_for(config, task)
+    places = _places(params, naming, task_type)
+    adapted = {p.module for p in places if p.module}
+    theirs = {k.rsplit(".", 2)[0] for k in files[ADAPTER_FILE] if ".lora_A." in k or ".lora_B." in k}
+    extra = sorted(m.removeprefix("base_model.model.") for m in theirs - {f"base_model.model.{m}" for m in adapted})
+    if extra:
+        raise ConfigError(f"{where} adapts {extra[0]} (and {len(extra) - 1} more), which lora.targets do not adapt")
+    found = [files.get(place.file, {}).get(place.name) for place in places]
+    for place, value in zip(places, found):
+        if value is None and place.module:
+            raise ConfigError(f"{where} has no {place.name}: it does not adapt {place.module}, which lora.targets adapt")
+    head_saved = [value is not None for place, value in zip(places, found) if not place.module]
+    if any(head_saved) and not all(head_saved):
+        raise ConfigError(f"{where} saves part of the task head only")
+    leaves, treedef = jax.tree.flatten(params)
+    for i, (place, value) in enumerate(zip(places, found)):
+        if value is None:  # no head saved: the run's freshly initialised head
+            continue
+        value = value.T if place.transposed else value
+        if value.shape != leaves[i].shape:
+            raise ConfigError(f"{where}: {place.name} has shape {list(value.shape)}, the model needs {list(leaves[i].shape)}")
+        leaves[i] = jnp.asarray(value, leaves[i].dtype)
+    return jax.tree.unflatten(treedef, leaves)
 
 
 def _mkdir(path: Path) -> Path:
