@@ -1,8 +1,9 @@
 """Local updates: ``local_steps`` optimiser steps of a group of clients, as one pure function.
 
 :func:`train_clients` scans over steps and vmaps over the group's clients inside each step; the
-frozen base is closed over unbatched. Shapes are static: a client's shard is padded to n_max rows,
-batches are index gathers with a mask, and a step's rows are packed into one of a few static
+frozen base and every client's rows (stored once, client after client) are closed over unbatched.
+Shapes are static: each step samples indices below the largest client's size (masked beyond the
+client's own), gathers only those rows, and a step's rows are packed into one of a few static
 stream lengths (or run padded). With record-level DP, each step is a DP-SGD step (per-example
 gradients of the trainable leaves only, clipped, noised).
 """
@@ -88,6 +89,8 @@ class LocalTrainer:
     ``aligned_streams``: streams are aligned to blocks of the row length (encoders).
     ``bookkeeping``: DP-SGD takes per-example gradients from one batched backward
     (:mod:`fedlora_jax.privacy.bookkeeping`) instead of a vmap over examples.
+    ``max_examples``: the largest client's number of rows, the static range clients sample
+    indices from (a client's own count masks the rest).
     """
 
     graphdef: Any
@@ -101,6 +104,7 @@ class LocalTrainer:
     bookkeeping: bool = False
     shared_stream: bool = False
     aligned_streams: bool = False
+    max_examples: int = 1
 
     def loss(self, params, frozen, batch: dict, mask: jax.Array) -> jax.Array:
         """Masked mean of per-example losses."""
@@ -117,7 +121,8 @@ class LocalStats(NamedTuple):
     overflows: jax.Array  # [C] int32, steps whose Poisson sample overflowed the buffer (rows dropped)
 
 
-def train_clients(trainer: LocalTrainer, frozen, params, data: dict, num_examples, keys, round_index, train_mask):
+def train_clients(trainer: LocalTrainer, frozen, params, rows: dict, offsets, num_examples, keys, round_index,
+                  train_mask):
     """Runs ``local_steps`` optimiser steps on a group of C clients trained together.
 
     Steps are the outer loop (``lax.scan``) and clients the inner one (``vmap``), so each step can
@@ -127,8 +132,9 @@ def train_clients(trainer: LocalTrainer, frozen, params, data: dict, num_example
       trainer: static description.
       frozen: frozen base state (unbatched, shared by every client).
       params: the clients' starting trainable states (LoRA factors + head), leaves [C, ...].
-      data: the clients' shards, arrays [C, n_max, ...].
-      num_examples: [C] real rows in each shard.
+      rows: every client's rows, arrays [N, ...] (unbatched).
+      offsets: [C] first row of each client in ``rows``.
+      num_examples: [C] rows of each client (>= 1).
       keys: [C] the clients' PRNG keys for this round.
       round_index: global round (int scalar), for the learning-rate schedule.
       train_mask: tree like one client's ``params`` of scalars; 0 freezes a leaf.
@@ -140,8 +146,8 @@ def train_clients(trainer: LocalTrainer, frozen, params, data: dict, num_example
     def step(carry, t):
         params, opt_state = carry
         step_keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(keys)
-        losses, grads, non_finite, overflows = _gradients(trainer, frozen, params, data, num_examples, step_keys,
-                                                          train_mask)
+        losses, grads, non_finite, overflows = _gradients(trainer, frozen, params, rows, offsets, num_examples,
+                                                          step_keys, train_mask)
         direction, opt_state = jax.vmap(trainer.optimizer.update)(grads, opt_state, params)
         lr = trainer.schedule(round_index * trainer.local_steps + t)
         params = jax.tree.map(lambda p, d, m: p - (lr * m * d).astype(p.dtype), params, direction, train_mask)
@@ -153,10 +159,12 @@ def train_clients(trainer: LocalTrainer, frozen, params, data: dict, num_example
                               jnp.sum(overflows.astype(jnp.int32), axis=0))
 
 
-def _sample(trainer: LocalTrainer, data: dict, num_examples, key):
+def _sample(trainer: LocalTrainer, rows: dict, offset, num_examples, key):
     """One client's step batch: (rows [b, ...], example mask [b] float32, expected batch size,
-    whether a Poisson sample overflowed the buffer)."""
-    capacity = jax.tree.leaves(data)[0].shape[0]
+    whether a Poisson sample overflowed the buffer). Indices are drawn below
+    ``trainer.max_examples`` and masked at the client's own count; only the b sampled rows are
+    gathered (a masked slot reads the client's first row, which its mask excludes)."""
+    capacity = trainer.max_examples
     n = jnp.maximum(num_examples, 1).astype(jnp.float32)
     dp = trainer.dp
     if dp is not None and dp.poisson:
@@ -167,14 +175,16 @@ def _sample(trainer: LocalTrainer, data: dict, num_examples, key):
         indices, mask = shuffled_batch(key, num_examples, trainer.batch_size, capacity)
         expected = jnp.minimum(1.0, trainer.batch_size / n) * n
         overflow = jnp.zeros((), bool)
-    return jax.tree.map(lambda x: x[indices], data), mask.astype(jnp.float32), expected, overflow
+    picked = offset + jnp.where(mask > 0, indices, 0)
+    return jax.tree.map(lambda x: x[picked], rows), mask.astype(jnp.float32), expected, overflow
 
 
-def _gradients(trainer: LocalTrainer, frozen, params, data: dict, num_examples, keys, train_mask):
+def _gradients(trainer: LocalTrainer, frozen, params, client_rows: dict, offsets, num_examples, keys, train_mask):
     """(losses [C], gradients [C, ...], non-finite DP examples [C], Poisson overflows [C] bool) of
     one local step of every client of the group."""
     sample_keys, noise_keys = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
-    rows, masks, expected, overflows = jax.vmap(functools.partial(_sample, trainer))(data, num_examples, sample_keys)
+    rows, masks, expected, overflows = jax.vmap(functools.partial(_sample, trainer, client_rows))(
+        offsets, num_examples, sample_keys)
 
     def client_gradient(params, batch, mask, expected, key):
         return _client_gradient(trainer, frozen, params, batch, mask, expected, key, train_mask)

@@ -321,8 +321,8 @@ def comparison_table(summary: Sequence[dict], headline: str, title: str = "compa
 
 
 def _client_label_counts(labels: np.ndarray, sizes: np.ndarray, num_classes: int) -> np.ndarray:
-    """Label histogram of padded client shards: labels [U, n_max], sizes [U] -> counts [U, C]."""
-    flat = np.concatenate([labels[u, : int(n)] for u, n in enumerate(sizes)]).astype(np.int64)
+    """Label histogram of clients' rows stored client after client: labels [N], sizes [U] -> counts [U, C]."""
+    flat = np.asarray(labels, np.int64)
     bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     parts = [np.arange(bounds[u], bounds[u + 1]) for u in range(len(sizes))]
     return label_histogram(flat, parts, num_classes)

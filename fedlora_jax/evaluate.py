@@ -52,19 +52,29 @@ def eval_batches(arrays: dict, batch_size: int, num_tokens: int | None = None) -
     return batches, np.where(index < n, index, -1)
 
 
-def client_eval_batches(arrays: dict, sizes: np.ndarray, batch_size: int, num_tokens: int | None = None):
-    """:func:`eval_batches` of each client's first ``sizes[u]`` rows of arrays [U, m, ...], stacked to
-    [U, nb, ...] (clients with fewer batches get empty ones); index [U, nb, batch_size]."""
-    per_client = [eval_batches({k: v[u, : max(int(n), 1)] for k, v in arrays.items()}, batch_size, num_tokens)
-                  for u, n in enumerate(sizes)]
-    nb = max(index.shape[0] for _, index in per_client)
+def client_rows(arrays: dict, offsets: np.ndarray, sizes: np.ndarray, u: int) -> dict:
+    """Client u's rows of arrays stored client after client (one zero row for a client without rows)."""
+    start, n = int(offsets[u]), int(sizes[u])
+    if n == 0:
+        return {k: np.zeros((1,) + v.shape[1:], v.dtype) for k, v in arrays.items()}
+    return {k: v[start: start + n] for k, v in arrays.items()}
+
+
+def client_eval_batches(arrays: dict, offsets: np.ndarray, sizes: np.ndarray, clients, batch_size: int,
+                        num_tokens: int | None = None, num_batches: int | None = None):
+    """:func:`eval_batches` of each of ``clients``' rows (arrays [M, ...] stored client after
+    client, ``offsets`` / ``sizes`` [U]), stacked to [K, nb, ...] (clients with fewer batches get
+    empty ones; ``num_batches`` fixes nb, default the most any of them needs); index
+    [K, nb, batch_size] (-1: empty slot)."""
+    per_client = [eval_batches(client_rows(arrays, offsets, sizes, u), batch_size, num_tokens) for u in clients]
+    nb = max(index.shape[0] for _, index in per_client) if num_batches is None else num_batches
 
     def grow(x, fill):
         return np.concatenate([x, np.full((nb - x.shape[0],) + x.shape[1:], fill, x.dtype)]) if x.shape[0] < nb else x
 
     batches = jax.tree.map(lambda *xs: np.stack([grow(np.asarray(x), 0) for x in xs]), *[b for b, _ in per_client])
     index = np.stack([grow(i, -1) for _, i in per_client])
-    index = np.where(index < np.asarray(sizes)[:, None, None], index, -1)
+    index = np.where(index < np.asarray(sizes)[np.asarray(clients)][:, None, None], index, -1)
     return batches, index
 
 

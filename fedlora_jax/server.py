@@ -1,7 +1,7 @@
 """Server state and the jitted federated round.
 
-One call of the round function: sample a cohort, gather its shards, run every client's local
-update in parallel (vmap over the client axis, optionally mapped over chunks of clients),
+One call of the round function: sample a cohort, look up its clients' rows (stored once for all
+clients; each local step gathers only the rows it samples), run every client's local update in parallel (vmap over the client axis, optionally mapped over chunks of clients),
 aggregate all LoRA modules (one vmapped call per group of same-shape modules) and the head, and
 return the new server state. Shapes are static, so it compiles once.
 """
@@ -42,10 +42,12 @@ class ServerState(NamedTuple):
 
 
 class ClientShards(NamedTuple):
-    """Device copies of the client data: arrays [U, n_max, ...] and counts [U]."""
+    """Device copy of the client data: every client's rows once, client after client (arrays
+    [N, ...]), each client's first row ``offsets`` [U] and its number of rows ``num_examples`` [U]."""
 
     arrays: dict
     num_examples: jax.Array
+    offsets: jax.Array
 
 
 class RoundOutput(NamedTuple):
@@ -71,7 +73,8 @@ def init_server_state(params, frozen, seed: int, federation: "Federation | None"
 
 
 def device_shards(data: FederatedData) -> ClientShards:
-    return ClientShards({k: jnp.asarray(v) for k, v in data.train.items()}, jnp.asarray(data.num_train))
+    return ClientShards({k: jnp.asarray(v) for k, v in data.train.items()}, jnp.asarray(data.num_train),
+                        jnp.asarray(data.train_offsets, jnp.int32))
 
 
 def map_modules(fn, xs):
@@ -148,19 +151,20 @@ class Federation:
         ids, mask, _ = jax.device_get(self.sample_cohort(self.split_key(state.key)[1]))
         return ids[mask]
 
-    def run_clients(self, frozen, start_params, shards: dict, counts, keys, round_index, train_mask):
+    def run_clients(self, frozen, start_params, rows: dict, offsets, counts, keys, round_index, train_mask):
         """Local updates of K clients: all at once, or in groups of ``clients_per_chunk`` mapped one
         after another (``lax.map``; a last smaller group takes the remainder).
 
-        ``start_params``/``shards``/``counts``/``keys`` carry a leading [K] axis; ``frozen`` does not.
+        ``start_params``/``offsets``/``counts``/``keys`` carry a leading [K] axis; ``frozen`` and
+        ``rows`` (every client's rows [N, ...]) do not.
         Returns (trained params [K, ...], :class:`fedlora_jax.client.LocalStats` over [K]).
         """
 
         def train(args):
-            params, data, n, key = args
-            return train_clients(self.trainer, frozen, params, data, n, key, round_index, train_mask)
+            params, first, n, key = args
+            return train_clients(self.trainer, frozen, params, rows, first, n, key, round_index, train_mask)
 
-        args = (start_params, shards, counts, keys)
+        args = (start_params, offsets, counts, keys)
         chunk = self.clients_per_chunk
         if chunk is None or chunk >= self.cohort_size:
             return train(args)
@@ -221,15 +225,15 @@ class Federation:
         """One federated round (pure; jit it with :meth:`compile_round`)."""
         key, cohort_key, train_key, server_key = self.split_key(state.key)
         cohort, taking_part, overflow = self.sample_cohort(cohort_key)
-        data = jax.tree.map(lambda x: x[cohort], shards.arrays)
-        counts = shards.num_examples[cohort]
+        counts, offsets = shards.num_examples[cohort], shards.offsets[cohort]
         counted = counts.astype(jnp.float32) * taking_part
         weights = counted / jnp.maximum(jnp.sum(counted), 1.0)
         start = self.method.client_start(state.method_state, state.params, cohort, self.layout)
         train_a, train_b = self.method.trains(state.round)
         mask = factor_mask(self.layout, state.params, train_a, train_b)
         keys = jax.random.split(train_key, self.cohort_size)
-        client_params, stats = self.run_clients(state.frozen, start, data, counts, keys, state.round, mask)
+        client_params, stats = self.run_clients(state.frozen, start, shards.arrays, offsets, counts, keys, state.round,
+                                                mask)
         frozen = state.frozen
         if self.user_dp is None:
             params, frozen, divergence = self.aggregate(client_params, weights, state.round, server_key, frozen)

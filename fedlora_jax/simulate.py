@@ -27,11 +27,12 @@ from fedlora_jax import models
 from fedlora_jax.checkpoint import Checkpointer, config_digest
 from fedlora_jax.client import LocalTrainer, RecordDP, make_optimizer, make_schedule
 from fedlora_jax.config import Config, ConfigError, cohort_size
-from fedlora_jax.data.base import FederatedData
+from fedlora_jax.data.base import FederatedData, offsets_of
 from fedlora_jax.data.packing import eval_stream_length, row_lengths, token_buckets
 from fedlora_jax.data.sources import SOURCES, load_federated
 from fedlora_jax.data.synthetic import make_synthetic
-from fedlora_jax.evaluate import Evaluator, client_eval_batches, eval_batches, score, unbatch, weighted_client_metrics
+from fedlora_jax.evaluate import (Evaluator, client_eval_batches, client_rows, eval_batches, score, unbatch,
+                                  weighted_client_metrics)
 from fedlora_jax.generate import gsm8k_exact_match
 from fedlora_jax.adapters import load_adapter
 from fedlora_jax.methods import make_method
@@ -106,7 +107,7 @@ def step_token_buckets(data: FederatedData, batch_size: int, record_dp: RecordDP
     if np.any(np.diff(mask, axis=-1) > 0):
         raise ConfigError("config key 'data.packing': packing needs right-padded rows (a real prefix per row); "
                           "set data.packing=null")
-    lengths = [row_lengths(mask[u, :n]) for u, n in enumerate(data.num_train)]
+    lengths = np.split(row_lengths(mask), np.cumsum(data.num_train)[:-1])
     poisson = record_dp is not None and record_dp.poisson
     rates = np.minimum(1.0, batch_size / np.maximum(data.num_train, 1)) if poisson else None
     rows = record_dp.buffer_size if poisson else batch_size
@@ -142,7 +143,7 @@ def build_experiment(config: Config, data: FederatedData | None = None) -> Exper
     buckets = step_token_buckets(data, f.batch_size, record_dp, group, shared, aligned) if packs else ()
     trainer = LocalTrainer(graphdef, data.task, make_optimizer(config.optim),
                            make_schedule(config.optim, f.rounds * f.local_steps), f.local_steps, f.batch_size, record_dp,
-                           buckets, bookkeeping, shared and bool(buckets), aligned)
+                           buckets, bookkeeping, shared and bool(buckets), aligned, int(data.num_train.max()))
     method = make_method(f.method, f.method_options, lora_rank=config.lora.rank)
     layout = trainable_layout(params)
     frozen_index = {name: i for i, name in enumerate(leaf_names(frozen))}
@@ -153,8 +154,7 @@ def build_experiment(config: Config, data: FederatedData | None = None) -> Exper
     eval_tokens = local_tokens = None
     if config.data.packing == "auto" and data.task != "causal_lm":  # causal LM scores padded token rows
         eval_tokens = eval_stream_length(data.global_test["attention_mask"], config.eval.batch_size)
-        local_rows = [data.local_test["attention_mask"][u, :n] for u, n in enumerate(data.num_local_test)]
-        local_tokens = eval_stream_length(np.concatenate(local_rows), config.eval.batch_size)
+        local_tokens = eval_stream_length(data.local_test["attention_mask"], config.eval.batch_size)
     evaluator = Evaluator(graphdef, data.task, config.eval.batch_size, eval_tokens, local_tokens)
     return Experiment(config, data, graphdef, params, frozen, federation, evaluator, adapted, ledger)
 
@@ -236,8 +236,11 @@ class Evaluation:
         batches, self.global_index = eval_batches(self.global_arrays, ev.batch_size, ev.num_tokens)
         self.global_batches = jax.tree.map(jnp.asarray, batches)
         self.local_arrays, self.local_sizes = local_subsets(exp.data, exp.config.eval.local_max_examples, exp.config.seed)
-        self.local_batches, self.local_index = client_eval_batches(self.local_arrays, self.local_sizes, ev.batch_size,
-                                                                   ev.local_num_tokens)
+        self.local_offsets = offsets_of(self.local_sizes)
+        # every cohort's local batches have the same static count: the most any client needs
+        self.local_num_batches = max(eval_batches(client_rows(self.local_arrays, self.local_offsets, self.local_sizes, u),
+                                                  ev.batch_size, ev.local_num_tokens)[1].shape[0]
+                                     for u in range(exp.data.num_clients))
 
     def global_metrics(self, state: ServerState) -> dict:
         preds, losses = jax.device_get(self.global_fn(state.params, state.frozen, self.global_batches))
@@ -275,34 +278,34 @@ class Evaluation:
         sizes = self.local_sizes[cohort] * (1 if taking_part is None else taking_part)
         if sizes.sum() == 0:
             return {}
-        batches = jax.tree.map(lambda v: jnp.asarray(v[cohort]), self.local_batches)
-        preds, losses = jax.device_get(self.local_fn(client_params, frozen, batches))
+        batches, index = client_eval_batches(self.local_arrays, self.local_offsets, self.local_sizes, cohort,
+                                             self.exp.evaluator.batch_size, self.exp.evaluator.local_num_tokens,
+                                             self.local_num_batches)
+        preds, losses = jax.device_get(self.local_fn(client_params, frozen, jax.tree.map(jnp.asarray, batches)))
         per_client = []
         for i, (u, n) in enumerate(zip(cohort, sizes)):
-            width = self.local_arrays["attention_mask"].shape[1]
-            client = {k: v[u] for k, v in self.local_arrays.items()}
-            index = self.local_index[u]
-            valid = np.arange(width) < n
-            client_preds, client_losses = unbatch(preds[i], index, width), unbatch(losses[i], index, width)
-            per_client.append(score(self.exp.data.name, self.exp.data.task, client_preds, client_losses, client, valid)
-                              if n else {})
+            if not n:
+                per_client.append({})
+                continue
+            client = client_rows(self.local_arrays, self.local_offsets, self.local_sizes, u)
+            kept = int(self.local_sizes[u])
+            client_preds, client_losses = unbatch(preds[i], index[i], kept), unbatch(losses[i], index[i], kept)
+            per_client.append(score(self.exp.data.name, self.exp.data.task, client_preds, client_losses, client,
+                                    np.ones(kept, bool)))
         return weighted_client_metrics(per_client, sizes)
 
 
 def local_subsets(data: FederatedData, limit: int | None, seed: int) -> tuple[dict, np.ndarray]:
-    """Each client's local test rows, at most ``limit`` of them (a seeded random subset), packed
-    first: arrays [U, min(m_max, limit), ...] and the kept counts [U]."""
+    """Each client's local test rows, at most ``limit`` of them (a seeded random subset, kept in
+    order): arrays [M, ...] client after client, and the kept counts [U]."""
     counts = data.num_local_test
-    width = int(counts.max(initial=0)) if limit is None else min(limit, int(counts.max(initial=0)))
-    width = max(width, 1)
     rng = np.random.default_rng(seed)
-    rows = np.zeros((len(counts), width), np.int64)
-    kept = np.minimum(counts, width)
-    for u, n in enumerate(counts):
-        rows[u, : kept[u]] = np.sort(rng.choice(int(n), size=int(kept[u]), replace=False)) if n else []
-    arrays = {k: np.take_along_axis(v, rows.reshape(rows.shape + (1,) * (v.ndim - 2)), axis=1)
-              for k, v in data.local_test.items()}
-    return arrays, kept
+    kept = counts if limit is None else np.minimum(counts, limit)
+    offsets = data.local_test_offsets
+    rows = [offsets[u] + np.sort(rng.choice(int(n), size=int(kept[u]), replace=False))
+            for u, n in enumerate(counts) if n]
+    order = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    return {k: v[order] for k, v in data.local_test.items()}, np.asarray(kept)
 
 
 def _headline(task: str) -> str:

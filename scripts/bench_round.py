@@ -75,9 +75,10 @@ def bench_cohort(config_path: Path, cohort: int, chunk: int, repeats: int) -> di
 
     # loop: the same local update, jitted per client, called K times; then the same aggregation
     mask = factor_mask(fed.layout, state.params, 1.0, 1.0)
-    def one_client(frozen, params, data, n, key):  # a group of one client
-        group = jax.tree.map(lambda x: x[None], (params, data, n, key))
-        return jax.tree.map(lambda x: x[0], train_clients(fed.trainer, frozen, *group, jnp.int32(0), mask))
+    def one_client(frozen, params, offset, n, key):  # a group of one client
+        params, offset, n, key = jax.tree.map(lambda x: x[None], (params, offset, n, key))
+        return jax.tree.map(lambda x: x[0], train_clients(fed.trainer, frozen, params, shards.arrays, offset, n, key,
+                                                          jnp.int32(0), mask))
 
     one_client = jax.jit(one_client)
     aggregate = jax.jit(lambda stacked, w: fed.aggregate(stacked, w, jnp.int32(0), jax.random.key(0), state.frozen))
@@ -85,10 +86,9 @@ def bench_cohort(config_path: Path, cohort: int, chunk: int, repeats: int) -> di
     keys = jax.random.split(jax.random.key(1), cohort)
     counts = shards.num_examples[jnp.array(cohort_ids)]
     weights = (counts / counts.sum()).astype(jnp.float32)
-    client_data = [jax.tree.map(lambda x: x[u], shards.arrays) for u in cohort_ids]
 
     def loop_round():
-        trained = [one_client(state.frozen, state.params, client_data[u], shards.num_examples[u], keys[u])[0]
+        trained = [one_client(state.frozen, state.params, shards.offsets[u], shards.num_examples[u], keys[u])[0]
                    for u in cohort_ids]
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *trained)
         jax.block_until_ready(aggregate(stacked, weights))

@@ -15,12 +15,10 @@ def cohort_inputs(exp, k):
     fed = exp.federation
     shards = device_shards(exp.data)
     cohort = jnp.arange(k)
-    data = jax.tree.map(lambda x: x[cohort], shards.arrays)
-    counts = shards.num_examples[cohort]
     start = jax.tree.map(lambda x: jnp.broadcast_to(x, (k,) + x.shape), exp.params)
     keys = jax.random.split(jax.random.key(7), k)
     mask = factor_mask(fed.layout, exp.params, 1.0, 1.0)
-    return start, data, counts, keys, mask
+    return start, shards.arrays, shards.offsets[cohort], shards.num_examples[cohort], keys, mask
 
 
 def assert_trees_close(a, b, atol):
@@ -31,17 +29,18 @@ def assert_trees_close(a, b, atol):
 def test_vmapped_clients_equal_one_at_a_time():
     exp = tiny_experiment()
     fed = exp.federation
-    start, data, counts, keys, mask = cohort_inputs(exp, fed.cohort_size)
+    start, rows, offsets, counts, keys, mask = cohort_inputs(exp, fed.cohort_size)
     round_index = jnp.int32(0)
-    batched, stats = jax.jit(fed.run_clients)(exp.frozen, start, data, counts, keys, round_index, mask)
-    def one_client(params, data, n, key):  # a group of one client
-        group = jax.tree.map(lambda x: x[None], (params, data, n, key))
-        return jax.tree.map(lambda x: x[0], train_clients(fed.trainer, exp.frozen, *group, round_index, mask))
+    batched, stats = jax.jit(fed.run_clients)(exp.frozen, start, rows, offsets, counts, keys, round_index, mask)
+    def one_client(params, offset, n, key):  # a group of one client
+        params, offset, n, key = jax.tree.map(lambda x: x[None], (params, offset, n, key))
+        return jax.tree.map(lambda x: x[0], train_clients(fed.trainer, exp.frozen, params, rows, offset, n, key,
+                                                          round_index, mask))
 
     single = jax.jit(one_client)
     for u in range(fed.cohort_size):
         pick = lambda t: jax.tree.map(lambda x: x[u], t)
-        params_u, stats_u = single(pick(start), pick(data), counts[u], keys[u])
+        params_u, stats_u = single(pick(start), offsets[u], counts[u], keys[u])
         assert_trees_close(pick(batched), params_u, atol=1e-5)
         np.testing.assert_allclose(stats.loss[u], stats_u.loss, atol=1e-5)
     # training moved the adapters: B left zero and differs between clients
@@ -103,26 +102,30 @@ def test_round_compiles_once_across_rounds():
     assert int(state.round) == 4
 
 
-def test_padding_rows_do_not_affect_training():
+def test_other_clients_rows_do_not_affect_training():
+    """A client's steps read only its own rows (masked sampling slots included)."""
     exp = tiny_experiment()
     fed = exp.federation
-    start, data, counts, keys, mask = cohort_inputs(exp, 2)
-    garbage = jax.tree.map(lambda x: x, data)
-    for name, x in data.items():
-        rows = jnp.arange(x.shape[1])[None, :, *([None] * (x.ndim - 2))] >= counts[:, None, *([None] * (x.ndim - 2))]
+    start, rows, offsets, counts, keys, mask = cohort_inputs(exp, 2)
+    own = np.zeros(len(rows["input_ids"]), bool)
+    for first, n in zip(np.asarray(offsets), np.asarray(counts)):
+        own[first: first + n] = True
+    garbage = {}
+    for name, x in rows.items():
         fill = (jnp.arange(x.size).reshape(x.shape) % 7 + 1).astype(x.dtype)
-        garbage[name] = jnp.where(rows, fill, x)
-    assert any(not np.array_equal(garbage[k], data[k]) for k in data)
-    p1, _ = fed.run_clients(exp.frozen, start, data, counts, keys, jnp.int32(0), mask)
-    p2, _ = fed.run_clients(exp.frozen, start, garbage, counts, keys, jnp.int32(0), mask)
-    assert_trees_close(p1, p2, atol=1e-6)
+        garbage[name] = jnp.where(jnp.asarray(own).reshape((-1,) + (1,) * (x.ndim - 1)), x, fill)
+    assert any(not np.array_equal(garbage[k], rows[k]) for k in rows) and not own.all()
+    run = jax.jit(fed.run_clients)
+    p1, _ = run(exp.frozen, start, rows, offsets, counts, keys, jnp.int32(0), mask)
+    p2, _ = run(exp.frozen, start, garbage, offsets, counts, keys, jnp.int32(0), mask)
+    assert_trees_close(p1, p2, atol=0)
 
 
 def test_fedit_aggregate_is_example_weighted_mean():
     exp = tiny_experiment()
     fed = exp.federation
-    start, data, counts, keys, mask = cohort_inputs(exp, 3)
-    client_params, _ = fed.run_clients(exp.frozen, start, data, counts, keys, jnp.int32(0), mask)
+    start, rows, offsets, counts, keys, mask = cohort_inputs(exp, 3)
+    client_params, _ = fed.run_clients(exp.frozen, start, rows, offsets, counts, keys, jnp.int32(0), mask)
     w = counts / counts.sum()
     new, frozen, divergence = fed.aggregate(client_params, w.astype(jnp.float32), jnp.int32(0), jax.random.key(0), exp.frozen)
     assert_trees_close(frozen, exp.frozen, atol=0)
@@ -138,10 +141,12 @@ def test_local_evaluation_subsets_are_drawn_from_each_clients_own_rows():
     data = make_synthetic(5, (10, 80), seed=1)
     arrays, kept = local_subsets(data, limit=6, seed=0)
     assert kept.tolist() == np.minimum(data.num_local_test, 6).tolist()
+    starts = np.concatenate([[0], np.cumsum(kept)[:-1]])
     for u in range(5):
-        own = {tuple(row) + (label,) for row, label in zip(data.local_test["input_ids"][u, : data.num_local_test[u]],
-                                                           data.local_test["labels"][u, : data.num_local_test[u]])}
-        picked = [tuple(row) + (label,) for row, label in zip(arrays["input_ids"][u, : kept[u]], arrays["labels"][u, : kept[u]])]
+        rows = data.client_local_test(u)
+        own = {tuple(row) + (label,) for row, label in zip(rows["input_ids"], rows["labels"])}
+        span = slice(starts[u], starts[u] + kept[u])
+        picked = [tuple(row) + (label,) for row, label in zip(arrays["input_ids"][span], arrays["labels"][span])]
         assert len(set(picked)) == kept[u] and set(picked) <= own
     full, all_kept = local_subsets(data, limit=None, seed=0)
     assert all_kept.tolist() == data.num_local_test.tolist()

@@ -153,12 +153,12 @@ def test_causal_lm_adapter_loads_in_peft_with_the_same_logits(tmp_path):
 
     rng = np.random.default_rng(0)
     clients, n, length = 3, 12, 10
-    ids = rng.integers(4, 64, size=(clients, n, length)).astype(np.int32)
+    ids = rng.integers(4, 64, size=(clients * n, length)).astype(np.int32)
     mask = np.ones_like(ids)
     train = {"input_ids": ids, "attention_mask": mask, "loss_mask": mask}
     test_ids = rng.integers(4, 64, size=(8, length)).astype(np.int32)
     test = {"input_ids": test_ids, "attention_mask": np.ones_like(test_ids), "loss_mask": np.ones_like(test_ids)}
-    local = {k: v[:, :2] for k, v in train.items()}
+    local = {k: v[: 2 * clients] for k, v in train.items()}
     data = FederatedData(name="lm", task="causal_lm", num_labels=0, train=train, num_train=np.full(clients, n),
                          local_test=local, num_local_test=np.full(clients, 2), global_test=test)
     result = saved_run(tmp_path / "run", data, **LLAMA, **{"data.num_clients": clients,

@@ -232,8 +232,10 @@ def local_rows(data, limit, seed):
     return out
 
 
-def rows_of(arrays, u, index):
-    return {k: v[u][index] for k, v in arrays.items()}
+def rows_of(arrays, u, index, counts):
+    """Rows ``index`` of client u in arrays stored client after client with ``counts`` [U]."""
+    start = int(np.sum(np.asarray(counts)[:u]))
+    return {k: v[start + np.asarray(index, np.int64)] for k, v in arrays.items()}
 
 
 def assert_close(reported, expected, rtol=RTOL, atol=0.0, what=""):
@@ -265,7 +267,7 @@ def test_global_and_local_metrics_match_numpy(recorded, name):
         # own local test subset; pooled over the cohort's rows (= the example-weighted client mean)
         losses, hits = [], []
         for i, u in enumerate(rnd.cohort):
-            rows = rows_of(data.local_test, u, subsets[u])
+            rows = rows_of(data.local_test, u, subsets[u], data.num_local_test)
             if not len(subsets[u]):
                 continue
             ce, correct, margin = classification_scores(
@@ -494,7 +496,7 @@ def test_causal_lm_scores_exactly_the_answer_tokens(tmp_path):
         for i, u in enumerate(rnd.cohort):
             if not len(subsets[u]):
                 continue
-            rows = rows_of(data.local_test, u, subsets[u])
+            rows = rows_of(data.local_test, u, subsets[u], data.num_local_test)
             l, c, n = answer_token_scores(logits_of(exp, client(rnd.client_params, i), rnd.frozen_before, rows), rows)
             sizes.append(len(l))
             client_losses.append(l.mean())

@@ -1,9 +1,10 @@
 """Batch selection with static shapes: Poisson sampling and shuffled fixed-size batches.
 
-A client's examples live in an array padded to ``max_examples`` rows, of which the first
-``num_examples`` are real (``num_examples`` may be traced, one per client). Both samplers return
-``buffer_size`` indices into that array plus a mask of real sampled positions, so the shapes are
-the same for every client and every step.
+A client's examples are indexed 0 .. ``num_examples`` - 1 within a static range of
+``max_examples`` (the largest client; ``num_examples`` may be traced, one per client). Both
+samplers return ``buffer_size`` indices into that range plus a mask of real sampled positions,
+so the shapes are the same for every client and every step (the engine adds the client's offset
+into the rows of all clients and gathers only those rows).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def poisson_sample(
       sampling_rate: q in [0, 1], inclusion probability (scalar, may be traced); for
         accounting, q = expected batch size / num_examples.
       buffer_size: static number of buffer slots (> 0).
-      max_examples: static padded length of the client's data array (> 0).
+      max_examples: static range of the indices, at least any client's num_examples (> 0).
 
     Returns:
       ``(indices, mask, overflow)``: int32 [buffer_size] row indices (always valid rows of the
@@ -134,7 +135,7 @@ def shuffled_batch(
       num_examples: the client's number of real examples, int scalar (may be traced),
         0 <= num_examples <= max_examples.
       batch_size: static batch size (> 0).
-      max_examples: static padded length of the client's data array (> 0).
+      max_examples: static range of the indices, at least any client's num_examples (> 0).
 
     Returns:
       ``(indices, mask)``: int32 [batch_size] row indices, always valid rows of the padded array
