@@ -94,7 +94,11 @@ class FederationConfig:
     ``clients_per_round`` is a count (whole number >= 1), a fraction of ``data.num_clients``
     (0 < f < 1), or null for every client.
     ``clients_per_chunk`` bounds memory: the cohort is mapped in chunks of that many vmapped
-    clients (null = all at once).
+    clients (null = all at once); with a streaming method and ``eval.local: false`` each chunk's
+    uploads are reduced as it finishes, so the round's memory follows the chunk, not the cohort
+    (docs/scale.md).
+    ``devices``: local devices the cohort's client axis is sharded over (null = all of them);
+    a cohort that does not divide by it is padded with empty slots.
     """
 
     rounds: int = 20
@@ -102,6 +106,7 @@ class FederationConfig:
     local_steps: int = 5
     batch_size: int = 16
     clients_per_chunk: int | None = None
+    devices: int | None = None
     method: str = "fedit"
     method_options: dict = dataclasses.field(default_factory=dict)
 
@@ -349,6 +354,8 @@ def validate(c: Config) -> None:
                  f"config key 'federation.clients_per_round' must be a whole count >= 1 or a fraction in (0, 1), got {k}")
         _require(cohort_size(c) <= c.data.num_clients,
                  f"config key 'federation.clients_per_round' ({k:g}) exceeds data.num_clients ({c.data.num_clients})")
+    _require(f.devices is None or (isinstance(f.devices, int) and f.devices >= 1),
+             f"config key 'federation.devices' must be an int >= 1 or null, got {f.devices!r}")
     _require(f.clients_per_chunk is None or f.clients_per_chunk >= 1,
              f"config key 'federation.clients_per_chunk' must be >= 1 or null, got {f.clients_per_chunk}")
     _require(c.optim.name in ("sgd", "adam", "adamw"), f"config key 'optim.name' must be sgd, adam or adamw, got {c.optim.name!r}")

@@ -58,7 +58,7 @@ class RoundOutput(NamedTuple):
     cohort: jax.Array  # [K] client ids
     cohort_mask: jax.Array  # [K] bool: the slot holds a client that took part (all True for fixed cohorts)
     cohort_overflow: jax.Array  # bool scalar: a Poisson cohort drew more clients than K slots
-    client_params: Any  # trained client states, leaves [K, ...]
+    client_params: Any  # trained client states, leaves [K, ...]; None when the round streams (Federation.streams)
     dp_non_finite: jax.Array  # int32 scalar: DP-SGD examples whose gradient held NaN or inf, over the cohort
     dp_overflows: jax.Array  # int32 scalar: DP-SGD steps whose Poisson batch overflowed its buffer, over the cohort
     finite: jax.Array  # [1 + trainable leaves (+ frozen leaves when the method rewrites the base)] bool:
@@ -114,6 +114,8 @@ class Federation:
     lora_scaling: float = 1.0
     base_kernels: tuple[int, ...] = ()  # frozen-leaf index of each LoRA module's kernel [d_in, d_out]
     client_sampling_rate: float | None = None  # Poisson cohorts: each client's inclusion probability
+    keep_client_params: bool = True  # the round returns the cohort's trained states (local evaluation needs them)
+    devices: int = 1  # local devices the cohort's client axis is sharded over
 
     def __post_init__(self):
         if self.user_dp is not None and not self.method.mean_based:
@@ -127,6 +129,15 @@ class Federation:
         if self.client_sampling_rate is None:
             return float(self.cohort_size)
         return self.client_sampling_rate * self.num_clients
+
+    @property
+    def streams(self) -> bool:
+        """The round reduces the uploads chunk by chunk (:meth:`stream_clients`): a streaming method,
+        a chunked cohort, no user-level DP and no need for the cohort's trained states. Its
+        memory then grows with ``clients_per_chunk``, not with the cohort."""
+        chunk = self.clients_per_chunk
+        return (self.method.streaming and self.user_dp is None and not self.keep_client_params
+                and chunk is not None and chunk < self.cohort_size)
 
     def split_key(self, key):
         """(next round's key, cohort key, training key, server-noise key)."""
@@ -165,16 +176,31 @@ class Federation:
             return train_clients(self.trainer, frozen, params, rows, first, n, key, round_index, train_mask)
 
         args = (start_params, offsets, counts, keys)
-        chunk = self.clients_per_chunk
-        if chunk is None or chunk >= self.cohort_size:
+        chunk, clients = self.clients_per_chunk, counts.shape[0]
+        if chunk is None or chunk >= clients:
             return train(args)
-        full = self.cohort_size // chunk * chunk
+        full = clients // chunk * chunk
         grouped = jax.tree.map(lambda x: x[:full].reshape((full // chunk, chunk) + x.shape[1:]), args)
         done = jax.tree.map(lambda x: x.reshape((full,) + x.shape[2:]), jax.lax.map(train, grouped))
-        if full == self.cohort_size:
+        if full == clients:
             return done
         rest = train(jax.tree.map(lambda x: x[full:], args))
         return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), done, rest)
+
+    def module_keys(self, key) -> dict:
+        """Each LoRA module's server PRNG key (by module name), the same in stacked and streamed rounds."""
+        position = {m.name: i for i, m in enumerate(self.layout.modules)}
+        keys = {}
+        for group in self.layout.shape_groups():
+            split = jax.random.split(jax.random.fold_in(key, position[group[0].name]), len(group))
+            keys.update({m.name: split[i] for i, m in enumerate(group)})
+        return keys
+
+    def _fold_into_base(self, frozen_leaves: list, module_position: int, base_delta) -> None:
+        """Adds ``scaling * base_delta`` [d_out, d_in] to the module's frozen kernel [d_in, d_out]."""
+        j = self.base_kernels[module_position]
+        kernel = frozen_leaves[j]
+        frozen_leaves[j] = (kernel + self.lora_scaling * base_delta.T).astype(kernel.dtype)
 
     def aggregate(self, client_params, weights, round_index, key, frozen):
         """New global trainable state from the cohort's states [K, ...], the (possibly updated)
@@ -184,10 +210,11 @@ class Federation:
         new = [None] * len(leaves)
         divergence = [None] * len(self.layout.modules)
         position = {m.name: i for i, m in enumerate(self.layout.modules)}
+        module_keys = self.module_keys(key)
         for group in self.layout.shape_groups():
             b = jnp.stack([leaves[m.b_index] for m in group])  # [M, K, d_out, r]
             a = jnp.stack([leaves[m.a_index] for m in group])  # [M, K, r, d_in]
-            keys = jax.random.split(jax.random.fold_in(key, position[group[0].name]), len(group))
+            keys = jnp.stack([module_keys[m.name] for m in group])
             method = self.method
 
             def module_update(x):
@@ -199,12 +226,110 @@ class Federation:
                 new[m.b_index], new[m.a_index] = out.b[i], out.a[i]
                 divergence[position[m.name]] = div[i]
                 if out.base_delta is not None:
-                    j = self.base_kernels[position[m.name]]
-                    kernel = frozen_leaves[j]
-                    frozen_leaves[j] = (kernel + self.lora_scaling * out.base_delta[i].T).astype(kernel.dtype)
+                    self._fold_into_base(frozen_leaves, position[m.name], out.base_delta[i])
         for i in self.layout.other_indices:
             new[i] = aggregation.weighted_mean(leaves[i], weights).astype(leaves[i].dtype)
         return jax.tree.unflatten(treedef, new), jax.tree.unflatten(frozen_def, frozen_leaves), jnp.stack(divergence)
+
+    def stream_totals(self, state: "ServerState", rows: dict, cohort, offsets, counts, keys, weights, train_mask):
+        """Trains the given clients chunk by chunk and reduces each chunk's uploads into running
+        sums as it goes (``lax.scan``; a last smaller chunk takes the remainder), so no [K, ...]
+        trained state is ever formed. Returns (totals: per-module summaries, per-module ideal
+        updates M and the weighted head; :class:`fedlora_jax.client.LocalStats` over the clients)."""
+        method, modules, chunk = self.method, self.layout.modules, self.clients_per_chunk
+
+        def train_and_summarise(args):
+            ids, first, n, key, w = args
+            start = method.client_start(state.method_state, state.params, ids, self.layout)
+            trained, stats = train_clients(self.trainer, state.frozen, start, rows, first, n, key, state.round,
+                                           train_mask)
+            leaves = jax.tree.leaves(trained)
+            f32 = jnp.float32
+            summary = (
+                [method.summarise(leaves[m.b_index], leaves[m.a_index], w) for m in modules],
+                [jnp.einsum("k,kor,kri->oi", w.astype(f32), leaves[m.b_index].astype(f32),
+                            leaves[m.a_index].astype(f32)) for m in modules],  # the ideal update M, for divergence
+                [aggregation.weighted_mean(leaves[i], w) for i in self.layout.other_indices],
+            )
+            return summary, stats
+
+        args = (cohort, offsets, counts, keys, weights)
+        clients = counts.shape[0]
+        full = clients // chunk * chunk
+        if full == 0:
+            return train_and_summarise(args)
+        grouped = jax.tree.map(lambda x: x[:full].reshape((full // chunk, chunk) + x.shape[1:]), args)
+        first = jax.tree.map(lambda x: x[0], grouped)
+        zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(train_and_summarise, first)[0])
+
+        def body(total, group):
+            summary, stats = train_and_summarise(group)
+            return jax.tree.map(jnp.add, total, summary), stats
+
+        total, stats = jax.lax.scan(body, zero, grouped)
+        stats = jax.tree.map(lambda x: x.reshape((full,) + x.shape[2:]), stats)
+        if full < clients:
+            summary, rest = train_and_summarise(jax.tree.map(lambda x: x[full:], args))
+            total = jax.tree.map(jnp.add, total, summary)
+            stats = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), stats, rest)
+        return total, stats
+
+    def finalise_stream(self, state: "ServerState", totals, server_key):
+        """(new global params, frozen, divergence [modules]) from the cohort's streamed totals."""
+        method, modules = self.method, self.layout.modules
+        leaves_before, treedef = jax.tree.flatten(state.params)
+        summaries, ideals, heads = totals
+        new = list(leaves_before)
+        frozen_leaves, frozen_def = jax.tree.flatten(state.frozen)
+        module_keys = self.module_keys(server_key)
+        divergence = []
+        for position, (m, summary, ideal) in enumerate(zip(modules, summaries, ideals)):
+            out = method.finalise(summary, leaves_before[m.b_index], leaves_before[m.a_index], state.round,
+                                  module_keys[m.name])
+            new[m.b_index], new[m.a_index] = out.b, out.a
+            divergence.append(method.streamed_divergence(ideal, out))
+            if out.base_delta is not None:
+                self._fold_into_base(frozen_leaves, position, out.base_delta)
+        for i, head in zip(self.layout.other_indices, heads):
+            new[i] = head.astype(leaves_before[i].dtype)
+        return jax.tree.unflatten(treedef, new), jax.tree.unflatten(frozen_def, frozen_leaves), jnp.stack(divergence)
+
+    def on_devices(self, train, per_client: tuple, reduced: bool):
+        """``train(per_client)`` with the client axis of ``per_client`` (arrays [K, ...]) sharded over
+        ``self.devices`` local devices (``shard_map``); everything ``train`` closes over is
+        replicated. The cohort is padded to a multiple of the device count with empty slots
+        (zeros: no rows, weight 0) whose outputs are dropped. ``train`` returns (totals, stats)
+        when ``reduced`` (totals are summed over devices) or (per-client outputs, stats).
+        """
+        if self.devices <= 1:
+            return train(per_client)
+        k = self.cohort_size
+        pad = -k % self.devices
+
+        def padded(x):  # PRNG keys travel as their key data
+            if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+                x = jax.random.key_data(x)
+            return jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)]) if pad else x
+
+        is_key = [jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) for x in jax.tree.leaves(per_client)]
+        treedef = jax.tree.structure(per_client)
+
+        mesh = jax.make_mesh((self.devices,), ("clients",), axis_types=(jax.sharding.AxisType.Auto,),
+                             devices=jax.local_devices()[: self.devices])
+        spec = jax.sharding.PartitionSpec
+
+        def local(args):
+            leaves = [jax.random.wrap_key_data(x) if key else x for x, key in zip(jax.tree.leaves(args), is_key)]
+            first, stats = train(jax.tree.unflatten(treedef, leaves))
+            return (jax.lax.psum(first, "clients") if reduced else first), stats
+
+        out_first = spec() if reduced else spec("clients")
+        # check_vma=False: with the check, a scan carry started from replicated zeros trained the
+        # chunk's clients differently from one device (seen with jax 0.10.2); the psum is explicit
+        first, stats = jax.shard_map(local, mesh=mesh, in_specs=(spec("clients"),), out_specs=(out_first, spec("clients")),
+                                     check_vma=False)(jax.tree.map(padded, per_client))
+        trim = lambda tree: jax.tree.map(lambda x: x[:k], tree)
+        return (first if reduced else trim(first)), trim(stats)
 
     def private_mean(self, global_params, client_params, taking_part, trained, key):
         """User-level DP-FedAvg: global + noisy mean of the clipped updates of the clients taking
@@ -228,17 +353,26 @@ class Federation:
         counts, offsets = shards.num_examples[cohort], shards.offsets[cohort]
         counted = counts.astype(jnp.float32) * taking_part
         weights = counted / jnp.maximum(jnp.sum(counted), 1.0)
-        start = self.method.client_start(state.method_state, state.params, cohort, self.layout)
         train_a, train_b = self.method.trains(state.round)
         mask = factor_mask(self.layout, state.params, train_a, train_b)
         keys = jax.random.split(train_key, self.cohort_size)
-        client_params, stats = self.run_clients(state.frozen, start, shards.arrays, offsets, counts, keys, state.round,
-                                                mask)
-        frozen = state.frozen
-        if self.user_dp is None:
-            params, frozen, divergence = self.aggregate(client_params, weights, state.round, server_key, frozen)
+        rows = shards.arrays
+        if self.streams:
+            client_params = None
+            totals, stats = self.on_devices(
+                lambda args: self.stream_totals(state, rows, *args, mask), (cohort, offsets, counts, keys, weights),
+                reduced=True)
+            params, frozen, divergence = self.finalise_stream(state, totals, server_key)
         else:
-            params, divergence = self.private_mean(state.params, client_params, taking_part, mask, server_key)
+            start = self.method.client_start(state.method_state, state.params, cohort, self.layout)
+            client_params, stats = self.on_devices(
+                lambda args: self.run_clients(state.frozen, args[0], rows, *args[1:], state.round, mask),
+                (start, offsets, counts, keys), reduced=False)
+            frozen = state.frozen
+            if self.user_dp is None:
+                params, frozen, divergence = self.aggregate(client_params, weights, state.round, server_key, frozen)
+            else:
+                params, divergence = self.private_mean(state.params, client_params, taking_part, mask, server_key)
         params, method_state = self.method.update_state(state.method_state, ServerUpdate(
             state.params, params, client_params, cohort, taking_part, state.round, self.layout))
         new_state = ServerState(params, frozen, state.round + 1, key, method_state)

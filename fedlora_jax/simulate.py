@@ -35,9 +35,9 @@ from fedlora_jax.evaluate import (Evaluator, client_eval_batches, client_rows, e
                                   weighted_client_metrics)
 from fedlora_jax.generate import gsm8k_exact_match
 from fedlora_jax.adapters import load_adapter
-from fedlora_jax.methods import make_method
+from fedlora_jax.methods import make_method, streaming_methods
 from fedlora_jax.models.lora import LoRAConfig, inject_lora, split_model
-from fedlora_jax.params import leaf_names, trainable_layout
+from fedlora_jax.params import leaf_bytes, leaf_names, trainable_layout
 from fedlora_jax.privacy.bookkeeping import unsupported_leaves
 from fedlora_jax.privacy.ledger import BudgetExceeded, PrivacyLedger
 from fedlora_jax.server import ClientShards, Federation, ServerState, UserDP, device_shards, init_server_state
@@ -150,13 +150,49 @@ def build_experiment(config: Config, data: FederatedData | None = None) -> Exper
     base_kernels = tuple(frozen_index[m.name + ".kernel"] for m in layout.modules)
     federation = Federation(trainer, method, layout, ledger.cohort_slots, data.num_clients, f.clients_per_chunk,
                             user_dp, lora_config(config).scaling, base_kernels,
-                            cohort_size(config) / data.num_clients if poisson_cohorts else None)
+                            cohort_size(config) / data.num_clients if poisson_cohorts else None,
+                            keep_client_params=config.eval.local, devices=local_devices(f.devices))
+    check_cohort_fits(federation, params)
     eval_tokens = local_tokens = None
     if config.data.packing == "auto" and data.task != "causal_lm":  # causal LM scores padded token rows
         eval_tokens = eval_stream_length(data.global_test["attention_mask"], config.eval.batch_size)
         local_tokens = eval_stream_length(data.local_test["attention_mask"], config.eval.batch_size)
     evaluator = Evaluator(graphdef, data.task, config.eval.batch_size, eval_tokens, local_tokens)
     return Experiment(config, data, graphdef, params, frozen, federation, evaluator, adapted, ledger)
+
+
+def local_devices(wanted: int | None) -> int:
+    """``federation.devices``: all local devices when None; more than there are is an error."""
+    available = jax.local_device_count()
+    if wanted is not None and wanted > available:
+        raise ConfigError(f"config key 'federation.devices' is {wanted} but this process sees {available} "
+                          f"{jax.default_backend()} device(s)")
+    return available if wanted is None else wanted
+
+
+def memory_available() -> int:
+    """Bytes a round may use: the accelerator's memory limit, or the host's physical memory."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_cohort_fits(federation: Federation, params) -> None:
+    """Refuses a round that stacks the whole cohort's trained states (two copies: the states and
+    their per-module stacks) when they would take more than half the memory available."""
+    if federation.streams:
+        return
+    need = 2 * federation.cohort_size * int(leaf_bytes(params).sum())
+    available = memory_available()
+    if need <= available / 2:
+        return
+    method = federation.method
+    hint = (" or let it stream (federation.clients_per_chunk with eval.local: false)" if method.streaming else
+            f" or use a streaming method ({', '.join(streaming_methods())})")
+    raise ConfigError(f"method {method.name!r} aggregates the whole cohort at once: {federation.cohort_size} clients' "
+                      f"trained states take {need / 2**30:.2f} GiB, more than half of the {available / 2**30:.2f} GiB "
+                      f"available; lower federation.clients_per_round{hint}")
 
 
 class RunLog:

@@ -23,7 +23,8 @@ from fedlora_jax.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--set", "federation.rounds=6", "--set", "checkpoint.every=2", "--set", "checkpoint.keep=2",
          "--set", "eval.every=3", "--set", "federation.clients_per_round=3", "--set", "model.config.num_hidden_layers=1",
-         "--set", "federation.local_steps=2", "--set", "eval.local=false", "--set", "data.test_examples=64"]
+         "--set", "federation.local_steps=2", "--set", "eval.local=false", "--set", "data.test_examples=64",
+         "--set", "data.packing=null"]
 
 
 def metrics_without_timings(run_dir: Path) -> list[dict]:

@@ -13,7 +13,7 @@ from fedlora_jax.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--set", "federation.rounds=2", "--set", "eval.every=1", "--set", "federation.clients_per_round=3",
-         "--set", "model.config.num_hidden_layers=1", "--set", "federation.local_steps=2"]
+         "--set", "model.config.num_hidden_layers=1", "--set", "federation.local_steps=2", "--set", "data.packing=null"]
 
 
 def test_run_writes_config_metrics_and_summary(tmp_path, capsys):

@@ -25,7 +25,7 @@ TINY = {
                                           "max_position_embeddings": 32}},
     "lora": {"rank": 4},
     "data": {"num_clients": 4, "num_labels": 3, "vocab_size": 64, "seq_len": 12, "examples_per_client": [10, 30],
-             "test_examples": 48},
+             "test_examples": 48, "packing": None},
     "federation": {"rounds": 2, "local_steps": 2, "batch_size": 8},
     "optim": {"name": "adamw", "learning_rate": 1e-2},
     "eval": {"every": 1, "batch_size": 32},

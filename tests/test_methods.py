@@ -19,9 +19,10 @@ def one_round(method, rounds_before=0, **overrides):
     fed = exp.federation
     state = init_server_state(exp.params, exp.frozen, seed=0, federation=fed)
     shards = device_shards(exp.data)
+    play = jax.jit(fed.round)  # not donated: `state` stays valid
     for _ in range(rounds_before):
-        state, _ = fed.round(state, shards)
-    after, out = fed.round(state, shards)  # not donated: `state` stays valid
+        state, _ = play(state, shards)
+    after, out = play(state, shards)
     return exp, state, after, out
 
 
@@ -104,7 +105,7 @@ def test_fedsa_keeps_each_clients_b_and_shares_a():
     # with a zero learning rate the trained B of each cohort client is exactly its own banked B
     fed = exp.federation
     still = dataclasses.replace(fed, trainer=dataclasses.replace(fed.trainer, schedule=lambda step: 0.0))
-    _, frozen_out = still.round(after, device_shards(exp.data))
+    _, frozen_out = jax.jit(still.round)(after, device_shards(exp.data))
     cohort = np.asarray(frozen_out.cohort)
     trained, global_leaves = jax.tree.leaves(frozen_out.client_params), jax.tree.leaves(after.params)
     own_differs_from_global = False

@@ -188,7 +188,7 @@ def test_shared_stream_round_equals_per_client_streams():
 
     from tiny import tiny_experiment
 
-    for overrides in ({},):  # with DP: shared == padded in test_packed_round_equals_padded_round
+    for overrides in ({"data.packing": "auto"},):  # with DP: shared == padded in test_packed_round_equals_padded_round
         exp = tiny_experiment(**overrides)
         fed = exp.federation
         assert fed.trainer.shared_stream
@@ -217,7 +217,7 @@ def _round_pair(**overrides):
     from tiny import tiny_experiment
 
     buckets = overrides.pop("buckets", None)
-    packed_exp = tiny_experiment(**overrides)
+    packed_exp = tiny_experiment(**{**overrides, "data.packing": "auto"})
     padded_exp = tiny_experiment(**{**overrides, "data.packing": "null"})
     assert packed_exp.federation.trainer.token_buckets and not padded_exp.federation.trainer.token_buckets
     fed = packed_exp.federation
@@ -271,7 +271,7 @@ def test_round_compiles_once_with_one_packed_shape_per_bucket(monkeypatch):
         return pack(rows, mask, num_tokens, clients, aligned)
 
     monkeypatch.setattr(client, "pack", counting_pack)
-    exp = tiny_experiment(**{"privacy.record_level": "true", "privacy.noise_multiplier": 1.0})
+    exp = tiny_experiment(**{"privacy.record_level": "true", "privacy.noise_multiplier": 1.0, "data.packing": "auto"})
     fed = exp.federation
     buckets = fed.trainer.token_buckets
     assert len(buckets) >= 2 and fed.trainer.shared_stream
@@ -289,7 +289,7 @@ def test_packed_evaluation_equals_padded_evaluation():
     from fedlora_jax.simulate import Evaluation
     from tiny import tiny_experiment
 
-    packed = tiny_experiment(**{"eval.batch_size": 16})
+    packed = tiny_experiment(**{"eval.batch_size": 16, "data.packing": "auto"})
     padded = tiny_experiment(**{"eval.batch_size": 16, "data.packing": "null"})
     assert packed.evaluator.num_tokens and padded.evaluator.num_tokens is None
     state, out = jax.jit(padded.federation.round)(init_server_state(padded.params, padded.frozen, 0, padded.federation),

@@ -68,7 +68,7 @@ def test_plugin_runs_from_a_config_and_its_state_survives_resume(tmp_path):
                                 local_steps=2)
     config["model"]["config"]["num_hidden_layers"] = 1
     config["eval"].update(every=2, local=False)
-    config["data"]["test_examples"] = 64
+    config["data"].update(test_examples=64, packing=None)
     config["checkpoint"] = {"every": 2, "keep": 2}
     path = tmp_path / "momentum.yaml"
     path.write_text(yaml.safe_dump(config))

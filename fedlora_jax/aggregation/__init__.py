@@ -11,10 +11,11 @@ To aggregate many LoRA modules of one shape at once, ``jax.vmap`` over a leading
 from fedlora_jax.aggregation.averaging import fedex, fedit, fedsa, ffa, rolora, weighted_mean
 from fedlora_jax.aggregation.flora_na import flora_na, flora_na_coefficients
 from fedlora_jax.aggregation.fra import fra, fra_then_ffa
-from fedlora_jax.aggregation.linalg import divergence, product_svd, stack_factors
+from fedlora_jax.aggregation.linalg import dense_divergence, divergence, product_svd, stack_factors
 from fedlora_jax.aggregation.stacking import flora_stack
 
 __all__ = [
+    "dense_divergence",
     "divergence",
     "fedex",
     "fedit",

@@ -116,3 +116,16 @@ def _divergence(B: jax.Array, A: jax.Array, w: jax.Array, B_hat: jax.Array, A_ha
     ratio = jnp.sqrt(error_sq / jnp.where(ideal_is_zero, 1.0, ideal_sq))
     at_zero = jnp.where(candidate_sq <= tiny, 0.0, jnp.inf).astype(dtype)
     return jnp.where(ideal_is_zero, at_zero, ratio)
+
+
+def dense_divergence(ideal: jax.Array, B_hat: jax.Array, A_hat: jax.Array) -> jax.Array:
+    """:func:`divergence` from a dense ideal update M [d_out, d_in] (as a streamed round sums it
+    chunk by chunk): ||B_hat A_hat - M||_F / ||M||_F, with the same convention at M = 0."""
+    dtype = _checks.compute_dtype(ideal, B_hat, A_hat)
+    ideal = ideal.astype(dtype)
+    candidate = B_hat.astype(dtype) @ A_hat.astype(dtype)
+    error_sq, ideal_sq = jnp.sum(jnp.square(candidate - ideal)), jnp.sum(jnp.square(ideal))
+    tiny = jnp.finfo(dtype).tiny
+    ideal_is_zero = ideal_sq <= tiny
+    at_zero = jnp.where(jnp.sum(jnp.square(candidate)) <= tiny, 0.0, jnp.inf).astype(dtype)
+    return jnp.where(ideal_is_zero, at_zero, jnp.sqrt(error_sq / jnp.where(ideal_is_zero, 1.0, ideal_sq)))

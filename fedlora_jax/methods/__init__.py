@@ -20,7 +20,8 @@ outside the package is named in a config as ``package.module:factory`` (docs/met
 """
 
 from fedlora_jax.methods.base import (Aggregate, LoraBytes, Method, ServerUpdate, make_method, method_names,
-                                      options_for, register_method)
+                                      options_for, register_method, streaming_methods)
 from fedlora_jax.methods import fedit, ffa, fra, flora_na, fedex, flora, fedsa, rolora  # noqa: F401 (registers them)
 
-__all__ = ["Aggregate", "LoraBytes", "Method", "ServerUpdate", "make_method", "method_names", "options_for", "register_method"]
+__all__ = ["Aggregate", "LoraBytes", "Method", "ServerUpdate", "make_method", "method_names", "options_for",
+           "register_method", "streaming_methods"]

@@ -45,7 +45,7 @@ class ServerUpdate(NamedTuple):
 
     before: Any  # the global trainable state the cohort started from
     after: Any  # the aggregate (or the user-level DP mean) of the cohort's uploads
-    client_params: Any  # the cohort's trained states, leaves [K, ...]
+    client_params: Any  # the cohort's trained states, leaves [K, ...]; None in a streamed round
     cohort: jax.Array  # [K] client ids
     taking_part: jax.Array  # [K] 0/1: the slot's client took part
     round_index: jax.Array  # int32 scalar
@@ -64,11 +64,15 @@ class Method:
         DP-FedAvg (which replaces that mean by a clipped, noisy one) applies.
       modifies_base: ``aggregate`` returns ``base_delta``; the frozen base changes every round
         (it is then checkpointed, checked for NaN and exported merged).
+      streaming: the server update is a reduction over chunks of clients (:meth:`summarise`
+        adds up, :meth:`finalise` finishes), so a chunked round never holds the whole cohort's
+        trained states; methods without it get the cohort's stacked uploads (:meth:`aggregate`).
     """
 
     name: str = "method"
     mean_based: bool = False
     modifies_base: bool = False
+    streaming: bool = False
 
     # -- what clients train and what travels --------------------------------------------------
 
@@ -122,6 +126,24 @@ class Method:
         """The module's normalised aggregation error ||B_hat A_hat - M|| / ||M|| (scalar)."""
         return aggregation.divergence(b, a, w, out.b, out.a)
 
+    # -- streaming (methods with ``streaming = True``) -------------------------------------------
+
+    def summarise(self, b, a, w) -> Any:
+        """An additive summary of one module's uploads from a chunk of C clients (b [C, d_out, r],
+        a [C, r, d_in], w [C]: the clients' round weights, which sum to 1 over the cohort): the
+        summaries of the chunks add up to that of the cohort."""
+        raise NotImplementedError(f"method {self.name!r} does not stream")
+
+    def finalise(self, summary, b_before, a_before, round_index, key) -> Aggregate:
+        """The module's aggregate from the cohort's summary and the global factors the clients
+        started from (b_before [d_out, r], a_before [r, d_in]); equals :meth:`aggregate` on the
+        stacked uploads up to float rounding."""
+        raise NotImplementedError(f"method {self.name!r} does not stream")
+
+    def streamed_divergence(self, ideal, out: Aggregate) -> jax.Array:
+        """:meth:`divergence` from the dense ideal update M [d_out, d_in] (summed over chunks)."""
+        return aggregation.dense_divergence(ideal, out.b, out.a)
+
     def update_state(self, state, update: ServerUpdate):
         """(new global trainable state, new method state) after aggregation; by default the
         aggregate and the state unchanged. Server optimisers (momentum) and per-client banks
@@ -154,6 +176,19 @@ def register_method(name: str, factory: Callable[..., Method] | None = None):
 def method_names() -> tuple[str, ...]:
     """Registered method names, in registration order."""
     return tuple(_REGISTRY)
+
+
+def streaming_methods() -> tuple[str, ...]:
+    """Registered methods that stream (built with their default options; a method that needs
+    options to be built is left out)."""
+    names = []
+    for name in _REGISTRY:
+        try:
+            if make_method(name).streaming:
+                names.append(name)
+        except ValueError:
+            continue
+    return tuple(names)
 
 
 def _is_method_key(key: str) -> bool:

@@ -9,6 +9,7 @@ from fedlora_jax.methods.base import Aggregate, Method, register_method
 
 class FedEx(Method):
     modifies_base = True
+    streaming = True
 
     def download_bytes(self, round_index, sizes, clients):
         return sizes.a + sizes.b + sizes.base
@@ -18,6 +19,20 @@ class FedEx(Method):
 
     def divergence(self, b, a, w, out):
         """0: the base update makes base + B_hat A_hat the exact mean."""
+        return jnp.zeros((), jnp.float32)
+
+    def summarise(self, b, a, w):
+        """(sum w B, sum w A, sum w B A): the means and the dense ideal update M."""
+        f32 = jnp.float32
+        return (aggregation.weighted_mean(b, w), aggregation.weighted_mean(a, w),
+                jnp.einsum("k,kor,kri->oi", w.astype(f32), b.astype(f32), a.astype(f32)))
+
+    def finalise(self, summary, b_before, a_before, round_index, key):
+        b_bar, a_bar, ideal = summary
+        residual = ideal - b_bar.astype(jnp.float32) @ a_bar.astype(jnp.float32)
+        return Aggregate(b_bar.astype(b_before.dtype), a_bar.astype(a_before.dtype), residual.astype(b_before.dtype))
+
+    def streamed_divergence(self, ideal, out):
         return jnp.zeros((), jnp.float32)
 
 

@@ -7,6 +7,7 @@ from fedlora_jax.methods.base import Aggregate, Method, register_method
 
 class FFA(Method):
     mean_based = True
+    streaming = True
 
     def trains(self, round_index):
         return (0.0, 1.0)
@@ -19,6 +20,12 @@ class FFA(Method):
 
     def aggregate(self, b, a, w, round_index, key):
         return Aggregate(*aggregation.ffa(b, a, w))
+
+    def summarise(self, b, a, w):
+        return aggregation.weighted_mean(b, w)
+
+    def finalise(self, summary, b_before, a_before, round_index, key):
+        return Aggregate(summary.astype(b_before.dtype), a_before)  # A is frozen: the one every client had
 
 
 @register_method("ffa")

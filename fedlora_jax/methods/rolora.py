@@ -9,6 +9,7 @@ from fedlora_jax.methods.base import Aggregate, Method, register_method
 
 class RoLoRA(Method):
     mean_based = True
+    streaming = True
 
     def trains(self, round_index):
         even = (jnp.asarray(round_index) % 2 == 0).astype(jnp.float32)
@@ -21,6 +22,15 @@ class RoLoRA(Method):
 
     def aggregate(self, b, a, w, round_index, key):
         return Aggregate(*aggregation.rolora(b, a, w, round_index))
+
+    def summarise(self, b, a, w):
+        return aggregation.weighted_mean(b, w), aggregation.weighted_mean(a, w)
+
+    def finalise(self, summary, b_before, a_before, round_index, key):
+        """The trained factor's mean; the idle one is the one every client had."""
+        even = jnp.asarray(round_index) % 2 == 0
+        return Aggregate(jnp.where(even, summary[0].astype(b_before.dtype), b_before),
+                         jnp.where(even, a_before, summary[1].astype(a_before.dtype)))
 
 
 @register_method("rolora")

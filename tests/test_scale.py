@@ -1,0 +1,169 @@
+"""Scale: client rows stored once (each step gathers exactly the rows the samplers name, from
+the client's own rows), streamed aggregation (a chunked round of a streaming method equals the
+stacked round and its compiled memory does not grow with the cohort), and the stacking methods'
+clear error when the cohort's states cannot fit."""
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedlora_jax import simulate
+from fedlora_jax.client import RecordDP, _sample
+from fedlora_jax.config import ConfigError
+from fedlora_jax.data.base import federate
+from fedlora_jax.methods import make_method, streaming_methods
+from fedlora_jax.privacy import poisson_sample, shuffled_batch
+from fedlora_jax.server import device_shards, init_server_state
+from tiny import tiny_config, tiny_experiment
+
+
+def test_clients_rows_are_stored_once_and_steps_gather_what_the_samplers_name():
+    rng = np.random.default_rng(0)
+    sizes = [3, 40, 1, 17, 9]
+    pool = {"input_ids": np.arange(sum(sizes) * 2, dtype=np.int32).reshape(-1, 2),
+            "labels": rng.integers(0, 2, sum(sizes)).astype(np.int32)}
+    parts = np.split(rng.permutation(sum(sizes)), np.cumsum(sizes)[:-1])
+    data = federate(pool, parts, [p[:0] for p in parts], pool, "classification", 2)
+    assert data.train["input_ids"].shape == (sum(sizes), 2)  # no padding to the largest client
+    for u, part in enumerate(parts):
+        np.testing.assert_array_equal(data.client_train(u)["input_ids"], pool["input_ids"][part])
+    trainer = simulate.LocalTrainer(None, "classification", None, None, 1, 8, max_examples=max(sizes))
+    poisson = dataclasses.replace(trainer, dp=RecordDP(1.0, 1.0, poisson=True, buffer_size=12))
+    rows = jax.tree.map(jnp.asarray, data.train)
+    for u, n in enumerate(sizes):
+        own = data.client_train(u)["input_ids"]
+        for seed in range(5):
+            key = jax.random.key(seed)
+            batch, mask, expected, _ = _sample(poisson, rows, data.train_offsets[u], n, key)
+            index, want_mask, _ = poisson_sample(key, n, min(1.0, 8 / n), 12, max(sizes))
+            np.testing.assert_array_equal(mask, want_mask)
+            np.testing.assert_array_equal(np.asarray(batch["input_ids"])[want_mask], own[np.asarray(index)[want_mask]])
+            assert float(expected) == pytest.approx(min(1.0, 8 / n) * n)
+            batch, mask, _, _ = _sample(trainer, rows, data.train_offsets[u], n, key)
+            index, want_mask = shuffled_batch(key, n, 8, max(sizes))
+            np.testing.assert_array_equal(np.asarray(mask) > 0, np.asarray(want_mask) > 0)
+            real = np.asarray(want_mask) > 0
+            np.testing.assert_array_equal(np.asarray(batch["input_ids"])[real], own[np.asarray(index)[real]])
+
+
+def chunks_of(summaries):
+    return jax.tree.map(lambda *xs: sum(xs), *summaries)
+
+
+@pytest.mark.parametrize("round_index", [0, 1])
+def test_streamed_reductions_equal_the_stacked_aggregate(round_index):
+    rng = np.random.default_rng(round_index)
+    k, d_out, r, d_in = 7, 12, 3, 10
+    b = jnp.asarray(rng.standard_normal((k, d_out, r)), jnp.float32)
+    a = jnp.asarray(rng.standard_normal((k, r, d_in)), jnp.float32)
+    if round_index == 0:  # even round: A frozen and shared (FFA, RoLoRA's invariant)
+        a = jnp.broadcast_to(a[0], a.shape)
+    else:  # odd round: RoLoRA trained A with B shared
+        b = jnp.broadcast_to(b[0], b.shape)
+    w = jnp.asarray(rng.dirichlet(np.ones(k)), jnp.float32)
+    streaming = streaming_methods()
+    assert {"fedit", "ffa", "rolora", "fedex"} <= set(streaming)
+    for name in streaming:
+        method = make_method(name)
+        if name == "ffa" and round_index == 1:
+            continue
+        stacked = method.aggregate(b, a, w, jnp.int32(round_index), jax.random.key(0))
+        summary = chunks_of([method.summarise(b[s], a[s], w[s]) for s in (slice(0, 3), slice(3, 6), slice(6, 7))])
+        streamed = method.finalise(summary, b[0], a[0], jnp.int32(round_index), jax.random.key(0))
+        for got, want in zip(streamed, stacked):
+            if want is None:
+                assert got is None, name
+            else:
+                np.testing.assert_allclose(got, want, atol=1e-5, err_msg=name)
+        ideal = jnp.einsum("k,kor,kri->oi", w, b, a)
+        np.testing.assert_allclose(method.streamed_divergence(ideal, streamed), method.divergence(b, a, w, stacked),
+                                   atol=1e-5, err_msg=name)
+
+
+def test_streamed_round_equals_the_stacked_round():
+    """FedEx: means, the dense ideal update and the base fold all streamed (the other streaming
+    methods' reductions: the test above)."""
+    exp = tiny_experiment(**{"federation.method": "fedex", "federation.clients_per_chunk": 2, "eval.local": False,
+                             "data.packing": "null"})
+    fed = exp.federation
+    assert fed.streams and not dataclasses.replace(fed, keep_client_params=True).streams
+    shards = device_shards(exp.data)
+    streamed = stacked = init_server_state(exp.params, exp.frozen, 0, fed)
+    play_streamed, play_stacked = jax.jit(fed.round), jax.jit(dataclasses.replace(fed, keep_client_params=True).round)
+    for _ in range(2):
+        streamed, out = play_streamed(streamed, shards)
+        stacked, want = play_stacked(stacked, shards)
+        assert out.client_params is None
+        for got, expected in zip(jax.tree.leaves((streamed.params, streamed.frozen)),
+                                 jax.tree.leaves((stacked.params, stacked.frozen))):
+            np.testing.assert_allclose(got, expected, atol=1e-5)
+        np.testing.assert_allclose(out.divergence, want.divergence, atol=1e-5)
+        np.testing.assert_allclose(out.train_loss, want.train_loss, atol=1e-6)
+
+
+def test_streamed_round_memory_does_not_grow_with_the_cohort():
+    """Compiled temporary + output bytes of the round: flat for the streamed round, growing with
+    the cohort for the stacked one (the [K, ...] trained states)."""
+    sizes = {}
+    for k in (16, 128):
+        exp = tiny_experiment(**{"federation.clients_per_chunk": 8, "eval.local": False, "data.num_clients": k,
+                                 "federation.clients_per_round": k, "data.examples_per_client": [5, 20],
+                                 "data.packing": "null", "federation.local_steps": 1})
+        fed, shards = exp.federation, device_shards(exp.data)
+        state = init_server_state(exp.params, exp.frozen, 0, fed)
+        variants = [("streamed", fed)] + ([("stacked", dataclasses.replace(fed, keep_client_params=True))] if k > 16 else [])
+        for name, f in variants:
+            memory = jax.jit(f.round).lower(state, shards).compile().memory_analysis()
+            sizes[name, k] = memory.temp_size_in_bytes + memory.output_size_in_bytes
+    per_client = int(sum(x.nbytes for x in jax.tree.leaves(exp.params)))
+    assert sizes["streamed", 128] <= 1.1 * sizes["streamed", 16]
+    assert sizes["stacked", 128] >= sizes["streamed", 128] + 128 * per_client  # the stack the streamed round avoids
+
+
+def test_a_stacking_method_whose_cohort_cannot_fit_is_refused_with_one_line(monkeypatch):
+    monkeypatch.setattr(simulate, "memory_available", lambda: 10_000)
+    with pytest.raises(ConfigError, match=r"method 'flora_na' aggregates the whole cohort at once: 5 clients' trained "
+                                          r"states take .* lower federation.clients_per_round"):
+        simulate.build_experiment(tiny_config(**{"federation.method": "flora_na"}))
+    simulate.build_experiment(tiny_config(**{"federation.method": "fedit", "federation.clients_per_chunk": 2,
+                                             "eval.local": False}))  # streams: fits
+
+
+def test_four_devices_give_the_rounds_of_one(tmp_path):
+    """The cohort's client axis sharded over 4 simulated CPU devices (cohort 5: padded to 8) gives
+    one device's rounds, streamed and stacked; runs in a subprocess (the device count is fixed
+    when JAX starts)."""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import dataclasses, sys
+import jax, numpy as np
+from fedlora_jax.server import device_shards, init_server_state
+from tiny import tiny_experiment
+assert jax.local_device_count() == 4
+for local in (False, True):  # streamed (no local evaluation), stacked
+    exp = tiny_experiment(**{"data.packing": "null", "federation.clients_per_chunk": 2, "eval.local": local})
+    one = dataclasses.replace(exp.federation, devices=1)
+    assert exp.federation.devices == 4 and one.streams == (not local)
+    shards = device_shards(exp.data)
+    a = b = init_server_state(exp.params, exp.frozen, 0, one)
+    for _ in range(2):
+        a, out_a = jax.jit(one.round)(a, shards)
+        b, out_b = jax.jit(exp.federation.round)(b, shards)
+        for x, y in zip(jax.tree.leaves((a.params, out_a.train_loss, out_a.divergence)),
+                        jax.tree.leaves((b.params, out_b.train_loss, out_b.divergence))):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+print("same")
+"""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and "same" in proc.stdout, proc.stderr[-3000:]
+    with pytest.raises(ConfigError, match="'federation.devices' is 2 but this process sees 1"):
+        simulate.build_experiment(tiny_config(**{"federation.devices": 2}))
