@@ -16,27 +16,16 @@ product update stays exact (the momentum is linear in B).
 import jax
 import jax.numpy as jnp
 
-from fedlora_jax import aggregation
-from fedlora_jax.methods import Aggregate, Method
+from fedlora_jax.methods import Method
+from fedlora_jax.methods.ffa import FFA
 
 
-class FFAMomentum(Method):
-    mean_based = True  # the aggregate is a mean of the uploads: user-level DP applies before the momentum
+class FFAMomentum(FFA):
+    """FFA-LoRA's protocol (A frozen, B uploaded and averaged, a streamed mean) plus a server
+    velocity: only the server state and its update are new."""
 
     def __init__(self, beta: float, server_lr: float):
         self.beta, self.server_lr = beta, server_lr
-
-    def trains(self, round_index):
-        return (0.0, 1.0)  # A frozen, B trained
-
-    def uploads(self, round_index):
-        return (False, True)
-
-    def downloads(self, round_index):
-        return (False, True)
-
-    def aggregate(self, b, a, w, round_index, key):
-        return Aggregate(*aggregation.ffa(b, a, w))
 
     def init_state(self, params, layout, num_clients):
         return jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)  # the velocity

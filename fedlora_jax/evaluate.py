@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from fedlora_jax import metrics as task_metrics_lib
-from fedlora_jax.data.packing import pack_examples
+from fedlora_jax.data.packing import pack_examples, pack_groups
 from fedlora_jax.tasks import forward, per_example_loss, predictions
 
 
@@ -50,6 +50,13 @@ def eval_batches(arrays: dict, batch_size: int, num_tokens: int | None = None) -
     index = np.arange(nb * batch_size).reshape(nb, batch_size)
     batches = {k: v.reshape((nb, batch_size) + v.shape[1:]) for k, v in padded.items()}
     return batches, np.where(index < n, index, -1)
+
+
+def eval_batch_count(attention_mask: np.ndarray, batch_size: int, num_tokens: int | None = None) -> int:
+    """How many batches :func:`eval_batches` makes of rows with this mask (host-side, nothing built)."""
+    if num_tokens is not None:
+        return int(pack_groups(attention_mask, batch_size, num_tokens).shape[0])
+    return -(-len(attention_mask) // batch_size)
 
 
 def client_rows(arrays: dict, offsets: np.ndarray, sizes: np.ndarray, u: int) -> dict:

@@ -31,8 +31,8 @@ from fedlora_jax.data.base import FederatedData, offsets_of
 from fedlora_jax.data.packing import eval_stream_length, row_lengths, token_buckets
 from fedlora_jax.data.sources import SOURCES, load_federated
 from fedlora_jax.data.synthetic import make_synthetic
-from fedlora_jax.evaluate import (Evaluator, client_eval_batches, client_rows, eval_batches, score, unbatch,
-                                  weighted_client_metrics)
+from fedlora_jax.evaluate import (Evaluator, client_eval_batches, client_rows, eval_batch_count, eval_batches, score,
+                                  unbatch, weighted_client_metrics)
 from fedlora_jax.generate import gsm8k_exact_match
 from fedlora_jax.adapters import load_adapter
 from fedlora_jax.methods import make_method, streaming_methods
@@ -274,8 +274,8 @@ class Evaluation:
         self.local_arrays, self.local_sizes = local_subsets(exp.data, exp.config.eval.local_max_examples, exp.config.seed)
         self.local_offsets = offsets_of(self.local_sizes)
         # every cohort's local batches have the same static count: the most any client needs
-        self.local_num_batches = max(eval_batches(client_rows(self.local_arrays, self.local_offsets, self.local_sizes, u),
-                                                  ev.batch_size, ev.local_num_tokens)[1].shape[0]
+        self.local_num_batches = max(eval_batch_count(client_rows(self.local_arrays, self.local_offsets, self.local_sizes,
+                                                                  u)["attention_mask"], ev.batch_size, ev.local_num_tokens)
                                      for u in range(exp.data.num_clients))
 
     def global_metrics(self, state: ServerState) -> dict:

@@ -335,3 +335,15 @@ def test_stream_length_matches_the_packed_stream():
     need = int(stream_length(np.asarray(rows["attention_mask"]).sum(1), 8))
     assert bool(pack(rows, jnp.ones(10), num_tokens=need, aligned=True)[1])
     assert not bool(pack(rows, jnp.ones(10), num_tokens=need - 1, aligned=True)[1])
+
+
+def test_eval_batch_count_is_the_number_of_batches_eval_batches_builds():
+    from fedlora_jax.evaluate import eval_batch_count, eval_batches
+
+    rng = np.random.default_rng(0)
+    for n in (1, 5, 33):
+        lengths = rng.integers(1, 17, n)
+        mask = (np.arange(16)[None, :] < lengths[:, None]).astype(np.int32)
+        arrays = {"input_ids": mask * 7, "attention_mask": mask}
+        for num_tokens in (None, 32, 64):
+            assert eval_batch_count(mask, 8, num_tokens) == eval_batches(arrays, 8, num_tokens)[1].shape[0]

@@ -246,19 +246,11 @@ def eval_stream_length(attention_mask: np.ndarray, examples_per_batch: int, mult
     return multiple * math.ceil(need / multiple)
 
 
-def pack_examples(arrays: dict, examples_per_batch: int, num_tokens: int, aligned: bool = True) -> tuple[dict, np.ndarray]:
-    """Packs a fixed set of right-padded rows (a test set) into batches of one stream each (host-side).
-
-    Examples are taken in order; a batch closes when the next example would overflow
-    ``num_tokens`` or it holds ``examples_per_batch`` examples. Streams are ``aligned`` (see
-    :func:`pack`) unless told otherwise.
-
-    Returns:
-      (batches, index): ``batches`` is a packed batch (see :func:`pack`) with a leading [nb] axis;
-      ``index`` [nb, examples_per_batch] int64 holds the row of each slot (-1: empty).
-    """
-    lengths = row_lengths(arrays["attention_mask"])
-    block = arrays["attention_mask"].shape[-1] if aligned else None
+def pack_groups(attention_mask: np.ndarray, examples_per_batch: int, num_tokens: int, aligned: bool = True) -> np.ndarray:
+    """Which rows :func:`pack_examples` puts in each stream (host-side, nothing packed):
+    index [nb, examples_per_batch] int64 of rows in order, -1 for empty slots."""
+    lengths = row_lengths(attention_mask)
+    block = attention_mask.shape[-1] if aligned else None
     if lengths.max(initial=0) > num_tokens:
         raise ValueError(f"a row of {lengths.max()} tokens does not fit a stream of {num_tokens}")
     capacity = block or num_tokens  # first fit into blocks (one block when unaligned), as example_starts
@@ -276,6 +268,21 @@ def pack_examples(arrays: dict, examples_per_batch: int, num_tokens: int, aligne
     index = np.full((len(groups), examples_per_batch), -1, np.int64)
     for g, rows in enumerate(groups):
         index[g, : len(rows)] = rows
+    return index
+
+
+def pack_examples(arrays: dict, examples_per_batch: int, num_tokens: int, aligned: bool = True) -> tuple[dict, np.ndarray]:
+    """Packs a fixed set of right-padded rows (a test set) into batches of one stream each (host-side).
+
+    Examples are taken in order; a batch closes when the next example would overflow
+    ``num_tokens`` or it holds ``examples_per_batch`` examples. Streams are ``aligned`` (see
+    :func:`pack`) unless told otherwise.
+
+    Returns:
+      (batches, index): ``batches`` is a packed batch (see :func:`pack`) with a leading [nb] axis;
+      ``index`` [nb, examples_per_batch] int64 holds the row of each slot (-1: empty).
+    """
+    index = pack_groups(arrays["attention_mask"], examples_per_batch, num_tokens, aligned)
     rows = {k: np.asarray(v)[np.maximum(index, 0)] for k, v in arrays.items()}
     packed, _ = jax.vmap(lambda r, m: pack(r, m, num_tokens, aligned=aligned))(rows, jnp.asarray(index >= 0))
     return jax.device_get(packed), index
