@@ -132,7 +132,7 @@ class Federation:
 
     @property
     def streams(self) -> bool:
-        """The round reduces the uploads chunk by chunk (:meth:`stream_clients`): a streaming method,
+        """The round reduces the uploads chunk by chunk (:meth:`stream_totals`, :meth:`finalise_stream`): a streaming method,
         a chunked cohort, no user-level DP and no need for the cohort's trained states. Its
         memory then grows with ``clients_per_chunk``, not with the cohort."""
         chunk = self.clients_per_chunk
