@@ -132,9 +132,10 @@ class Federation:
 
     @property
     def streams(self) -> bool:
-        """The round reduces the uploads chunk by chunk (:meth:`stream_totals`, :meth:`finalise_stream`): a streaming method,
-        a chunked cohort, no user-level DP and no need for the cohort's trained states. Its
-        memory then grows with ``clients_per_chunk``, not with the cohort."""
+        """The round reduces the uploads chunk by chunk (:meth:`stream_totals`,
+        :meth:`finalise_stream`): a streaming method, a chunked cohort, no user-level DP and no
+        need for the cohort's trained states. Its memory then grows with ``clients_per_chunk``,
+        not with the cohort."""
         chunk = self.clients_per_chunk
         return (self.method.streaming and self.user_dp is None and not self.keep_client_params
                 and chunk is not None and chunk < self.cohort_size)
