@@ -1,7 +1,8 @@
 """Server state and the jitted federated round.
 
 One call of the round function: sample a cohort, look up its clients' rows (stored once for all
-clients; each local step gathers only the rows it samples), run every client's local update in parallel (vmap over the client axis, optionally mapped over chunks of clients),
+clients; each local step gathers only the rows it samples), run every client's local update in
+parallel (vmap over the client axis, optionally mapped over chunks of clients),
 aggregate all LoRA modules (one vmapped call per group of same-shape modules) and the head, and
 return the new server state. Shapes are static, so it compiles once.
 """
@@ -75,6 +76,16 @@ def init_server_state(params, frozen, seed: int, federation: "Federation | None"
 def device_shards(data: FederatedData) -> ClientShards:
     return ClientShards({k: jnp.asarray(v) for k, v in data.train.items()}, jnp.asarray(data.num_train),
                         jnp.asarray(data.train_offsets, jnp.int32))
+
+
+def split_chunks(args, chunk: int):
+    """(full chunks, remainder) of per-client arrays [K, ...]: leaves [K // chunk, chunk, ...]
+    (None when chunk > K) and the last K % chunk clients (None when there are none)."""
+    clients = jax.tree.leaves(args)[0].shape[0]
+    full = clients // chunk * chunk
+    grouped = jax.tree.map(lambda x: x[:full].reshape((full // chunk, chunk) + x.shape[1:]), args) if full else None
+    rest = jax.tree.map(lambda x: x[full:], args) if full < clients else None
+    return grouped, rest
 
 
 def map_modules(fn, xs):
@@ -177,16 +188,14 @@ class Federation:
             return train_clients(self.trainer, frozen, params, rows, first, n, key, round_index, train_mask)
 
         args = (start_params, offsets, counts, keys)
-        chunk, clients = self.clients_per_chunk, counts.shape[0]
-        if chunk is None or chunk >= clients:
+        chunk = self.clients_per_chunk
+        if chunk is None or chunk >= counts.shape[0]:
             return train(args)
-        full = clients // chunk * chunk
-        grouped = jax.tree.map(lambda x: x[:full].reshape((full // chunk, chunk) + x.shape[1:]), args)
-        done = jax.tree.map(lambda x: x.reshape((full,) + x.shape[2:]), jax.lax.map(train, grouped))
-        if full == clients:
+        grouped, rest = split_chunks(args, chunk)
+        done = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), jax.lax.map(train, grouped))
+        if rest is None:
             return done
-        rest = train(jax.tree.map(lambda x: x[full:], args))
-        return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), done, rest)
+        return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), done, train(rest))
 
     def module_keys(self, key) -> dict:
         """Each LoRA module's server PRNG key (by module name), the same in stacked and streamed rounds."""
@@ -254,12 +263,9 @@ class Federation:
             )
             return summary, stats
 
-        args = (cohort, offsets, counts, keys, weights)
-        clients = counts.shape[0]
-        full = clients // chunk * chunk
-        if full == 0:
-            return train_and_summarise(args)
-        grouped = jax.tree.map(lambda x: x[:full].reshape((full // chunk, chunk) + x.shape[1:]), args)
+        grouped, rest = split_chunks((cohort, offsets, counts, keys, weights), chunk)
+        if grouped is None:
+            return train_and_summarise(rest)
         first = jax.tree.map(lambda x: x[0], grouped)
         zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(train_and_summarise, first)[0])
 
@@ -268,11 +274,11 @@ class Federation:
             return jax.tree.map(jnp.add, total, summary), stats
 
         total, stats = jax.lax.scan(body, zero, grouped)
-        stats = jax.tree.map(lambda x: x.reshape((full,) + x.shape[2:]), stats)
-        if full < clients:
-            summary, rest = train_and_summarise(jax.tree.map(lambda x: x[full:], args))
+        stats = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), stats)
+        if rest is not None:
+            summary, rest_stats = train_and_summarise(rest)
             total = jax.tree.map(jnp.add, total, summary)
-            stats = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), stats, rest)
+            stats = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), stats, rest_stats)
         return total, stats
 
     def finalise_stream(self, state: "ServerState", totals, server_key):
@@ -285,7 +291,7 @@ class Federation:
         module_keys = self.module_keys(server_key)
         divergence = []
         for position, (m, summary, ideal) in enumerate(zip(modules, summaries, ideals)):
-            out = method.finalise(summary, leaves_before[m.b_index], leaves_before[m.a_index], state.round,
+            out = method.finalise(summary, ideal, leaves_before[m.b_index], leaves_before[m.a_index], state.round,
                                   module_keys[m.name])
             new[m.b_index], new[m.a_index] = out.b, out.a
             divergence.append(method.streamed_divergence(ideal, out))

@@ -73,13 +73,13 @@ def test_streamed_reductions_equal_the_stacked_aggregate(round_index):
             continue
         stacked = method.aggregate(b, a, w, jnp.int32(round_index), jax.random.key(0))
         summary = chunks_of([method.summarise(b[s], a[s], w[s]) for s in (slice(0, 3), slice(3, 6), slice(6, 7))])
-        streamed = method.finalise(summary, b[0], a[0], jnp.int32(round_index), jax.random.key(0))
+        ideal = jnp.einsum("k,kor,kri->oi", w, b, a)
+        streamed = method.finalise(summary, ideal, b[0], a[0], jnp.int32(round_index), jax.random.key(0))
         for got, want in zip(streamed, stacked):
             if want is None:
                 assert got is None, name
             else:
                 np.testing.assert_allclose(got, want, atol=1e-5, err_msg=name)
-        ideal = jnp.einsum("k,kor,kri->oi", w, b, a)
         np.testing.assert_allclose(method.streamed_divergence(ideal, streamed), method.divergence(b, a, w, stacked),
                                    atol=1e-5, err_msg=name)
 

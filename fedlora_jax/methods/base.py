@@ -134,10 +134,11 @@ class Method:
         summaries of the chunks add up to that of the cohort."""
         raise NotImplementedError(f"method {self.name!r} does not stream")
 
-    def finalise(self, summary, b_before, a_before, round_index, key) -> Aggregate:
-        """The module's aggregate from the cohort's summary and the global factors the clients
-        started from (b_before [d_out, r], a_before [r, d_in]); equals :meth:`aggregate` on the
-        stacked uploads up to float rounding."""
+    def finalise(self, summary, ideal, b_before, a_before, round_index, key) -> Aggregate:
+        """The module's aggregate from the cohort's summary, its dense ideal update
+        M = sum w B A [d_out, d_in] (float32; the engine streams it for the divergence metric)
+        and the global factors the clients started from (b_before [d_out, r], a_before
+        [r, d_in]); equals :meth:`aggregate` on the stacked uploads up to float rounding."""
         raise NotImplementedError(f"method {self.name!r} does not stream")
 
     def streamed_divergence(self, ideal, out: Aggregate) -> jax.Array:

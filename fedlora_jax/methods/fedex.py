@@ -22,13 +22,11 @@ class FedEx(Method):
         return jnp.zeros((), jnp.float32)
 
     def summarise(self, b, a, w):
-        """(sum w B, sum w A, sum w B A): the means and the dense ideal update M."""
-        f32 = jnp.float32
-        return (aggregation.weighted_mean(b, w), aggregation.weighted_mean(a, w),
-                jnp.einsum("k,kor,kri->oi", w.astype(f32), b.astype(f32), a.astype(f32)))
+        return aggregation.weighted_mean(b, w), aggregation.weighted_mean(a, w)
 
-    def finalise(self, summary, b_before, a_before, round_index, key):
-        b_bar, a_bar, ideal = summary
+    def finalise(self, summary, ideal, b_before, a_before, round_index, key):
+        """The means, and the residual M - B_bar A_bar from the streamed ideal update M."""
+        b_bar, a_bar = summary
         residual = ideal - b_bar.astype(jnp.float32) @ a_bar.astype(jnp.float32)
         return Aggregate(b_bar.astype(b_before.dtype), a_bar.astype(a_before.dtype), residual.astype(b_before.dtype))
 

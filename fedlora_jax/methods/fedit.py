@@ -14,7 +14,7 @@ class FedIT(Method):
     def summarise(self, b, a, w):
         return aggregation.weighted_mean(b, w), aggregation.weighted_mean(a, w)
 
-    def finalise(self, summary, b_before, a_before, round_index, key):
+    def finalise(self, summary, ideal, b_before, a_before, round_index, key):
         return Aggregate(summary[0].astype(b_before.dtype), summary[1].astype(a_before.dtype))
 
 

@@ -24,7 +24,7 @@ class FFA(Method):
     def summarise(self, b, a, w):
         return aggregation.weighted_mean(b, w)
 
-    def finalise(self, summary, b_before, a_before, round_index, key):
+    def finalise(self, summary, ideal, b_before, a_before, round_index, key):
         return Aggregate(summary.astype(b_before.dtype), a_before)  # A is frozen: the one every client had
 
 

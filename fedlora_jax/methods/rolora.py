@@ -26,7 +26,7 @@ class RoLoRA(Method):
     def summarise(self, b, a, w):
         return aggregation.weighted_mean(b, w), aggregation.weighted_mean(a, w)
 
-    def finalise(self, summary, b_before, a_before, round_index, key):
+    def finalise(self, summary, ideal, b_before, a_before, round_index, key):
         """The trained factor's mean; the idle one is the one every client had."""
         even = jnp.asarray(round_index) % 2 == 0
         return Aggregate(jnp.where(even, summary[0].astype(b_before.dtype), b_before),
