@@ -1,7 +1,7 @@
 """Command line.
 
-  fedlora-jax run CONFIG.yaml [--set key=value ...] [--out RUN_DIR]
-  fedlora-jax resume RUN_DIR [--quiet]
+  fedlora-jax run CONFIG.yaml [--set key=value ...] [--out RUN_DIR] [--coordinator HOST:PORT --num-processes N --process-id I]
+  fedlora-jax resume RUN_DIR [--quiet] [--coordinator ... --num-processes ... --process-id ...]
   fedlora-jax export RUN_DIR --out DIR [--clients]
   fedlora-jax compare CONFIG.yaml --methods fedit,ffa,fra,flora_na --seeds 0,1,2 [--set ...] [--out DIR]
   fedlora-jax describe CONFIG.yaml [--set ...] [--out HEATMAP.png]
@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
 
     run = add("run", "run one federated simulation", "run directory (default: runs/<name>-<time>)")
     run.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
+    _processes(run)
     compare = add("compare", "run a config once per method and seed; CSV, plots and a summary table",
                   "output directory (default: runs/compare-<name>-<time>)")
     compare.add_argument("--methods", required=True, help="comma-separated method names, e.g. fedit,ffa,fra,flora_na")
@@ -44,11 +45,27 @@ def _parser() -> argparse.ArgumentParser:
     resume = sub.add_parser("resume", help="continue a run from its newest checkpoint")
     resume.add_argument("run_dir", help="the run directory (holds config.yaml and checkpoints/)")
     resume.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
+    _processes(resume)
     export = sub.add_parser("export", help="write the run's adapter as a Hugging Face PEFT adapter")
     export.add_argument("run_dir", help="the run directory (its newest checkpoint is exported)")
     export.add_argument("--out", required=True, help="output directory (new or empty)")
     export.add_argument("--clients", action="store_true", help="FedSA: also each client's own adapter")
     return parser
+
+
+def _processes(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("multi-process runs (every process runs the same command; process 0 writes)")
+    group.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="process 0's address (default: $JAX_COORDINATOR_ADDRESS; SLURM is detected)")
+    group.add_argument("--num-processes", type=int, metavar="N", help="processes in the run (default: $JAX_NUM_PROCESSES)")
+    group.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1 (default: $JAX_PROCESS_ID)")
+
+
+def _join(args) -> bool:
+    """Joins a multi-process run when one is asked for (flags, environment or SLURM)."""
+    from fedlora_jax.distributed import initialize
+
+    return initialize(args.coordinator, args.num_processes, args.process_id)
 
 
 def _stamp(config_path: str) -> str:
@@ -60,6 +77,8 @@ def _run(args) -> int:
     from fedlora_jax.simulate import build_experiment, run
 
     config = load_config(args.config, args.overrides)
+    if _join(args) and args.out is None:
+        raise ValueError("a multi-process run needs --out (the same run directory for every process)")
     experiment = build_experiment(config)
     out = Path(args.out) if args.out else Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     return _finish(run(config, out, progress=not args.quiet, experiment=experiment))
@@ -73,6 +92,7 @@ def _resume(args) -> int:
     if not (run_dir / "config.yaml").is_file():
         raise ValueError(f"{run_dir} is not a run directory (no config.yaml)")
     config = load_config(run_dir / "config.yaml")
+    _join(args)
     return _finish(run(config, run_dir, progress=not args.quiet, experiment=build_experiment(config), resume=True))
 
 

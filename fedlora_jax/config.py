@@ -97,7 +97,7 @@ class FederationConfig:
     clients (null = all at once); with a streaming method and ``eval.local: false`` each chunk's
     uploads are reduced as it finishes, so the round's memory follows the chunk, not the cohort
     (docs/scale.md).
-    ``devices``: local devices the cohort's client axis is sharded over (null = all of them);
+    ``devices``: devices the cohort's client axis is sharded over (null = all of them, of every process);
     a cohort that does not divide by it is padded with empty slots.
     """
 

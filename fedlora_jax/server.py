@@ -126,7 +126,7 @@ class Federation:
     base_kernels: tuple[int, ...] = ()  # frozen-leaf index of each LoRA module's kernel [d_in, d_out]
     client_sampling_rate: float | None = None  # Poisson cohorts: each client's inclusion probability
     keep_client_params: bool = True  # the round returns the cohort's trained states (local evaluation needs them)
-    devices: int = 1  # local devices the cohort's client axis is sharded over
+    devices: int = 1  # devices (of every process) the cohort's client axis is sharded over
 
     def __post_init__(self):
         if self.user_dp is not None and not self.method.mean_based:
@@ -301,40 +301,58 @@ class Federation:
             new[i] = head.astype(leaves_before[i].dtype)
         return jax.tree.unflatten(treedef, new), jax.tree.unflatten(frozen_def, frozen_leaves), jnp.stack(divergence)
 
-    def on_devices(self, train, per_client: tuple, reduced: bool):
-        """``train(per_client)`` with the client axis of ``per_client`` (arrays [K, ...]) sharded over
-        ``self.devices`` local devices (``shard_map``); everything ``train`` closes over is
-        replicated. The cohort is padded to a multiple of the device count with empty slots
-        (zeros: no rows, weight 0) whose outputs are dropped. ``train`` returns (totals, stats)
-        when ``reduced`` (totals are summed over devices) or (per-client outputs, stats).
+    @property
+    def mesh(self) -> jax.sharding.Mesh:
+        """The 1-D ``clients`` mesh over the first ``self.devices`` devices of all processes."""
+        return jax.make_mesh((self.devices,), ("clients",), axis_types=(jax.sharding.AxisType.Auto,),
+                             devices=jax.devices()[: self.devices])
+
+    def replicated(self, tree):
+        """``tree`` placed whole on every device of the mesh (the server state, the client rows);
+        unchanged on one device."""
+        if self.devices <= 1:
+            return tree
+        everywhere = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+
+        def put(x):  # from host values: devices of other processes cannot take a device array
+            if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+                return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+            return jax.device_put(np.asarray(x), everywhere)
+
+        return jax.tree.map(put, tree)
+
+    def on_devices(self, train, per_client: tuple, shared: tuple, reduced: bool):
+        """``train(per_client, shared)`` with the client axis of ``per_client`` (arrays [K, ...])
+        sharded over the mesh's devices (``shard_map``) and ``shared`` (the state, the client rows)
+        replicated on each; ``train`` must close over nothing else that is an array. The cohort is
+        padded to a multiple of the device count with empty slots (zeros: no rows, weight 0)
+        whose outputs are dropped. ``train`` returns (totals, stats) when ``reduced`` (totals are
+        summed over devices) or (per-client outputs, stats).
         """
         if self.devices <= 1:
-            return train(per_client)
+            return train(per_client, shared)
         k = self.cohort_size
         pad = -k % self.devices
-
-        def padded(x):  # PRNG keys travel as their key data
-            if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-                x = jax.random.key_data(x)
-            return jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)]) if pad else x
-
-        is_key = [jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) for x in jax.tree.leaves(per_client)]
-        treedef = jax.tree.structure(per_client)
-
-        mesh = jax.make_mesh((self.devices,), ("clients",), axis_types=(jax.sharding.AxisType.Auto,),
-                             devices=jax.local_devices()[: self.devices])
+        is_key = lambda x: jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+        # PRNG keys travel as their key data
+        key_impls = [jax.random.key_impl(x) if is_key(x) else None for x in jax.tree.leaves((per_client, shared))]
+        treedef = jax.tree.structure((per_client, shared))
+        padded = lambda x: jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)]) if pad else x
+        as_data = lambda x: jax.random.key_data(x) if is_key(x) else x
         spec = jax.sharding.PartitionSpec
 
-        def local(args):
-            leaves = [jax.random.wrap_key_data(x) if key else x for x, key in zip(jax.tree.leaves(args), is_key)]
-            first, stats = train(jax.tree.unflatten(treedef, leaves))
+        def local(per_client_data, shared_data):
+            leaves = [x if impl is None else jax.random.wrap_key_data(x, impl=impl)
+                      for x, impl in zip(jax.tree.leaves((per_client_data, shared_data)), key_impls)]
+            first, stats = train(*jax.tree.unflatten(treedef, leaves))
             return (jax.lax.psum(first, "clients") if reduced else first), stats
 
         out_first = spec() if reduced else spec("clients")
         # check_vma=False: with the check, a scan carry started from replicated zeros trained the
         # chunk's clients differently from one device (seen with jax 0.10.2); the psum is explicit
-        first, stats = jax.shard_map(local, mesh=mesh, in_specs=(spec("clients"),), out_specs=(out_first, spec("clients")),
-                                     check_vma=False)(jax.tree.map(padded, per_client))
+        first, stats = jax.shard_map(local, mesh=self.mesh, in_specs=(spec("clients"), spec()),
+                                     out_specs=(out_first, spec("clients")), check_vma=False)(
+            jax.tree.map(lambda x: padded(as_data(x)), per_client), jax.tree.map(as_data, shared))
         trim = lambda tree: jax.tree.map(lambda x: x[:k], tree)
         return (first if reduced else trim(first)), trim(stats)
 
@@ -366,15 +384,22 @@ class Federation:
         rows = shards.arrays
         if self.streams:
             client_params = None
-            totals, stats = self.on_devices(
-                lambda args: self.stream_totals(state, rows, *args, mask), (cohort, offsets, counts, keys, weights),
-                reduced=True)
+            def stream(per_client, shared):
+                state, rows, mask = shared
+                return self.stream_totals(state, rows, *per_client, mask)
+
+            totals, stats = self.on_devices(stream, (cohort, offsets, counts, keys, weights), (state, rows, mask),
+                                            reduced=True)
             params, frozen, divergence = self.finalise_stream(state, totals, server_key)
         else:
             start = self.method.client_start(state.method_state, state.params, cohort, self.layout)
-            client_params, stats = self.on_devices(
-                lambda args: self.run_clients(state.frozen, args[0], rows, *args[1:], state.round, mask),
-                (start, offsets, counts, keys), reduced=False)
+            def train(per_client, shared):
+                frozen, rows, round_index, mask = shared
+                start, *sampling = per_client
+                return self.run_clients(frozen, start, rows, *sampling, round_index, mask)
+
+            client_params, stats = self.on_devices(train, (start, offsets, counts, keys),
+                                                   (state.frozen, rows, state.round, mask), reduced=False)
             frozen = state.frozen
             if self.user_dp is None:
                 params, frozen, divergence = self.aggregate(client_params, weights, state.round, server_key, frozen)
@@ -404,8 +429,12 @@ class Federation:
         return finite, state
 
     def compile_round(self):
-        """The jitted round; the server state's buffers are donated."""
-        return jax.jit(self.round, donate_argnums=0)
+        """The jitted round; the server state's buffers are donated. On several devices its
+        outputs are replicated, so every process can read them (and the next round's state)."""
+        if self.devices <= 1:
+            return jax.jit(self.round, donate_argnums=0)
+        everywhere = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        return jax.jit(self.round, donate_argnums=0, out_shardings=everywhere)
 
     def communication_bytes(self, params, frozen, round_index: int, clients: int | None = None) -> tuple[int, int]:
         """Exact (bytes_up, bytes_down) of one round over the ``clients`` that took part (default K)."""

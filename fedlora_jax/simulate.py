@@ -31,6 +31,7 @@ from fedlora_jax.data.base import FederatedData, offsets_of
 from fedlora_jax.data.packing import eval_stream_length, row_lengths, token_buckets
 from fedlora_jax.data.sources import SOURCES, load_federated
 from fedlora_jax.data.synthetic import make_synthetic
+from fedlora_jax.distributed import is_primary
 from fedlora_jax.evaluate import (Evaluator, client_eval_batches, client_rows, eval_batch_count, eval_batches, score,
                                   unbatch, weighted_client_metrics)
 from fedlora_jax.generate import gsm8k_exact_match
@@ -151,7 +152,7 @@ def build_experiment(config: Config, data: FederatedData | None = None) -> Exper
     federation = Federation(trainer, method, layout, ledger.cohort_slots, data.num_clients, f.clients_per_chunk,
                             user_dp, lora_config(config).scaling, base_kernels,
                             cohort_size(config) / data.num_clients if poisson_cohorts else None,
-                            keep_client_params=config.eval.local, devices=local_devices(f.devices))
+                            keep_client_params=config.eval.local, devices=mesh_devices(f.devices))
     check_cohort_fits(federation, params)
     eval_tokens = local_tokens = None
     if config.data.packing == "auto" and data.task != "causal_lm":  # causal LM scores padded token rows
@@ -161,18 +162,22 @@ def build_experiment(config: Config, data: FederatedData | None = None) -> Exper
     return Experiment(config, data, graphdef, params, frozen, federation, evaluator, adapted, ledger)
 
 
-def local_devices(wanted: int | None) -> int:
-    """``federation.devices``: all local devices when None; more than there are is an error."""
-    available = jax.local_device_count()
+def mesh_devices(wanted: int | None) -> int:
+    """``federation.devices``: all devices when None (of every process in a multi-process run,
+    which must use them all); more than there are is an error."""
+    available = jax.device_count()
     if wanted is not None and wanted > available:
         raise ConfigError(f"config key 'federation.devices' is {wanted} but this process sees {available} "
                           f"{jax.default_backend()} device(s)")
+    if wanted is not None and wanted != available and jax.process_count() > 1:
+        raise ConfigError(f"config key 'federation.devices' is {wanted} but a run of {jax.process_count()} processes "
+                          f"shards its clients over all {available} devices; set it to null")
     return available if wanted is None else wanted
 
 
 def memory_available() -> int:
     """Bytes a round may use: the accelerator's memory limit, or the host's physical memory."""
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         return int(stats["bytes_limit"])
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -199,13 +204,16 @@ class RunLog:
     """The run directory: resolved config, metrics.jsonl, divergence.jsonl, summary.json.
 
     A new run needs an empty or absent directory; a resumed one (``resume``) needs the run's own
-    directory with its config.yaml."""
+    directory with its config.yaml. Without ``writes`` (the other processes of a multi-process
+    run) it only reads."""
 
-    def __init__(self, out_dir: Path | None, config: Config, resume: bool = False):
-        self.dir = out_dir
+    def __init__(self, out_dir: Path | None, config: Config, resume: bool = False, writes: bool = True):
+        self.dir, self.writes = out_dir, writes
         if out_dir is None:
             if resume:
                 raise ConfigError("resuming needs the run directory")
+            return
+        if not writes and not resume:
             return
         if resume:
             if not (out_dir / "config.yaml").is_file():
@@ -219,7 +227,7 @@ class RunLog:
             (out_dir / name).touch()
 
     def append(self, filename: str, record: dict) -> None:
-        if self.dir is not None:
+        if self.dir is not None and self.writes:
             with open(self.dir / filename, "a") as fh:
                 fh.write(json.dumps(record, allow_nan=False) + "\n")  # NaN is not JSON
 
@@ -229,7 +237,7 @@ class RunLog:
         self.append("divergence.jsonl", {"round": record["round"], **record["modules"]})
 
     def write(self, filename: str, record: dict) -> None:
-        if self.dir is not None:
+        if self.dir is not None and self.writes:
             (self.dir / filename).write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
 
     def truncate(self, rounds: int) -> list[dict]:
@@ -243,6 +251,8 @@ class RunLog:
             kept[name] = [r for r in records if r["round"] <= rounds]
             if [r["round"] for r in kept[name]] != list(range(1, rounds + 1)):
                 raise ConfigError(f"{path} does not hold rounds 1..{rounds} of the checkpoint")
+            if not self.writes:
+                continue
             tmp = path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in kept[name]))
             os.replace(tmp, path)
@@ -353,20 +363,24 @@ def run(config: Config, out_dir: str | Path | None = None, progress: bool = True
     """Runs a federated simulation; writes the run directory when ``out_dir`` is given.
 
     With ``resume`` the run directory must hold an earlier run of ``config``: it continues from
-    the newest usable checkpoint. Ctrl-C stops after the current round with a checkpoint.
+    the newest usable checkpoint. Ctrl-C stops after the current round with a checkpoint. In a
+    multi-process run every process calls this; process 0 alone writes and shows progress.
     """
     exp = experiment or build_experiment(config)
     console = console or Console(stderr=True)
     fed, rounds = exp.federation, config.federation.rounds
-    log = RunLog(Path(out_dir) if out_dir is not None else None, config, resume)
+    primary = is_primary()
+    progress = progress and primary
+    log = RunLog(Path(out_dir) if out_dir is not None else None, config, resume, writes=primary)
     checkpoints = (Checkpointer(log.dir, config_digest(config.to_dict()), config.checkpoint.keep,
                                 fed.method.modifies_base, {"task": exp.data.task, "num_labels": exp.data.num_labels})
                    if log.dir is not None else None)
-    shards: ClientShards = device_shards(exp.data)
+    shards: ClientShards = fed.replicated(device_shards(exp.data))
     state = init_server_state(exp.params, exp.frozen, config.seed, fed)
     history: list[dict] = []
     if resume:
-        state, history = restore(checkpoints, state, exp.ledger, log, console)
+        state, history = restore(checkpoints, state, exp.ledger, log, console if primary else Console(quiet=True))
+    state = fed.replicated(state)
     compiled, compile_s = compile_round(fed, state, shards)
     evaluation = Evaluation(exp)
     headline = _headline(exp.data.task)
@@ -383,15 +397,15 @@ def run(config: Config, out_dir: str | Path | None = None, progress: bool = True
             history.append(record)
             log.round(record)
             bar.advance(record)
-            if checkpoints and config.checkpoint.every and (r + 1) % config.checkpoint.every == 0:
+            if checkpoints and primary and config.checkpoint.every and (r + 1) % config.checkpoint.every == 0:
                 checkpoints.save(state, exp.ledger.participations, exp.ledger.rounds_done)
             if interrupted():
                 stopped = f"interrupted after round {r + 1}; continue with: fedlora-jax resume {log.dir or 'RUN_DIR'}"
                 break
     for message, style in ((stopped, "yellow"), (diverged, "red")):
-        if message:
+        if message and primary:
             console.print(f"[{style}]{message}[/{style}]", soft_wrap=True)
-    if checkpoints:  # the state the run ends with (the last good one after a divergence)
+    if checkpoints and primary:  # the state the run ends with (the last good one after a divergence)
         checkpoints.save(state, exp.ledger.participations, exp.ledger.rounds_done)
     summary = summarise(history, headline, compile_s, exp.ledger, stopped, diverged)
     log.write("summary.json", summary)

@@ -65,10 +65,13 @@ def test_streamed_reductions_equal_the_stacked_aggregate(round_index):
     else:  # odd round: RoLoRA trained A with B shared
         b = jnp.broadcast_to(b[0], b.shape)
     w = jnp.asarray(rng.dirichlet(np.ones(k)), jnp.float32)
-    streaming = streaming_methods()
-    assert {"fedit", "ffa", "rolora", "fedex"} <= set(streaming)
+    streaming = streaming_methods() + ("fra_then_ffa",)  # (the hybrid needs an option to be built)
+    assert {"fedit", "ffa", "rolora", "fedex", "fra"} <= set(streaming)
+    options = {"fra": {"split": "left" if round_index else "balanced"},  # the hybrid: last FRA round, then FFA
+               "fra_then_ffa": {"switch_round": 1}}
     for name in streaming:
-        method = make_method(name)
+        method = make_method(name, options.get(name), lora_rank=r)
+        assert method.streaming, name
         if name == "ffa" and round_index == 1:
             continue
         stacked = method.aggregate(b, a, w, jnp.int32(round_index), jax.random.key(0))
@@ -84,17 +87,19 @@ def test_streamed_reductions_equal_the_stacked_aggregate(round_index):
                                    atol=1e-5, err_msg=name)
 
 
-def test_streamed_round_equals_the_stacked_round():
-    """FedEx: means, the dense ideal update and the base fold all streamed (the other streaming
-    methods' reductions: the test above)."""
-    exp = tiny_experiment(**{"federation.method": "fedex", "federation.clients_per_chunk": 2, "eval.local": False,
-                             "data.packing": "null"})
+@pytest.mark.parametrize("method, options, rounds", [("fedex", "{}", 2), ("fra_then_ffa", "{switch_round: 2}", 3)])
+def test_streamed_round_equals_the_stacked_round(method, options, rounds):
+    """FedEx: means, the dense ideal update and the base fold all streamed; FRA then FFA: the
+    dense SVD of the streamed M (balanced, then left) against the stacked factors' SVD, then
+    FFA (the other streaming methods' reductions: the test above)."""
+    exp = tiny_experiment(**{"federation.method": method, "federation.method_options": options,
+                             "federation.clients_per_chunk": 2, "eval.local": False, "data.packing": "null"})
     fed = exp.federation
     assert fed.streams and not dataclasses.replace(fed, keep_client_params=True).streams
     shards = device_shards(exp.data)
     streamed = stacked = init_server_state(exp.params, exp.frozen, 0, fed)
     play_streamed, play_stacked = jax.jit(fed.round), jax.jit(dataclasses.replace(fed, keep_client_params=True).round)
-    for _ in range(2):
+    for _ in range(rounds):
         streamed, out = play_streamed(streamed, shards)
         stacked, want = play_stacked(stacked, shards)
         assert out.client_params is None
@@ -152,10 +157,12 @@ for local in (False, True):  # streamed (no local evaluation), stacked
     one = dataclasses.replace(exp.federation, devices=1)
     assert exp.federation.devices == 4 and one.streams == (not local)
     shards = device_shards(exp.data)
-    a = b = init_server_state(exp.params, exp.frozen, 0, one)
+    a = init_server_state(exp.params, exp.frozen, 0, one)
+    b = exp.federation.replicated(a)  # placed as runs place it
+    placed = exp.federation.replicated(shards)
     for _ in range(2):
         a, out_a = jax.jit(one.round)(a, shards)
-        b, out_b = jax.jit(exp.federation.round)(b, shards)
+        b, out_b = exp.federation.compile_round()(b, placed)
         for x, y in zip(jax.tree.leaves((a.params, out_a.train_loss, out_a.divergence)),
                         jax.tree.leaves((b.params, out_b.train_loss, out_b.divergence))):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
@@ -167,3 +174,57 @@ print("same")
     assert proc.returncode == 0 and "same" in proc.stdout, proc.stderr[-3000:]
     with pytest.raises(ConfigError, match="'federation.devices' is 2 but this process sees 1"):
         simulate.build_experiment(tiny_config(**{"federation.devices": 2}))
+
+
+def test_two_processes_give_the_metrics_of_one(tmp_path, capsys):
+    """`fedlora-jax run` in two local CPU processes joined by jax.distributed (one device each,
+    the cohort of 5 padded to 6) logs the metrics of a one-process run, with local evaluation of
+    the replicated trained states and a checkpoint every round; process 0 alone writes. An
+    incomplete or wrong process spec is one line."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    from fedlora_jax.cli import main
+    from tiny import TINY
+
+    config = {**TINY, "federation": {**TINY["federation"], "rounds": 2}, "checkpoint": {"every": 1}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", str(path), "--out", str(tmp_path / "one"), "--quiet"]) == 0
+    for flags, message in ((["--coordinator", "127.0.0.1:1"], "needs the coordinator address, the process count"),
+                           (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"], "must be in 0..1")):
+        assert main(["run", str(path), "--out", str(tmp_path / "bad"), *flags]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, "-m", "fedlora_jax", "run", str(path), "--out", str(tmp_path / "two"),
+                               "--quiet", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                               "--process-id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-3000:] for _, err in outputs]
+
+    def metrics(run):
+        timing = ("wall_s", "eval_s")
+        return [{k: v for k, v in json.loads(line).items() if k not in timing}
+                for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    one, two = metrics("one"), metrics("two")
+    assert [r["round"] for r in two] == [1, 2] and one[0].keys() == two[0].keys() and "local_accuracy" in two[0]
+    for a, b in zip(one, two):
+        for key in a:
+            np.testing.assert_allclose(b[key], a[key], atol=1e-5, err_msg=key)
+    from safetensors.numpy import load_file
+
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["round_000001", "round_000002"]
+    one_state, two_state = (load_file(tmp_path / run / "checkpoints/round_000002/state.safetensors") for run in ("one", "two"))
+    assert one_state.keys() == two_state.keys()
+    for name in one_state:
+        np.testing.assert_allclose(two_state[name], one_state[name], atol=1e-5, err_msg=name)

@@ -10,7 +10,7 @@ To aggregate many LoRA modules of one shape at once, ``jax.vmap`` over a leading
 
 from fedlora_jax.aggregation.averaging import fedex, fedit, fedsa, ffa, rolora, weighted_mean
 from fedlora_jax.aggregation.flora_na import flora_na, flora_na_coefficients
-from fedlora_jax.aggregation.fra import fra, fra_then_ffa
+from fedlora_jax.aggregation.fra import fra, fra_from_update, fra_then_ffa
 from fedlora_jax.aggregation.linalg import dense_divergence, divergence, product_svd, stack_factors
 from fedlora_jax.aggregation.stacking import flora_stack
 
@@ -25,6 +25,7 @@ __all__ = [
     "flora_na_coefficients",
     "flora_stack",
     "fra",
+    "fra_from_update",
     "fra_then_ffa",
     "product_svd",
     "rolora",

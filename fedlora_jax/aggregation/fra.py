@@ -53,13 +53,29 @@ def _fra(B: jax.Array, A: jax.Array, w: jax.Array, rank: int, split: str) -> tup
     dtype = _checks.compute_dtype(B, A, w)
     out = _checks.output_dtype(B, A)
     B_s, A_s = linalg.stack_factors(B.astype(dtype), A.astype(dtype), w.astype(dtype))
-    u, s, vt = linalg.product_svd(B_s, A_s, rank)
+    B_new, A_new = _split(*linalg.product_svd(B_s, A_s, rank), split)
+    return B_new.astype(out), A_new.astype(out)
+
+
+def fra_from_update(M: jax.Array, rank: int, split: str = "balanced") -> tuple[jax.Array, jax.Array]:
+    """:func:`fra` from the dense ideal update M [d_out, d_in] (streamed rounds sum it chunk by
+    chunk): a dense truncated SVD, O(d_out d_in min(d_out, d_in)). Same factors as :func:`fra`
+    (same sign convention) up to float rounding, where the singular values are distinct.
+
+    Returns:
+      B_new [d_out, rank] and A_new [rank, d_in] (float32 or wider).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"fra split must be one of {SPLITS}, got {split!r}")
+    return _split(*linalg.dense_svd(M, rank), split)
+
+
+def _split(u, s, vt, split: str):
+    """(B, A) from a truncated SVD: sqrt(S) on each side (balanced), or S on B (left)."""
     if split == "balanced":
         root = jnp.sqrt(s)
-        B_new, A_new = u * root, root[:, None] * vt
-    else:
-        B_new, A_new = u * s, vt
-    return B_new.astype(out), A_new.astype(out)
+        return u * root, root[:, None] * vt
+    return u * s, vt
 
 
 def fra_then_ffa(

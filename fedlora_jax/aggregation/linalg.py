@@ -59,10 +59,32 @@ def product_svd(left: jax.Array, right: jax.Array, rank: int) -> tuple[jax.Array
     q_right, r_right = jnp.linalg.qr(right.T, mode="reduced")
     core_u, core_s, core_vt = jnp.linalg.svd(r_left @ r_right.T, full_matrices=False)
     kept = min(rank, core_s.shape[0])
-    u = q_left @ core_u[:, :kept]
-    vt = core_vt[:kept] @ q_right.T
-    s = core_s[:kept]
-    padding = rank - kept
+    u, vt = canonical_signs(q_left @ core_u[:, :kept], core_vt[:kept] @ q_right.T)
+    return _padded(u, core_s[:kept], vt, rank)
+
+
+def dense_svd(m: jax.Array, rank: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Truncated SVD of a dense matrix m [d_out, d_in] (e.g. the streamed ideal update):
+    (U [d_out, rank], S [rank], Vt [rank, d_in]) as :func:`product_svd` returns them, with the
+    same sign convention, so both give the same factors of the same product."""
+    u, s, vt = jnp.linalg.svd(m, full_matrices=False)
+    kept = min(rank, s.shape[0])
+    u, vt = canonical_signs(u[:, :kept], vt[:kept])
+    return _padded(u, s[:kept], vt, rank)
+
+
+def canonical_signs(u: jax.Array, vt: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Singular pairs (u [d_out, k] columns, vt [k, d_in] rows) with each column's entry of
+    largest magnitude made positive: an SVD is unique only up to the sign of each pair, and
+    this choice makes two routes to the same product agree."""
+    largest = jnp.take_along_axis(u, jnp.argmax(jnp.abs(u), axis=0)[None], axis=0)[0]
+    sign = jnp.where(largest < 0, -1.0, 1.0).astype(u.dtype)
+    return u * sign, vt * sign[:, None]
+
+
+def _padded(u, s, vt, rank: int):
+    """Zero singular triplets appended up to ``rank`` (static shapes when rank > attainable)."""
+    padding = rank - s.shape[0]
     if padding:
         u = jnp.pad(u, ((0, 0), (0, padding)))
         vt = jnp.pad(vt, ((0, padding), (0, 0)))

@@ -1,6 +1,10 @@
 """FRA-LoRA: the rank-r truncated SVD of the full-rank mean of the products; and its hybrid that
-runs FRA for ``switch_round`` rounds, then freezes the last A (FFA)."""
+runs FRA for ``switch_round`` rounds, then freezes the last A (FFA).
 
+Both stream: the SVD needs only the ideal update M = sum w B A, which the engine sums chunk by
+chunk (a dense SVD of M then; the stacked round factorises the stacked factors instead)."""
+
+import jax
 import jax.numpy as jnp
 
 from fedlora_jax import aggregation
@@ -8,14 +12,25 @@ from fedlora_jax.methods.base import Aggregate, Method, register_method
 
 
 class FRA(Method):
+    streaming = True
+
     def __init__(self, rank: int, split: str):
         self.rank, self.split = rank, split
 
     def aggregate(self, b, a, w, round_index, key):
         return Aggregate(*aggregation.fra(b, a, w, self.rank, self.split))
 
+    def summarise(self, b, a, w):
+        return ()  # the ideal update M is all the SVD needs
+
+    def finalise(self, summary, ideal, b_before, a_before, round_index, key):
+        b, a = aggregation.fra_from_update(ideal, self.rank, self.split)
+        return Aggregate(b.astype(b_before.dtype), a.astype(a_before.dtype))
+
 
 class FRAThenFFA(Method):
+    streaming = True
+
     def __init__(self, rank: int, switch_round: int):
         self.rank, self.switch_round = rank, switch_round
 
@@ -31,6 +46,20 @@ class FRAThenFFA(Method):
 
     def aggregate(self, b, a, w, round_index, key):
         return Aggregate(*aggregation.fra_then_ffa(b, a, w, round_index, self.switch_round, self.rank))
+
+    def summarise(self, b, a, w):
+        return aggregation.weighted_mean(b, w)  # B's mean, for the FFA rounds
+
+    def finalise(self, summary, ideal, b_before, a_before, round_index, key):
+        """FRA (balanced, then left in the last FRA round) from M; in FFA rounds B's mean and
+        the frozen A the clients started from."""
+        cast = lambda b, a: (b.astype(b_before.dtype), a.astype(a_before.dtype))
+        branches = (lambda: cast(*aggregation.fra_from_update(ideal, self.rank, "balanced")),
+                    lambda: cast(*aggregation.fra_from_update(ideal, self.rank, "left")),
+                    lambda: cast(summary, a_before))
+        round_index = jnp.asarray(round_index)
+        branch = jnp.where(round_index < self.switch_round - 1, 0, jnp.where(round_index == self.switch_round - 1, 1, 2))
+        return Aggregate(*jax.lax.switch(branch, branches))
 
 
 @register_method("fra")
