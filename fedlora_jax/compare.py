@@ -5,8 +5,10 @@ combined tables and plots::
 
     OUT/<method>/seed<s>/   a normal run directory (config.yaml, metrics.jsonl, summary.json, ...)
     OUT/results.csv         one row per (method, seed, round), every history field
-    OUT/summary.csv         one row per method: final/best headline metric mean and std over seeds, ...
-    OUT/accuracy.png        global headline metric vs round (mean, min-max band over seeds)
+    OUT/summary.csv         one row per method: final/best headline metric mean, std and 95% CI over seeds, ...
+    OUT/paired.csv          each method against the first one on the same seeds: mean difference,
+                            its 95% CI, the paired t-test p-value, wins and losses
+    OUT/accuracy.png        global headline metric vs round (mean, 95% CI band over seeds)
     OUT/gap.png             local - global headline metric vs round (when local evaluation ran)
     OUT/divergence.png      aggregation divergence vs round (log y)
     OUT/bytes.png           cumulative bytes up + down vs round
@@ -33,6 +35,7 @@ from fedlora_jax.data.base import FederatedData
 from fedlora_jax.data.partition import label_histogram
 from fedlora_jax.methods import make_method
 from fedlora_jax.simulate import build_data, build_experiment, run
+from fedlora_jax.stats import mean_ci, paired_difference
 
 # Headline metrics in order of preference: classification, regression, causal LM.
 HEADLINE_METRICS = ("accuracy", "pearson", "token_accuracy")
@@ -55,6 +58,8 @@ class ComparisonResult:
         e.g. metrics on rounds without evaluation); the contents of results.csv.
       columns: results.csv column order.
       summary: one dict per method (the contents of summary.csv).
+      paired: one dict per (method other than the first, metric): the paired comparison with the
+        first method over the seeds (the contents of paired.csv).
       headline: the headline metric name, e.g. "accuracy" (its history key is ``global_<name>``).
       out_dir: the comparison directory.
       run_dirs: (method, seed) -> that run's directory.
@@ -64,6 +69,7 @@ class ComparisonResult:
     rows: list[dict]
     columns: list[str]
     summary: list[dict]
+    paired: list[dict]
     headline: str
     out_dir: Path
     run_dirs: dict[tuple[str, int], Path]
@@ -149,14 +155,19 @@ def run_comparison(config: ConfigSource, methods: Sequence[str], seeds: Sequence
     rows, row_columns = comparison_rows(histories)
     headline = headline_metric(rows)
     summary = summarise_comparison(histories, methods, headline)
+    paired = paired_comparisons(histories, methods, headline)
     write_csv(rows, row_columns, out_dir / "results.csv")
     write_csv(summary, list(summary[0]), out_dir / "summary.csv")
+    if paired:
+        write_csv(paired, list(paired[0]), out_dir / "paired.csv")
     figures = plot_comparison(histories, methods, headline, out_dir)
     if progress:
         console.print(comparison_table(summary, headline, title=f"{configs[(methods[0], seeds[0])].name}: "
                                                                 f"{len(methods)} methods x {len(seeds)} seeds"))
+        if paired:
+            console.print(paired_table(paired))
         console.print(f"comparison directory: {out_dir}")
-    return ComparisonResult(rows, row_columns, summary, headline, out_dir, run_dirs, figures)
+    return ComparisonResult(rows, row_columns, summary, paired, headline, out_dir, run_dirs, figures)
 
 
 def _run_status(history: list[dict]) -> str:
@@ -206,9 +217,10 @@ def summarise_comparison(histories: dict[tuple[str, int], list[dict]], methods: 
                          headline: str) -> list[dict]:
     """One summary dict per method, statistics over its seeds.
 
-    "final" is a run's last evaluated round, "best" its maximum over evaluated rounds; ``_mean``
-    and ``_std`` are the mean and sample standard deviation over seeds. Bytes are per-run totals
-    and divergence the per-run mean over rounds, both averaged over seeds. Gap and epsilon keys are
+    "final" is a run's last evaluated round, "best" its maximum over evaluated rounds; ``_mean``,
+    ``_std`` and ``_ci95`` are the mean, the sample standard deviation and the half-width of the
+    95% Student-t confidence interval of the mean over seeds (None with one seed). Bytes are
+    per-run totals and divergence the per-run mean over rounds, both averaged over seeds. Gap and epsilon keys are
     present (None where a method lacks them) when any run logged them.
     """
     key = f"global_{headline}"
@@ -220,12 +232,13 @@ def summarise_comparison(histories: dict[tuple[str, int], list[dict]], methods: 
         if any(not e for e in evaluated):
             raise ValueError(f"method {method!r}: a run has no round with {key}")
         row: dict[str, Any] = {"method": method, "seeds": len(runs), "rounds": max(len(h) for h in runs)}
-        for name, values in ((f"final_{key}", [e[-1][key] for e in evaluated]),
-                             (f"best_{key}", [max(r[key] for r in e) for e in evaluated])):
+        for name, values in _headline_values(evaluated, key).items():
             row[f"{name}_mean"], row[f"{name}_std"] = _mean_std(values)
+            row[f"{name}_ci95"] = mean_ci(values)[1]
         if "local_global_gap" in logged:
             gaps = [e[-1]["local_global_gap"] for e in evaluated if "local_global_gap" in e[-1]]
             row["final_local_global_gap_mean"], row["final_local_global_gap_std"] = _mean_std(gaps) if gaps else (None, None)
+            row["final_local_global_gap_ci95"] = mean_ci(gaps)[1] if gaps else None
         row["final_train_loss_mean"] = _mean_std([h[-1]["train_loss"] for h in runs])[0]
         row["total_bytes_up"] = int(np.mean([sum(r["bytes_up"] for r in h) for h in runs]))
         row["total_bytes_down"] = int(np.mean([sum(r["bytes_down"] for r in h) for h in runs]))
@@ -237,6 +250,27 @@ def summarise_comparison(histories: dict[tuple[str, int], list[dict]], methods: 
         row["train_s_mean"] = float(np.mean([sum(r["wall_s"] for r in h) for h in runs]))
         summary.append(row)
     return summary
+
+
+def _headline_values(evaluated: list[list[dict]], key: str) -> dict[str, list[float]]:
+    """Per run (in seed order): the final and the best value of ``key`` over its evaluated rounds."""
+    return {f"final_{key}": [e[-1][key] for e in evaluated], f"best_{key}": [max(r[key] for r in e) for e in evaluated]}
+
+
+def paired_comparisons(histories: dict[tuple[str, int], list[dict]], methods: Sequence[str],
+                       headline: str) -> list[dict]:
+    """Each method after the first against the first, seed by seed (the same seed gives both the
+    same data split and initialisation), on the final and the best headline metric:
+    :func:`fedlora_jax.stats.paired_difference` of (method - reference). Empty for one method."""
+    key = f"global_{headline}"
+    seeds = sorted({s for (_, s) in histories})
+    values = {m: _headline_values([[r for r in histories[(m, s)] if key in r] for s in seeds], key) for m in methods}
+    rows = []
+    for method in methods[1:]:
+        for metric in values[method]:
+            rows.append({"method": method, "reference": methods[0], "metric": metric,
+                         **paired_difference(values[method][metric], values[methods[0]][metric])})
+    return rows
 
 
 def write_csv(rows: Sequence[dict], columns: Sequence[str], path: Path) -> Path:
@@ -297,9 +331,9 @@ def format_bytes(n: float) -> str:
 
 
 def comparison_table(summary: Sequence[dict], headline: str, title: str = "comparison") -> Table:
-    """A rich table of the comparison summary (mean +- std over seeds)."""
+    """A rich table of the comparison summary (mean ± 95% CI half-width over seeds)."""
     key = f"global_{headline}"
-    table = Table(title=title)
+    table = Table(title=title, caption="mean ± 95% confidence interval over seeds (Student t)")
     for name, justify in (("method", "left"), ("seeds", "right"), (f"final {headline}", "right"),
                           (f"best {headline}", "right"), ("local-global gap", "right"), ("bytes up", "right"),
                           ("bytes down", "right"), ("divergence", "right")):
@@ -309,14 +343,27 @@ def comparison_table(summary: Sequence[dict], headline: str, title: str = "compa
         table.add_column("ε" if k == "epsilon" else "user ε", justify="right")
 
     def pm(row, name):
-        mean = row.get(f"{name}_mean")
-        return "-" if mean is None else f"{mean:.4f} ± {row[f'{name}_std']:.4f}"
+        mean, half = row.get(f"{name}_mean"), row.get(f"{name}_ci95")
+        return "-" if mean is None else f"{mean:.4f}" if half is None else f"{mean:.4f} ± {half:.4f}"
 
     for row in summary:
         eps = [f"{row[f'final_{k}_mean']:.3f}" if row.get(f"final_{k}_mean") is not None else "-" for k in eps_keys]
         table.add_row(row["method"], str(row["seeds"]), pm(row, f"final_{key}"), pm(row, f"best_{key}"),
                       pm(row, "final_local_global_gap"), format_bytes(row["total_bytes_up"]),
                       format_bytes(row["total_bytes_down"]), f"{row['mean_divergence']:.3g}", *eps)
+    return table
+
+
+def paired_table(paired: Sequence[dict]) -> Table:
+    """A rich table of :func:`paired_comparisons`: method - reference on the same seeds."""
+    table = Table(title="paired comparison on the same seeds (method - reference)")
+    for name in ("method", "reference", "metric", "pairs", "difference", "95% CI", "p (paired t)", "wins/losses"):
+        table.add_column(name, justify="left" if name in ("method", "reference", "metric") else "right")
+    for row in paired:
+        ci = "-" if row["ci_low"] is None else f"[{row['ci_low']:+.4f}, {row['ci_high']:+.4f}]"
+        p = "-" if row["p_value"] is None else f"{row['p_value']:.3g}"
+        table.add_row(row["method"], row["reference"], row["metric"], str(row["pairs"]),
+                      f"{row['mean_difference']:+.4f}", ci, p, f"{row['wins']}/{row['losses']}")
     return table
 
 

@@ -11,6 +11,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from fedlora_jax.stats import ci_band
+
 # Cells are annotated with their counts only up to this many cells (beyond, text is unreadable).
 _MAX_ANNOTATED_CELLS = 400
 
@@ -111,7 +113,8 @@ def plot_seed_bands(
     log_y: bool = False,
     xlabel: str = "round",
 ) -> Path:
-    """Draws one line per method (the mean over seeds) with a shaded min-max band over seeds.
+    """Draws one line per method (the mean over seeds) with a shaded band: the 95% Student-t
+    confidence interval of the mean over seeds (:func:`fedlora_jax.stats.ci_band`).
 
     Args:
       curves: method name -> (rounds [R], values [S, R]); NaN marks a round a seed did not reach
@@ -137,12 +140,11 @@ def plot_seed_bands(
             raise ValueError(f"curve {name!r}: {rounds.shape[0]} rounds but values of shape {values.shape}")
         seen = ~np.all(np.isnan(values), axis=0)
         rounds, values = rounds[seen], values[:, seen]
-        mean = np.nanmean(values, axis=0)
+        mean, low, high = ci_band(values)
         style = _line_style(index, len(rounds))
         axes.plot(rounds, mean, label=f"{name} (n={values.shape[0]})", **style)
         if values.shape[0] > 1:
-            axes.fill_between(rounds, np.nanmin(values, axis=0), np.nanmax(values, axis=0),
-                              color=style["color"], alpha=0.15, linewidth=0)
+            axes.fill_between(rounds, low, high, color=style["color"], alpha=0.15, linewidth=0)
         finite.append(values[np.isfinite(values)])
     if log_y:
         everything = np.concatenate(finite)
@@ -151,7 +153,7 @@ def plot_seed_bands(
             axes.set_yscale("log")
         else:
             axes.set_yscale("symlog", linthresh=float(positive.min()) if positive.size else 1.0)
-    _legend(axes, "mean; band: min-max over seeds")
+    _legend(axes, "mean; band: 95% CI over seeds")
     return _save(figure, path)
 
 

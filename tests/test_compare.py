@@ -101,6 +101,67 @@ def test_summary_has_mean_and_std_over_seeds(comparison):
         assert returned["final_global_accuracy_mean"] == pytest.approx(np.mean(finals))
 
 
+def test_summary_ci_and_paired_comparison_match_the_runs(comparison):
+    """95% CI half-widths and the paired comparison (ffa - fedit per seed) recomputed from each
+    run's metrics.jsonl with the t quantile from a table (t_{1, 0.975} = 12.7062)."""
+    out = comparison.out_dir
+    finals = {m: np.array([run_history(out, m, s)[-1]["global_accuracy"] for s in SEEDS]) for m in METHODS}
+    _, summary = read_csv(out / "summary.csv")
+    for method, row in zip(METHODS, summary):
+        assert float(row["final_global_accuracy_ci95"]) == pytest.approx(
+            12.7062047 * np.std(finals[method], ddof=1) / np.sqrt(2), abs=1e-6)
+    columns, paired = read_csv(out / "paired.csv")
+    assert [(r["method"], r["reference"], r["metric"]) for r in paired] == [
+        ("ffa", "fedit", "final_global_accuracy"), ("ffa", "fedit", "best_global_accuracy")]
+    final = paired[0]
+    d = finals["ffa"] - finals["fedit"]
+    assert int(final["pairs"]) == 2 and float(final["mean_difference"]) == pytest.approx(d.mean())
+    half = 12.7062047 * np.std(d, ddof=1) / np.sqrt(2)
+    if np.std(d) > 0:
+        assert float(final["ci_low"]) == pytest.approx(d.mean() - half, abs=1e-6)
+        assert float(final["ci_high"]) == pytest.approx(d.mean() + half, abs=1e-6)
+    assert (int(final["wins"]), int(final["losses"])) == (int(np.sum(d > 0)), int(np.sum(d < 0)))
+    assert comparison.paired[0]["mean_difference"] == pytest.approx(d.mean())
+
+
+def test_mean_ci_of_known_samples_and_its_coverage():
+    from fedlora_jax.stats import ci_band, mean_ci
+
+    mean, half = mean_ci([1, 2, 3, 4, 5])
+    assert mean == 3 and half == pytest.approx(2.7764451 * np.sqrt(2.5) / np.sqrt(5), rel=1e-6)  # t_{4, 0.975}
+    assert mean_ci([0, 1])[1] == pytest.approx(12.7062047 * np.sqrt(0.5) / np.sqrt(2), rel=1e-6)
+    assert mean_ci([0.7]) == (0.7, None)
+    # the interval covers the true mean of normal samples of 3 in ~95% of draws
+    rng = np.random.default_rng(0)
+    samples = rng.normal(1.0, 2.0, size=(4000, 3))
+    covered = [abs(m - 1.0) <= h for m, h in map(mean_ci, samples)]
+    assert abs(np.mean(covered) - 0.95) < 0.015
+    mean, low, high = ci_band(np.array([[1.0, np.nan], [3.0, 2.0]]))
+    np.testing.assert_allclose(mean, [2.0, 2.0])
+    np.testing.assert_allclose(high - mean, [12.7062047 * np.sqrt(2) / np.sqrt(2), 0.0], rtol=1e-6)
+    assert low[1] == high[1] == 2.0
+
+
+def test_paired_difference_matches_the_closed_form_t_test():
+    """d = (0.02, 0.02, 0.05): t = 3 on 2 degrees of freedom, whose two-sided p-value has the
+    closed form 1 - t / sqrt(2 + t^2)."""
+    from fedlora_jax.stats import paired_difference
+
+    out = paired_difference([0.80, 0.82, 0.85], [0.78, 0.80, 0.80])
+    assert out["pairs"] == 3 and out["mean_difference"] == pytest.approx(0.03)
+    assert out["p_value"] == pytest.approx(1 - 3 / np.sqrt(11), rel=1e-6)
+    half = 4.3026527 * np.std([0.02, 0.02, 0.05], ddof=1) / np.sqrt(3)  # t_{2, 0.975}
+    assert (out["ci_low"], out["ci_high"]) == (pytest.approx(0.03 - half), pytest.approx(0.03 + half))
+    assert (out["wins"], out["losses"]) == (3, 0)
+    # swapped, the sign flips and p stays
+    swapped = paired_difference([0.78, 0.80, 0.80], [0.80, 0.82, 0.85])
+    assert swapped["mean_difference"] == pytest.approx(-0.03) and swapped["p_value"] == pytest.approx(out["p_value"])
+    assert paired_difference([0.5, 0.6], [0.4, 0.5])["p_value"] == 0.0  # equal differences
+    assert paired_difference([0.5], [0.4])["ci_low"] is None
+    with pytest.raises(ValueError, match="equally long"):
+        paired_difference([0.5, 0.6], [0.4])
+
+
 def test_plots_are_valid_pngs(comparison):
     assert set(comparison.plots) == {"accuracy", "gap", "divergence", "bytes"}
     for name, path in comparison.plots.items():
