@@ -234,7 +234,9 @@ def test_summary_of_dp_runs_of_unequal_length():
     console = Console(record=True, width=160)
     console.print(comparison_table([a, b], "pearson"))
     text = console.export_text()
-    assert "ε" in text and "1.750" in text and "0.6000 ± 0.1414" in text
+    # mean ± the 95% CI half-width: t_{1, 0.975} x 0.1414 / sqrt(2) = 1.2706
+    assert a["final_global_pearson_ci95"] == pytest.approx(12.7062047 * 0.1) and b["final_global_pearson_ci95"] is None
+    assert "ε" in text and "1.750" in text and "0.6000 ± 1.2706" in text and "0.3000 " in text
     with pytest.raises(ValueError, match="no run evaluated"):
         headline_metric([{"global_loss": 1.0}])
 
