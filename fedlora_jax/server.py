@@ -307,17 +307,21 @@ class Federation:
         return jax.make_mesh((self.devices,), ("clients",), axis_types=(jax.sharding.AxisType.Auto,),
                              devices=jax.devices()[: self.devices])
 
+    @property
+    def everywhere(self) -> jax.sharding.NamedSharding:
+        """Whole arrays on every device of the mesh."""
+        return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+
     def replicated(self, tree):
         """``tree`` placed whole on every device of the mesh (the server state, the client rows);
         unchanged on one device."""
         if self.devices <= 1:
             return tree
-        everywhere = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
 
         def put(x):  # from host values: devices of other processes cannot take a device array
             if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
                 return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
-            return jax.device_put(np.asarray(x), everywhere)
+            return jax.device_put(np.asarray(x), self.everywhere)
 
         return jax.tree.map(put, tree)
 
@@ -433,8 +437,7 @@ class Federation:
         outputs are replicated, so every process can read them (and the next round's state)."""
         if self.devices <= 1:
             return jax.jit(self.round, donate_argnums=0)
-        everywhere = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        return jax.jit(self.round, donate_argnums=0, out_shardings=everywhere)
+        return jax.jit(self.round, donate_argnums=0, out_shardings=self.everywhere)
 
     def communication_bytes(self, params, frozen, round_index: int, clients: int | None = None) -> tuple[int, int]:
         """Exact (bytes_up, bytes_down) of one round over the ``clients`` that took part (default K)."""

@@ -114,6 +114,11 @@ def fra_then_ffa(
         lambda: fra(B, A, w, client_rank, "left"),
         lambda: averaging.ffa(B, A, w),
     )
+    return lax.switch(hybrid_phase(round_index, switch_round), branches)
+
+
+def hybrid_phase(round_index: int | jax.Array, switch_round: int | jax.Array) -> jax.Array:
+    """The FRA-then-FFA phase of a round: 0 FRA balanced (rounds < T - 1), 1 FRA left (the last
+    FRA round, T - 1), 2 FFA (rounds >= T); may be traced."""
     round_index, switch_round = jnp.asarray(round_index), jnp.asarray(switch_round)
-    branch = jnp.where(round_index < switch_round - 1, 0, jnp.where(round_index == switch_round - 1, 1, 2))
-    return lax.switch(branch, branches)
+    return jnp.where(round_index < switch_round - 1, 0, jnp.where(round_index == switch_round - 1, 1, 2))

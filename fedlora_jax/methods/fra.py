@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from fedlora_jax import aggregation
+from fedlora_jax.aggregation.fra import hybrid_phase
 from fedlora_jax.methods.base import Aggregate, Method, register_method
 
 
@@ -57,9 +58,7 @@ class FRAThenFFA(Method):
         branches = (lambda: cast(*aggregation.fra_from_update(ideal, self.rank, "balanced")),
                     lambda: cast(*aggregation.fra_from_update(ideal, self.rank, "left")),
                     lambda: cast(summary, a_before))
-        round_index = jnp.asarray(round_index)
-        branch = jnp.where(round_index < self.switch_round - 1, 0, jnp.where(round_index == self.switch_round - 1, 1, 2))
-        return Aggregate(*jax.lax.switch(branch, branches))
+        return Aggregate(*jax.lax.switch(hybrid_phase(round_index, self.switch_round), branches))
 
 
 @register_method("fra")
