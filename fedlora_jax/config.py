@@ -99,6 +99,10 @@ class FederationConfig:
     (docs/scale.md).
     ``devices``: devices the cohort's client axis is sharded over (null = all of them, of every process);
     a cohort that does not divide by it is padded with empty slots.
+    ``client_weights``: each client's weight w_u in the aggregate and in the ideal update
+    M = sum_u w_u B_u A_u that divergence and the exact methods refer to. ``examples``: w_u = n_u / sum_v n_v
+    (FedAvg's data-size weights); ``uniform``: w_u = 1 / K, the unweighted sum_u B_u A_u of FLoRA-NA
+    (Nguyen et al., 2025), divided by K so that it stays a mean.
     """
 
     rounds: int = 20
@@ -107,6 +111,7 @@ class FederationConfig:
     batch_size: int = 16
     clients_per_chunk: int | None = None
     devices: int | None = None
+    client_weights: str = "examples"
     method: str = "fedit"
     method_options: dict = dataclasses.field(default_factory=dict)
 
@@ -356,6 +361,8 @@ def validate(c: Config) -> None:
                  f"config key 'federation.clients_per_round' ({k:g}) exceeds data.num_clients ({c.data.num_clients})")
     _require(f.devices is None or (isinstance(f.devices, int) and f.devices >= 1),
              f"config key 'federation.devices' must be an int >= 1 or null, got {f.devices!r}")
+    _require(f.client_weights in ("examples", "uniform"),
+             f"config key 'federation.client_weights' must be examples or uniform, got {f.client_weights!r}")
     _require(f.clients_per_chunk is None or f.clients_per_chunk >= 1,
              f"config key 'federation.clients_per_chunk' must be >= 1 or null, got {f.clients_per_chunk}")
     _require(c.optim.name in ("sgd", "adam", "adamw"), f"config key 'optim.name' must be sgd, adam or adamw, got {c.optim.name!r}")

@@ -127,6 +127,7 @@ class Federation:
     client_sampling_rate: float | None = None  # Poisson cohorts: each client's inclusion probability
     keep_client_params: bool = True  # the round returns the cohort's trained states (local evaluation needs them)
     devices: int = 1  # devices (of every process) the cohort's client axis is sharded over
+    uniform_weights: bool = False  # every client weighs 1 / K, not n_u / sum n (federation.client_weights)
 
     def __post_init__(self):
         if self.user_dp is not None and not self.method.mean_based:
@@ -375,13 +376,18 @@ class Federation:
                                                        b_a[m.b_index], b_a[m.a_index]) for m in self.layout.modules])
         return params, divergence
 
+    def client_weights(self, counts: jax.Array, taking_part: jax.Array) -> jax.Array:
+        """The aggregation weights w [K] of a cohort (zero for empty slots, summing to 1 over the
+        others) from its training-example counts [K] and participation mask [K]."""
+        counted = taking_part.astype(jnp.float32) * (1.0 if self.uniform_weights else counts.astype(jnp.float32))
+        return counted / jnp.maximum(jnp.sum(counted), 1.0)
+
     def round(self, state: ServerState, shards: ClientShards) -> tuple[ServerState, RoundOutput]:
         """One federated round (pure; jit it with :meth:`compile_round`)."""
         key, cohort_key, train_key, server_key = self.split_key(state.key)
         cohort, taking_part, overflow = self.sample_cohort(cohort_key)
         counts, offsets = shards.num_examples[cohort], shards.offsets[cohort]
-        counted = counts.astype(jnp.float32) * taking_part
-        weights = counted / jnp.maximum(jnp.sum(counted), 1.0)
+        weights = self.client_weights(counts, taking_part)
         train_a, train_b = self.method.trains(state.round)
         mask = factor_mask(self.layout, state.params, train_a, train_b)
         keys = jax.random.split(train_key, self.cohort_size)

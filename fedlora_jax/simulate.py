@@ -152,7 +152,8 @@ def build_experiment(config: Config, data: FederatedData | None = None) -> Exper
     federation = Federation(trainer, method, layout, ledger.cohort_slots, data.num_clients, f.clients_per_chunk,
                             user_dp, lora_config(config).scaling, base_kernels,
                             cohort_size(config) / data.num_clients if poisson_cohorts else None,
-                            keep_client_params=config.eval.local, devices=mesh_devices(f.devices))
+                            keep_client_params=config.eval.local, devices=mesh_devices(f.devices),
+                            uniform_weights=f.client_weights == "uniform")
     check_cohort_fits(federation, params)
     eval_tokens = local_tokens = None
     if config.data.packing == "auto" and data.task != "causal_lm":  # causal LM scores padded token rows

@@ -134,6 +134,23 @@ def test_fedit_aggregate_is_example_weighted_mean():
     assert divergence.shape == (len(fed.layout.modules),) and bool(jnp.all(divergence > 0))
 
 
+@pytest.mark.parametrize("client_weights", ["examples", "uniform"])
+def test_round_weighs_clients_by_examples_or_uniformly(client_weights):
+    """A FedIT round's aggregate is the mean of the cohort's trained states weighted by n_u / sum n
+    (examples) or by 1 / K (uniform, FLoRA-NA's unweighted ideal): every trainable leaf."""
+    exp = tiny_experiment(**{"federation.client_weights": client_weights})
+    fed = exp.federation
+    state = init_server_state(exp.params, exp.frozen, 0, fed)
+    new_state, out = fed.compile_round()(state, device_shards(exp.data))
+    counts = np.asarray(exp.data.num_train)[np.asarray(out.cohort)].astype(np.float64)
+    assert counts.min() < counts.max()  # the two weightings differ
+    w = counts / counts.sum() if client_weights == "examples" else np.full(len(counts), 1 / len(counts))
+    assert any(name.endswith(".lora_a") for name in leaf_names(new_state.params))
+    for new, trained in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(out.client_params)):
+        mean = np.tensordot(w, np.asarray(trained, np.float64), axes=1)
+        np.testing.assert_allclose(np.asarray(new), mean, rtol=1e-5, atol=1e-7)
+
+
 def test_local_evaluation_subsets_are_drawn_from_each_clients_own_rows():
     from fedlora_jax.data.synthetic import make_synthetic
     from fedlora_jax.simulate import local_subsets
