@@ -11,6 +11,8 @@ combined tables and plots::
     OUT/accuracy.png        global headline metric vs round (mean, 95% CI band over seeds)
     OUT/gap.png             local - global headline metric vs round (when local evaluation ran)
     OUT/divergence.png      aggregation divergence vs round (log y)
+    OUT/divergence_modules.csv / .png   each LoRA module's divergence (mean over rounds; mean and
+                            95% CI over seeds), e.g. to see which layers an aggregation gets wrong
     OUT/bytes.png           cumulative bytes up + down vs round
 
 ``describe`` builds only the data of a config and reports client sizes and label histograms.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -63,7 +66,7 @@ class ComparisonResult:
       headline: the headline metric name, e.g. "accuracy" (its history key is ``global_<name>``).
       out_dir: the comparison directory.
       run_dirs: (method, seed) -> that run's directory.
-      plots: plot name ("accuracy", "gap", "divergence", "bytes") -> PNG path.
+      plots: plot name ("accuracy", "gap", "divergence", "divergence_modules", "bytes") -> PNG path.
     """
 
     rows: list[dict]
@@ -156,11 +159,17 @@ def run_comparison(config: ConfigSource, methods: Sequence[str], seeds: Sequence
     headline = headline_metric(rows)
     summary = summarise_comparison(histories, methods, headline)
     paired = paired_comparisons(histories, methods, headline)
+    modules, per_module = module_divergence(run_dirs, methods, seeds)
     write_csv(rows, row_columns, out_dir / "results.csv")
     write_csv(summary, list(summary[0]), out_dir / "summary.csv")
     if paired:
         write_csv(paired, list(paired[0]), out_dir / "paired.csv")
+    if modules:
+        write_csv(module_divergence_rows(modules, per_module), MODULE_COLUMNS, out_dir / "divergence_modules.csv")
     figures = plot_comparison(histories, methods, headline, out_dir)
+    if modules:
+        figures["divergence_modules"] = plots.plot_module_divergence(modules, per_module,
+                                                                     out_dir / "divergence_modules.png")
     if progress:
         console.print(comparison_table(summary, headline, title=f"{configs[(methods[0], seeds[0])].name}: "
                                                                 f"{len(methods)} methods x {len(seeds)} seeds"))
@@ -168,6 +177,45 @@ def run_comparison(config: ConfigSource, methods: Sequence[str], seeds: Sequence
             console.print(paired_table(paired))
         console.print(f"comparison directory: {out_dir}")
     return ComparisonResult(rows, row_columns, summary, paired, headline, out_dir, run_dirs, figures)
+
+
+MODULE_COLUMNS = ("method", "module", "divergence_mean", "divergence_ci95", "seeds")
+
+
+def module_divergence(run_dirs: dict[tuple[str, int], Path], methods: Sequence[str],
+                      seeds: Sequence[int]) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Each LoRA module's divergence averaged over a run's rounds, from the runs' divergence.jsonl.
+
+    Returns:
+      (modules [M] in layout order, method -> values [S, M], one row per seed); methods whose runs
+      logged no round are left out, and modules is empty when no run did (or there is no LoRA module).
+    """
+    modules: list[str] = []
+    values = {}
+    for method in methods:
+        per_seed = []
+        for seed in seeds:
+            lines = (run_dirs[(method, seed)] / "divergence.jsonl").read_text().splitlines()
+            records = [json.loads(line) for line in lines]
+            if not records:
+                continue
+            modules = [k for k in records[0] if k != "round"]
+            per_seed.append([np.mean([r[m] for r in records]) for m in modules])
+        if per_seed and modules:
+            values[method] = np.asarray(per_seed, dtype=np.float64)
+    return modules, values
+
+
+def module_divergence_rows(modules: Sequence[str], values: dict[str, np.ndarray]) -> list[dict]:
+    """Rows of divergence_modules.csv: per (method, module) the mean over seeds of the run-averaged
+    divergence and its 95% CI half-width (empty with one seed)."""
+    rows = []
+    for method, per_seed in values.items():
+        for j, module in enumerate(modules):
+            mean, half = mean_ci(per_seed[:, j])
+            rows.append({"method": method, "module": module, "divergence_mean": mean, "divergence_ci95": half,
+                         "seeds": per_seed.shape[0]})
+    return rows
 
 
 def _run_status(history: list[dict]) -> str:

@@ -147,13 +147,69 @@ def plot_seed_bands(
             axes.fill_between(rounds, low, high, color=style["color"], alpha=0.15, linewidth=0)
         finite.append(values[np.isfinite(values)])
     if log_y:
-        everything = np.concatenate(finite)
-        positive = everything[everything > 0]
-        if positive.size == everything.size and positive.size:
-            axes.set_yscale("log")
-        else:
-            axes.set_yscale("symlog", linthresh=float(positive.min()) if positive.size else 1.0)
+        _log_scale(axes, np.concatenate(finite))
     _legend(axes, "mean; band: 95% CI over seeds")
+    return _save(figure, path)
+
+
+def _log_scale(axes: Any, values: np.ndarray) -> None:
+    """A log y axis; symmetric log (linear below the smallest positive value) when some value is <= 0."""
+    positive = values[values > 0]
+    if positive.size == values.size and positive.size:
+        axes.set_yscale("log")
+    else:
+        axes.set_yscale("symlog", linthresh=float(positive.min()) if positive.size else 1.0)
+
+
+def plot_module_divergence(
+    modules: Sequence[str],
+    values: Mapping[str, Any],
+    path: str | os.PathLike,
+    title: str = "Aggregation divergence per LoRA module",
+) -> Path:
+    """One marker per (method, module): the divergence averaged over rounds, mean over seeds,
+    with its 95% Student-t interval over seeds as an error bar; log y axis.
+
+    Args:
+      modules: the LoRA module names [M] in layout order (e.g. ``bert.layers.0.attention.query``);
+        their common dotted prefix is left out of the tick labels.
+      values: method name -> values [S, M] (one row per seed).
+      path: output PNG file (parent folders are created).
+      title: figure title.
+
+    Returns:
+      The path written.
+    """
+    if not values:
+        raise ValueError("plot_module_divergence needs at least one method")
+    parts = [m.split(".") for m in modules]
+    common = 0
+    while all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
+        common += 1
+    labels = [".".join(p[common:]) for p in parts]
+    figure = Figure(figsize=(max(7.0, 0.22 * len(modules) + 2.5), 4.6), dpi=120)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.set_title(title)
+    axes.set_ylabel("divergence (mean over rounds)")
+    axes.grid(True, alpha=0.3)
+    x = np.arange(len(modules), dtype=np.float64)
+    width = 0.7 / len(values)
+    finite = []
+    for index, (name, per_seed) in enumerate(values.items()):
+        per_seed = np.atleast_2d(np.asarray(per_seed, dtype=np.float64))
+        if per_seed.shape[1] != len(modules):
+            raise ValueError(f"method {name!r}: {len(modules)} modules but values of shape {per_seed.shape}")
+        mean, low, high = ci_band(per_seed)
+        style = _line_style(index, 0)
+        offset = x + (index - (len(values) - 1) / 2) * width
+        axes.errorbar(offset, mean, yerr=[mean - low, high - mean], fmt=_MARKERS[index % len(_MARKERS)],
+                      color=style["color"], markersize=4, capsize=2, linewidth=1,
+                      label=f"{name} (n={per_seed.shape[0]})")
+        finite.append(per_seed[np.isfinite(per_seed)])
+    axes.set_xticks(x, labels, rotation=90, fontsize=7)
+    _log_scale(axes, np.concatenate(finite))
+    _legend(axes, "mean; bar: 95% CI over seeds")
     return _save(figure, path)
 
 

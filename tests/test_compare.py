@@ -15,6 +15,7 @@ from fedlora_jax.compare import (LEADING_COLUMNS, comparison_rows, comparison_ta
                                   method_curves, run_comparison, summarise_comparison)
 from fedlora_jax.config import load_config
 from fedlora_jax.simulate import build_data
+from fedlora_jax.stats import mean_ci
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -125,7 +126,7 @@ def test_summary_ci_and_paired_comparison_match_the_runs(comparison):
 
 
 def test_mean_ci_of_known_samples_and_its_coverage():
-    from fedlora_jax.stats import ci_band, mean_ci
+    from fedlora_jax.stats import ci_band
 
     mean, half = mean_ci([1, 2, 3, 4, 5])
     assert mean == 3 and half == pytest.approx(2.7764451 * np.sqrt(2.5) / np.sqrt(5), rel=1e-6)  # t_{4, 0.975}
@@ -162,8 +163,29 @@ def test_paired_difference_matches_the_closed_form_t_test():
         paired_difference([0.5, 0.6], [0.4])
 
 
+def test_module_divergence_matches_the_runs(comparison):
+    """divergence_modules.csv: per method and LoRA module, the mean over seeds of the module's
+    divergence averaged over each run's rounds (divergence.jsonl), and its 95% CI."""
+    _, rows = read_csv(comparison.out_dir / "divergence_modules.csv")
+    methods = sorted({m for m, _ in comparison.run_dirs})
+    first = [json.loads(line) for line in (comparison.run_dirs[(methods[0], SEEDS[0])] / "divergence.jsonl").read_text().splitlines()]
+    modules = [k for k in first[0] if k != "round"]
+    assert modules and len(rows) == len(methods) * len(modules)
+    for row in rows:
+        per_seed = []
+        for seed in SEEDS:
+            records = [json.loads(line) for line in (comparison.run_dirs[(row["method"], seed)] / "divergence.jsonl").read_text().splitlines()]
+            per_seed.append(np.mean([r[row["module"]] for r in records]))
+        mean, half = mean_ci(per_seed)
+        assert float(row["divergence_mean"]) == pytest.approx(mean, rel=1e-9)
+        assert float(row["divergence_ci95"]) == pytest.approx(half, rel=1e-9) and int(row["seeds"]) == len(SEEDS)
+    exact = [float(r["divergence_mean"]) for r in rows if r["method"] == "ffa"]
+    inexact = [float(r["divergence_mean"]) for r in rows if r["method"] == "fedit"]
+    assert max(exact) < 1e-4 < min(inexact)  # FFA-LoRA's mean of B is exact, FedIT's product of means is not
+
+
 def test_plots_are_valid_pngs(comparison):
-    assert set(comparison.plots) == {"accuracy", "gap", "divergence", "bytes"}
+    assert set(comparison.plots) == {"accuracy", "gap", "divergence", "divergence_modules", "bytes"}
     for name, path in comparison.plots.items():
         assert path == comparison.out_dir / f"{name}.png"
         assert path.read_bytes()[:8] == PNG_SIGNATURE
