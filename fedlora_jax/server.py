@@ -78,6 +78,12 @@ def device_shards(data: FederatedData) -> ClientShards:
                         jnp.asarray(data.train_offsets, jnp.int32))
 
 
+def normalised_weights(counted: jax.Array) -> jax.Array:
+    """Client weights [K] from non-negative per-slot amounts [K]: they sum to 1 (all zero when
+    every amount is 0, e.g. a Poisson cohort that drew nobody)."""
+    return counted / jnp.maximum(jnp.sum(counted), 1.0)
+
+
 def split_chunks(args, chunk: int):
     """(full chunks, remainder) of per-client arrays [K, ...]: leaves [K // chunk, chunk, ...]
     (None when chunk > K) and the last K % chunk clients (None when there are none)."""
@@ -371,7 +377,7 @@ class Federation:
                                            key, expected_clients=self.expected_cohort, noise_mask=trained)
         params = jax.tree.map(lambda g, d: g + d.astype(g.dtype), global_params, mean_delta)
         leaves, b_a = jax.tree.leaves(client_params), jax.tree.leaves(params)
-        weights = uniform / jnp.maximum(jnp.sum(uniform), 1.0)
+        weights = normalised_weights(uniform)
         divergence = jnp.stack([aggregation.divergence(leaves[m.b_index], leaves[m.a_index], weights,
                                                        b_a[m.b_index], b_a[m.a_index]) for m in self.layout.modules])
         return params, divergence
@@ -380,7 +386,7 @@ class Federation:
         """The aggregation weights w [K] of a cohort (zero for empty slots, summing to 1 over the
         others) from its training-example counts [K] and participation mask [K]."""
         counted = taking_part.astype(jnp.float32) * (1.0 if self.uniform_weights else counts.astype(jnp.float32))
-        return counted / jnp.maximum(jnp.sum(counted), 1.0)
+        return normalised_weights(counted)
 
     def round(self, state: ServerState, shards: ClientShards) -> tuple[ServerState, RoundOutput]:
         """One federated round (pure; jit it with :meth:`compile_round`)."""
