@@ -96,7 +96,8 @@ class FederationConfig:
     ``clients_per_chunk`` bounds memory: the cohort is mapped in chunks of that many vmapped
     clients (null = all at once); with a streaming method and ``eval.local: false`` each chunk's
     uploads are reduced as it finishes, so the round's memory follows the chunk, not the cohort
-    (docs/scale.md).
+    (docs/scale.md). ``auto`` (the default): all at once on accelerators; on a CPU, chunks of
+    about 2,048 tokens per local step (:func:`fedlora_jax.simulate.clients_per_chunk`).
     ``devices``: devices the cohort's client axis is sharded over (null = all of them, of every process);
     a cohort that does not divide by it is padded with empty slots.
     ``client_weights``: each client's weight w_u in the aggregate and in the ideal update
@@ -109,7 +110,7 @@ class FederationConfig:
     clients_per_round: float | None = None
     local_steps: int = 5
     batch_size: int = 16
-    clients_per_chunk: int | None = None
+    clients_per_chunk: int | str | None = "auto"
     devices: int | None = None
     client_weights: str = "examples"
     method: str = "fedit"
@@ -363,8 +364,9 @@ def validate(c: Config) -> None:
              f"config key 'federation.devices' must be an int >= 1 or null, got {f.devices!r}")
     _require(f.client_weights in ("examples", "uniform"),
              f"config key 'federation.client_weights' must be examples or uniform, got {f.client_weights!r}")
-    _require(f.clients_per_chunk is None or f.clients_per_chunk >= 1,
-             f"config key 'federation.clients_per_chunk' must be >= 1 or null, got {f.clients_per_chunk}")
+    _require(f.clients_per_chunk is None or f.clients_per_chunk == "auto"
+             or (isinstance(f.clients_per_chunk, int) and f.clients_per_chunk >= 1),
+             f"config key 'federation.clients_per_chunk' must be an int >= 1, auto or null, got {f.clients_per_chunk!r}")
     _require(c.optim.name in ("sgd", "adam", "adamw"), f"config key 'optim.name' must be sgd, adam or adamw, got {c.optim.name!r}")
     _require(c.optim.learning_rate > 0, f"config key 'optim.learning_rate' must be > 0, got {c.optim.learning_rate}")
     _require(c.optim.schedule in ("constant", "cosine", "linear"),

@@ -75,6 +75,8 @@ BAD_INPUTS = {
     "unknown method": (["--set", "federation.method=fedavgx"], "unknown method 'fedavgx'"),
     "unknown client weights": (["--set", "federation.client_weights=by_size"],
                                "config key 'federation.client_weights' must be examples or uniform, got 'by_size'"),
+    "bad chunk": (["--set", "federation.clients_per_chunk=some"],
+                  "config key 'federation.clients_per_chunk' must be an int >= 1, auto or null, got 'some'"),
     "test length zero": (["--set", "data.test_max_length=0"], "config key 'data.test_max_length' must be >= 1"),
     "cohort larger than clients": (["--set", "federation.clients_per_round=50"], "exceeds data.num_clients"),
     "partition on synthetic data": (["--set", "data.partition={scheme: dirichlet, alpha: 0.1}"],

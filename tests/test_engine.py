@@ -50,9 +50,25 @@ def test_vmapped_clients_equal_one_at_a_time():
 
 @pytest.fixture(scope="module")
 def unchunked_round():
-    exp = tiny_experiment()
+    exp = tiny_experiment(**{"federation.clients_per_chunk": "null"})
     state = init_server_state(exp.params, exp.frozen, seed=0)
     return state, device_shards(exp.data), jax.jit(exp.federation.round)(state, device_shards(exp.data))
+
+
+def test_auto_chunks_vmap_about_2048_tokens_per_step_on_a_cpu():
+    from fedlora_jax.simulate import CPU_CHUNK_TOKENS
+
+    assert jax.default_backend() == "cpu"
+    # padded rows: 16 rows x 32 tokens = 512 tokens per client step -> 4 clients at a time
+    padded = tiny_experiment(**{"data.seq_len": 32, "federation.batch_size": 16})
+    assert padded.federation.clients_per_chunk == CPU_CHUNK_TOKENS // (16 * 32) == 4
+    # packed: the rows' mean real length counts (16 to 32 tokens here), so all 5 fit one group
+    packed = tiny_experiment(**{"data.seq_len": 32, "federation.batch_size": 16, "data.packing": "auto"})
+    lengths = np.asarray(packed.data.train["attention_mask"]).sum(1)
+    assert CPU_CHUNK_TOKENS // (16 * lengths.mean()) >= 5 and packed.federation.clients_per_chunk is None
+    # a step as large as the cohort's: all at once; explicit values stay
+    assert tiny_experiment().federation.clients_per_chunk is None  # 8 x 12 tokens
+    assert tiny_experiment(**{"federation.clients_per_chunk": 3}).federation.clients_per_chunk == 3
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3])  # cohort 5: five chunks of 1; 2 + 2 + 1; 3 + 2

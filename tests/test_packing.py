@@ -323,6 +323,35 @@ def test_aligned_streams_attend_in_blocks_with_the_same_result():
     np.testing.assert_allclose(stream_attention(q, k, v, p)[0, real], full[0, real], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("layout", ["padded", "stream", "aligned"])
+def test_last_layer_for_first_tokens_only_equals_the_full_encoder(layout):
+    """A first-token head's encoder runs its last layer on first tokens alone: the same states
+    (and gradients) as the full last layer read at each example's first token."""
+    graphdef, params, frozen = _model("bert", "classification")
+    rows = _rows("classification", b=6, length=8, seed=5)
+    mask = jnp.ones(6).at[2].set(0.0)  # an empty slot in the packed layouts
+    if layout == "padded":
+        args, read = (rows["input_ids"], rows["attention_mask"], rows["token_type_ids"], None), lambda h: h[:, 0]
+    else:  # 40 tokens in blocks of 8 (aligned) or one unaligned stream with a single mask
+        packed, fits = pack(rows, mask, num_tokens=40, aligned=layout == "aligned")
+        assert bool(fits)
+        p = packed["packing"]
+        args, read = (packed["input_ids"], None, packed["token_type_ids"], p), lambda h: h[0, p.starts]
+
+    def states(params, first_only):
+        encoder = nnx.merge(graphdef, params, frozen).bert
+        hidden = encoder(*args, first_tokens_only=first_only)
+        return hidden if first_only else read(hidden)
+
+    first, full = states(params, True), states(params, False)
+    assert first.shape == full.shape == (6, BERT["hidden_size"])
+    keep = np.ones(6, bool) if layout == "padded" else np.asarray(mask) > 0
+    np.testing.assert_allclose(first[keep], full[keep], rtol=1e-5, atol=1e-6)
+    grads = [jax.grad(lambda q, f=f: jnp.sum(jnp.where(keep[:, None], states(q, f), 0.0) ** 2))(params) for f in (True, False)]
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_stream_length_matches_the_packed_stream():
     from fedlora_jax.data.packing import example_starts, stream_length
 

@@ -298,6 +298,28 @@ class BertSelfAttention(nnx.Module):
         )
         return out.reshape(batch, length, self.num_heads * self.head_dim)
 
+    def first_token_context(self, hidden: jax.Array, mask: jax.Array, packing: Packing | None) -> jax.Array:
+        """Attention output at each example's first token only (queries there, keys everywhere).
+
+        Args:
+          hidden: [B, L, H] padded rows or [1, T, H] a packed stream.
+          mask: padded rows: the boolean mask of :func:`attention_mask_for` ([B, 1, 1, L]).
+          packing: the stream's :class:`Packing` (None for padded rows).
+
+        Returns:
+          [B, H] (padded rows) or [b, H] (one row per packed example, in example order).
+        """
+        heads = lambda x: x.reshape(x.shape[:-1] + (self.num_heads, self.head_dim))  # noqa: E731
+        key, value = heads(self.key(hidden)), heads(self.value(hidden))
+        if packing is None:
+            query = heads(self.query(hidden[:, :1]))  # [B, 1, N, D]
+        else:  # each example's L key slots gathered from the stream, real ones unmasked
+            query = heads(self.query(hidden[0, packing.starts]))[:, None]  # [b, 1, N, D]
+            index, real = packing.example_tokens()  # [b, L]
+            key, value, mask = key[0, index], value[0, index], real[:, None, None, :]
+        out = padding_attention(query, key, value, mask)
+        return out.reshape(out.shape[0], self.num_heads * self.head_dim)
+
 
 class BertLayer(nnx.Module):
     """Post-LayerNorm transformer block: attention + residual + LN, MLP + residual + LN."""
@@ -317,6 +339,17 @@ class BertLayer(nnx.Module):
         hidden = self.attention_norm(hidden + self.attention_output(self.attention(hidden, mask)))
         inner = ACTIVATIONS[self.hidden_act](self.intermediate(hidden))
         return self.output_norm(hidden + self.output(inner))
+
+    def first_tokens(self, hidden: jax.Array, mask: jax.Array, packing: Packing | None) -> jax.Array:
+        """The layer's output at each example's first token only: [B, L, H] padded rows or a
+        [1, T, H] packed stream -> [B, H] or [b, H]. Keys and values still come from every token;
+        the query, the attention output and the MLP run on the first tokens alone (all that a
+        first-token head reads of the last layer)."""
+        context = self.attention.first_token_context(hidden, mask, packing)
+        first = hidden[:, 0] if packing is None else hidden[0, packing.starts]
+        first = self.attention_norm(first + self.attention_output(context))
+        inner = ACTIVATIONS[self.hidden_act](self.intermediate(first))
+        return self.output_norm(first + self.output(inner))
 
 
 class BertModel(nnx.Module):
@@ -360,6 +393,7 @@ class BertModel(nnx.Module):
         attention_mask: jax.Array | None = None,
         token_type_ids: jax.Array | None = None,
         packing=None,
+        first_tokens_only: bool = False,
     ) -> jax.Array:
         """Encodes a batch of padded rows or a packed stream.
 
@@ -370,9 +404,12 @@ class BertModel(nnx.Module):
           token_type_ids: [B, L] segment ids (None: all 0).
           packing: a :class:`fedlora_jax.data.packing.Packing` when ``input_ids`` is a packed
             stream [1, T]: attention stays inside each example and positions restart per example.
+          first_tokens_only: return only each example's first-token state, with the last layer
+            run for those tokens alone (:meth:`BertLayer.first_tokens`).
 
         Returns:
-          [B, L, H] last hidden states.
+          [B, L, H] last hidden states ([1, T, H] packed); with ``first_tokens_only`` [B, H]
+          ([b, H] packed: one row per example).
         """
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
@@ -384,9 +421,15 @@ class BertModel(nnx.Module):
             mask = packing  # attention block by block (stream_attention)
         else:
             mask = attention_mask_for(attention_mask, packing)
-        for layer in self.layers:
+        if not first_tokens_only:
+            for layer in self.layers:
+                hidden = layer(hidden, mask)
+            return hidden
+        if not self.layers:
+            return hidden[:, 0] if packing is None else hidden[0, packing.starts]
+        for layer in self.layers[:-1]:
             hidden = layer(hidden, mask)
-        return hidden
+        return self.layers[-1].first_tokens(hidden, mask if packing is None else None, packing)
 
     def pool(self, first: jax.Array) -> jax.Array:
         """BERT pooler: [B, H] first-token states -> [B, H] = tanh(dense(first))."""
@@ -470,8 +513,8 @@ class BertForSequenceClassification(nnx.Module):
         With ``packing`` (a packed stream [1, T] of b examples, see
         :class:`fedlora_jax.data.packing.Packing`) the logits are [b, num_labels], one row per example.
         """
-        hidden = self.bert(input_ids, attention_mask, token_type_ids, packing)
         if self.pooling == "mean":
+            hidden = self.bert(input_ids, attention_mask, token_type_ids, packing)
             if packing is not None:
                 weights = packing.segment_matrix(hidden.dtype)  # [b, T]
                 pooled = (weights @ hidden[0]) / jnp.maximum(packing.lengths, 1)[:, None].astype(hidden.dtype)
@@ -479,7 +522,7 @@ class BertForSequenceClassification(nnx.Module):
                 mask = jnp.ones(hidden.shape[:2], hidden.dtype) if attention_mask is None else attention_mask.astype(hidden.dtype)
                 pooled = jnp.sum(hidden * mask[..., None], axis=1) / jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1.0)
             return self.head(pooled)
-        first = hidden[:, 0] if packing is None else hidden[0, packing.starts]
+        first = self.bert(input_ids, attention_mask, token_type_ids, packing, first_tokens_only=True)
         if self.head_kind == "bert":
             return self.head(self.bert.pool(first))
         return self.head(first)
