@@ -59,9 +59,10 @@ def test_auto_chunks_vmap_about_2048_tokens_per_step_on_a_cpu():
     from fedlora_jax.simulate import CPU_CHUNK_TOKENS
 
     assert jax.default_backend() == "cpu"
-    # padded rows: 16 rows x 32 tokens = 512 tokens per client step -> 4 clients at a time
+    # padded rows: 16 rows x 32 tokens = 512 tokens per client step -> groups of at most 4; the
+    # cohort of 5 then takes 2 chunks, sized evenly (3 + 2)
     padded = tiny_experiment(**{"data.seq_len": 32, "federation.batch_size": 16})
-    assert padded.federation.clients_per_chunk == CPU_CHUNK_TOKENS // (16 * 32) == 4
+    assert CPU_CHUNK_TOKENS // (16 * 32) == 4 and padded.federation.clients_per_chunk == 3
     # packed: the rows' mean real length counts (16 to 32 tokens here), so all 5 fit one group
     packed = tiny_experiment(**{"data.seq_len": 32, "federation.batch_size": 16, "data.packing": "auto"})
     lengths = np.asarray(packed.data.train["attention_mask"]).sum(1)
