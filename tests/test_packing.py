@@ -1,5 +1,7 @@
 """Packed streams compute what padded rows compute: losses, gradients, DP-SGD, whole rounds."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -338,6 +340,7 @@ def test_last_layer_for_first_tokens_only_equals_the_full_encoder(layout):
         p = packed["packing"]
         args, read = (packed["input_ids"], None, packed["token_type_ids"], p), lambda h: h[0, p.starts]
 
+    @functools.partial(jax.jit, static_argnums=1)
     def states(params, first_only):
         encoder = nnx.merge(graphdef, params, frozen).bert
         hidden = encoder(*args, first_tokens_only=first_only)
@@ -347,7 +350,8 @@ def test_last_layer_for_first_tokens_only_equals_the_full_encoder(layout):
     assert first.shape == full.shape == (6, BERT["hidden_size"])
     keep = np.ones(6, bool) if layout == "padded" else np.asarray(mask) > 0
     np.testing.assert_allclose(first[keep], full[keep], rtol=1e-5, atol=1e-6)
-    grads = [jax.grad(lambda q, f=f: jnp.sum(jnp.where(keep[:, None], states(q, f), 0.0) ** 2))(params) for f in (True, False)]
+    grads = [jax.jit(jax.grad(lambda q, f=f: jnp.sum(jnp.where(keep[:, None], states(q, f), 0.0) ** 2)))(params)
+             for f in (True, False)]
     for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
