@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -159,7 +158,7 @@ def run_comparison(config: ConfigSource, methods: Sequence[str], seeds: Sequence
     headline = headline_metric(rows)
     summary = summarise_comparison(histories, methods, headline)
     paired = paired_comparisons(histories, methods, headline)
-    modules, per_module = module_divergence(run_dirs, methods, seeds)
+    modules, per_module = module_divergence(histories, methods, seeds)
     write_csv(rows, row_columns, out_dir / "results.csv")
     write_csv(summary, list(summary[0]), out_dir / "summary.csv")
     if paired:
@@ -182,9 +181,10 @@ def run_comparison(config: ConfigSource, methods: Sequence[str], seeds: Sequence
 MODULE_COLUMNS = ("method", "module", "divergence_mean", "divergence_ci95", "seeds")
 
 
-def module_divergence(run_dirs: dict[tuple[str, int], Path], methods: Sequence[str],
+def module_divergence(histories: dict[tuple[str, int], list[dict]], methods: Sequence[str],
                       seeds: Sequence[int]) -> tuple[list[str], dict[str, np.ndarray]]:
-    """Each LoRA module's divergence averaged over a run's rounds, from the runs' divergence.jsonl.
+    """Each LoRA module's divergence averaged over a run's rounds, from the rounds' records (their
+    ``"modules"``, as the runs' divergence.jsonl logs them).
 
     Returns:
       (modules [M] in layout order, method -> values [S, M], one row per seed); methods whose runs
@@ -195,11 +195,10 @@ def module_divergence(run_dirs: dict[tuple[str, int], Path], methods: Sequence[s
     for method in methods:
         per_seed = []
         for seed in seeds:
-            lines = (run_dirs[(method, seed)] / "divergence.jsonl").read_text().splitlines()
-            records = [json.loads(line) for line in lines]
+            records = [record["modules"] for record in histories[(method, seed)]]
             if not records:
                 continue
-            modules = [k for k in records[0] if k != "round"]
+            modules = list(records[0])
             per_seed.append([np.mean([r[m] for r in records]) for m in modules])
         if per_seed and modules:
             values[method] = np.asarray(per_seed, dtype=np.float64)
