@@ -101,6 +101,11 @@ def build_model(config: Config, data: FederatedData):
     return model, adapted
 
 
+def step_rows(batch_size: int, record_dp: RecordDP | None) -> int:
+    """Rows a local step computes: the static Poisson buffer under Poisson DP-SGD, else the batch."""
+    return record_dp.buffer_size if record_dp is not None and record_dp.poisson else batch_size
+
+
 def step_token_buckets(data: FederatedData, batch_size: int, record_dp: RecordDP | None, group: int,
                        shared: bool = False, aligned: bool = False) -> tuple[int, ...]:
     """Packed stream lengths for the local steps (:func:`fedlora_jax.data.packing.token_buckets`)."""
@@ -111,8 +116,7 @@ def step_token_buckets(data: FederatedData, batch_size: int, record_dp: RecordDP
     lengths = np.split(row_lengths(mask), np.cumsum(data.num_train)[:-1])
     poisson = record_dp is not None and record_dp.poisson
     rates = np.minimum(1.0, batch_size / np.maximum(data.num_train, 1)) if poisson else None
-    rows = record_dp.buffer_size if poisson else batch_size
-    return token_buckets(lengths, rows, min(group, data.num_clients), mask.shape[-1], rates, shared=shared, aligned=aligned)
+    return token_buckets(lengths, step_rows(batch_size, record_dp), min(group, data.num_clients), mask.shape[-1], rates, shared=shared, aligned=aligned)
 
 
 CPU_CHUNK_TOKENS = 2048  # tokens per local step of a vmapped group of clients on a CPU (docs/performance.md)
@@ -134,7 +138,7 @@ def clients_per_chunk(config: Config, data: FederatedData, packs: bool, record_d
         return None
     mask = data.train["attention_mask"]
     length = float(row_lengths(mask).mean()) if packs else mask.shape[-1]
-    rows = record_dp.buffer_size if record_dp is not None and record_dp.poisson else config.federation.batch_size
+    rows = step_rows(config.federation.batch_size, record_dp)
     chunk, cohort = max(1, int(CPU_CHUNK_TOKENS // max(rows * length, 1.0))), cohort_size(config)
     if chunk >= cohort:
         return None

@@ -298,27 +298,33 @@ class BertSelfAttention(nnx.Module):
         )
         return out.reshape(batch, length, self.num_heads * self.head_dim)
 
-    def first_token_context(self, hidden: jax.Array, mask: jax.Array, packing: Packing | None) -> jax.Array:
+    def first_token_context(self, hidden: jax.Array, first: jax.Array, mask, packing: Packing | None) -> jax.Array:
         """Attention output at each example's first token only (queries there, keys everywhere).
 
         Args:
           hidden: [B, L, H] padded rows or [1, T, H] a packed stream.
-          mask: padded rows: the boolean mask of :func:`attention_mask_for` ([B, 1, 1, L]).
+          first: [B, H] or [b, H], the first-token states (:func:`first_token_states`).
+          mask: padded rows: the boolean mask of :func:`attention_mask_for` ([B, 1, 1, L]); a
+            packed stream's keys are gathered per example instead, and it is not read.
           packing: the stream's :class:`Packing` (None for padded rows).
 
         Returns:
-          [B, H] (padded rows) or [b, H] (one row per packed example, in example order).
+          [B, H] or [b, H].
         """
         heads = lambda x: x.reshape(x.shape[:-1] + (self.num_heads, self.head_dim))  # noqa: E731
+        query = heads(self.query(first))[:, None]  # [B or b, 1, N, D]
         key, value = heads(self.key(hidden)), heads(self.value(hidden))
-        if packing is None:
-            query = heads(self.query(hidden[:, :1]))  # [B, 1, N, D]
-        else:  # each example's L key slots gathered from the stream, real ones unmasked
-            query = heads(self.query(hidden[0, packing.starts]))[:, None]  # [b, 1, N, D]
+        if packing is not None:  # each example's L key slots gathered from the stream, real ones unmasked
             index, real = packing.example_tokens()  # [b, L]
             key, value, mask = key[0, index], value[0, index], real[:, None, None, :]
         out = padding_attention(query, key, value, mask)
         return out.reshape(out.shape[0], self.num_heads * self.head_dim)
+
+
+def first_token_states(hidden: jax.Array, packing: Packing | None) -> jax.Array:
+    """Each example's first-token state: [B, L, H] padded rows -> [B, H]; a [1, T, H] packed stream
+    -> [b, H] (at ``packing.starts``)."""
+    return hidden[:, 0] if packing is None else hidden[0, packing.starts]
 
 
 class BertLayer(nnx.Module):
@@ -345,8 +351,8 @@ class BertLayer(nnx.Module):
         [1, T, H] packed stream -> [B, H] or [b, H]. Keys and values still come from every token;
         the query, the attention output and the MLP run on the first tokens alone (all that a
         first-token head reads of the last layer)."""
-        context = self.attention.first_token_context(hidden, mask, packing)
-        first = hidden[:, 0] if packing is None else hidden[0, packing.starts]
+        first = first_token_states(hidden, packing)
+        context = self.attention.first_token_context(hidden, first, mask, packing)
         first = self.attention_norm(first + self.attention_output(context))
         inner = ACTIVATIONS[self.hidden_act](self.intermediate(first))
         return self.output_norm(first + self.output(inner))
@@ -426,10 +432,10 @@ class BertModel(nnx.Module):
                 hidden = layer(hidden, mask)
             return hidden
         if not self.layers:
-            return hidden[:, 0] if packing is None else hidden[0, packing.starts]
+            return first_token_states(hidden, packing)
         for layer in self.layers[:-1]:
             hidden = layer(hidden, mask)
-        return self.layers[-1].first_tokens(hidden, mask if packing is None else None, packing)
+        return self.layers[-1].first_tokens(hidden, mask, packing)
 
     def pool(self, first: jax.Array) -> jax.Array:
         """BERT pooler: [B, H] first-token states -> [B, H] = tanh(dense(first))."""
