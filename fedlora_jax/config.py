@@ -100,6 +100,13 @@ class FederationConfig:
     about 2,048 tokens per local step (:func:`fedlora_jax.simulate.clients_per_chunk`).
     ``devices``: devices the cohort's client axis is sharded over (null = all of them, of every process);
     a cohort that does not divide by it is padded with empty slots.
+    ``cpu_devices``: on a CPU, how many devices JAX splits the host's cores into, so that the mesh
+    trains shares of the cohort side by side (null = one device). ``auto`` (the default): one per
+    core, or fewer when that gives the same share per device, within a quarter of host memory for
+    their copies of the base and the rows (:func:`fedlora_jax.simulate.cpu_device_count`). JAX fixes
+    its device count when it starts, so this applies when building the experiment is the first
+    thing in the process to use JAX (``fedlora-jax run``, ``resume``, ``compare``, the benchmarks);
+    afterwards ``auto`` keeps the devices there are and a number must equal them.
     ``client_weights``: each client's weight w_u in the aggregate and in the ideal update
     M = sum_u w_u B_u A_u that divergence and the exact methods refer to. ``examples``: w_u = n_u / sum_v n_v
     (FedAvg's data-size weights); ``uniform``: w_u = 1 / K, the unweighted sum_u B_u A_u of FLoRA-NA
@@ -112,6 +119,7 @@ class FederationConfig:
     batch_size: int = 16
     clients_per_chunk: int | str | None = "auto"
     devices: int | None = None
+    cpu_devices: int | str | None = "auto"
     client_weights: str = "examples"
     method: str = "fedit"
     method_options: dict = dataclasses.field(default_factory=dict)
@@ -367,6 +375,8 @@ def validate(c: Config) -> None:
     _require(f.clients_per_chunk is None or f.clients_per_chunk == "auto"
              or (isinstance(f.clients_per_chunk, int) and f.clients_per_chunk >= 1),
              f"config key 'federation.clients_per_chunk' must be an int >= 1, auto or null, got {f.clients_per_chunk!r}")
+    _require(f.cpu_devices is None or f.cpu_devices == "auto" or (isinstance(f.cpu_devices, int) and f.cpu_devices >= 1),
+             f"config key 'federation.cpu_devices' must be an int >= 1, auto or null, got {f.cpu_devices!r}")
     _require(c.optim.name in ("sgd", "adam", "adamw"), f"config key 'optim.name' must be sgd, adam or adamw, got {c.optim.name!r}")
     _require(c.optim.learning_rate > 0, f"config key 'optim.learning_rate' must be > 0, got {c.optim.learning_rate}")
     _require(c.optim.schedule in ("constant", "cosine", "linear"),

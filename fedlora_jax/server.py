@@ -444,12 +444,14 @@ class Federation:
                             key, keep(new_state.method_state, old_state.method_state))
         return finite, state
 
-    def compile_round(self):
-        """The jitted round; the server state's buffers are donated. On several devices its
-        outputs are replicated, so every process can read them (and the next round's state)."""
+    def compile_round(self, donate: bool = True):
+        """The jitted round; the server state's buffers are donated (unless not ``donate``). On
+        several devices its outputs are replicated, so every process can read them (and the next
+        round's state)."""
+        donated = (0,) if donate else ()
         if self.devices <= 1:
-            return jax.jit(self.round, donate_argnums=0)
-        return jax.jit(self.round, donate_argnums=0, out_shardings=self.everywhere)
+            return jax.jit(self.round, donate_argnums=donated)
+        return jax.jit(self.round, donate_argnums=donated, out_shardings=self.everywhere)
 
     def communication_bytes(self, params, frozen, round_index: int, clients: int | None = None) -> tuple[int, int]:
         """Exact (bytes_up, bytes_down) of one round over the ``clients`` that took part (default K)."""

@@ -38,6 +38,7 @@ from fedlora_jax.generate import gsm8k_exact_match
 from fedlora_jax.adapters import load_adapter
 from fedlora_jax.methods import make_method, streaming_methods
 from fedlora_jax.models.lora import LoRAConfig, inject_lora, split_model
+from fedlora_jax.models.weights import resolve_checkpoint_dir
 from fedlora_jax.params import leaf_bytes, leaf_names, trainable_layout
 from fedlora_jax.privacy.bookkeeping import unsupported_leaves
 from fedlora_jax.privacy.ledger import BudgetExceeded, PrivacyLedger
@@ -122,27 +123,88 @@ def step_token_buckets(data: FederatedData, batch_size: int, record_dp: RecordDP
 CPU_CHUNK_TOKENS = 2048  # tokens per local step of a vmapped group of clients on a CPU (docs/performance.md)
 
 
-def clients_per_chunk(config: Config, data: FederatedData, packs: bool, record_dp: RecordDP | None) -> int | None:
+def step_tokens(config: Config, data: FederatedData, packs: bool, record_dp: RecordDP | None) -> float:
+    """Tokens one client's local step computes: its rows times their padded length, or their mean
+    real length when packed."""
+    mask = data.train["attention_mask"]
+    length = float(row_lengths(mask).mean()) if packs else mask.shape[-1]
+    return step_rows(config.federation.batch_size, record_dp) * length
+
+
+def clients_per_chunk(config: Config, data: FederatedData, packs: bool, record_dp: RecordDP | None,
+                      devices: int = 1) -> int | None:
     """``federation.clients_per_chunk`` with ``auto`` resolved.
 
     On accelerators ``auto`` trains the whole cohort at once. On a CPU it vmaps groups of about
-    :data:`CPU_CHUNK_TOKENS` tokens per local step (the step's rows times their padded length, or
-    their mean real length when packed), the cohort split into that many even chunks: wider groups
-    spill the step's working set out of cache (W1, 8 clients of 16 x 64 tokens: 1.2-1.35x faster
-    in pairs than all 8 at once).
+    :data:`CPU_CHUNK_TOKENS` tokens per local step (:func:`step_tokens` each), each device's share
+    of the cohort split into that many even chunks: wider groups spill the step's working set out
+    of cache (W1, 8 clients of 16 x 64 tokens: 1.2-1.35x faster in pairs than all 8 at once).
     """
     chunk = config.federation.clients_per_chunk
     if chunk != "auto":
         return chunk
     if jax.default_backend() != "cpu":
         return None
-    mask = data.train["attention_mask"]
-    length = float(row_lengths(mask).mean()) if packs else mask.shape[-1]
-    rows = step_rows(config.federation.batch_size, record_dp)
-    chunk, cohort = max(1, int(CPU_CHUNK_TOKENS // max(rows * length, 1.0))), cohort_size(config)
-    if chunk >= cohort:
+    share = -(-cohort_size(config) // devices)
+    chunk = max(1, int(CPU_CHUNK_TOKENS // max(step_tokens(config, data, packs, record_dp), 1.0)))
+    if chunk >= share:
         return None
-    return -(-cohort // -(-cohort // chunk))  # as many chunks as that needs, sized evenly
+    return -(-share // -(-share // chunk))  # as many chunks as that needs, sized evenly
+
+
+def cpu_device_count(cohort: int, cores: int, copy_bytes: int = 0, memory_bytes: int | None = None) -> int:
+    """``federation.cpu_devices: auto``: CPU devices that train the cohort in shares side by side.
+
+    The fewest devices that give the smallest share a device can have with one device per core
+    (ceil(K / cores) clients; a cohort that does not divide is padded with empty slots), as long
+    as their copies of the replicated state (``copy_bytes`` each: the base and the client rows)
+    take at most a quarter of ``memory_bytes``; else the most that do."""
+    share = -(-cohort // max(1, min(cores, cohort)))
+    devices = -(-cohort // share)
+    if memory_bytes is not None and copy_bytes > 0:
+        devices = max(1, min(devices, int(memory_bytes / 4 // copy_bytes)))
+    return devices
+
+
+def host_cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def host_memory() -> int:
+    """The host's physical memory in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def weight_file_bytes(config: Config) -> int:
+    """Bytes of the pretrained checkpoint's weight files (0 for a model built from its config)."""
+    if not config.model.pretrained:
+        return 0
+    folder = resolve_checkpoint_dir(config.model.pretrained)
+    return sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin") for f in folder.glob(pattern))
+
+
+def split_cpu_cores(config: Config, data: FederatedData) -> None:
+    """Applies ``federation.cpu_devices`` (JAX's CPU device count) if JAX has not started yet.
+
+    ``auto`` leaves a count set elsewhere alone (``jax_num_cpu_devices``, ``XLA_FLAGS``'s
+    ``--xla_force_host_platform_device_count``, a multi-process run) and otherwise takes
+    :func:`cpu_device_count`. Once JAX has started, ``auto`` keeps its devices and a number
+    must equal them."""
+    wanted = config.federation.cpu_devices
+    if wanted == "auto":
+        if (jax.distributed.is_initialized() or jax.config.jax_num_cpu_devices != -1
+                or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")):
+            return
+        rows = sum(x.nbytes for x in data.train.values())
+        wanted = cpu_device_count(cohort_size(config), host_cores(), weight_file_bytes(config) + rows, host_memory())
+    try:
+        jax.config.update("jax_num_cpu_devices", wanted or 1)
+    except RuntimeError:  # JAX has started: its device count is fixed
+        started = len(jax.devices("cpu"))
+        if wanted != "auto" and config.federation.cpu_devices is not None and started != wanted:
+            raise ConfigError(f"config key 'federation.cpu_devices' is {wanted} but JAX already started with {started} "
+                              f"CPU device(s) in this process; set it before anything else uses JAX, or to auto") from None
 
 
 def build_experiment(config: Config, data: FederatedData | None = None) -> Experiment:
@@ -152,6 +214,7 @@ def build_experiment(config: Config, data: FederatedData | None = None) -> Exper
         raise ConfigError("config key 'eval.generate_examples' needs a data source with prompts (gsm8k)")
     if data.num_clients != config.data.num_clients:
         raise ConfigError(f"data has {data.num_clients} clients but data.num_clients is {config.data.num_clients}")
+    split_cpu_cores(config, data)  # before the model starts JAX
     model, adapted = build_model(config, data)
     graphdef, params, frozen = split_model(model)
     if config.model.adapter:
@@ -167,8 +230,9 @@ def build_experiment(config: Config, data: FederatedData | None = None) -> Exper
     routable = not unsupported_leaves(graphdef, params, frozen)  # every trainable leaf in a LoRA layer or linear head
     bookkeeping = record_dp is not None and routable
     packs = config.data.packing == "auto" and (record_dp is None or bookkeeping)
-    chunk = clients_per_chunk(config, data, packs, record_dp)
-    group = min(chunk or cohort_size(config), data.num_clients)
+    devices = mesh_devices(f.devices)
+    chunk = clients_per_chunk(config, data, packs, record_dp, devices)
+    group = min(chunk or -(-cohort_size(config) // devices), data.num_clients)  # clients vmapped together
     # encoders share one stream between the group's clients; decoders (token-level heads, T x T attention) do not
     shared = packs and routable and group > 1 and data.task != "causal_lm"
     aligned = getattr(model, "aligned_packing", False)
@@ -183,7 +247,7 @@ def build_experiment(config: Config, data: FederatedData | None = None) -> Exper
     federation = Federation(trainer, method, layout, ledger.cohort_slots, data.num_clients, chunk,
                             user_dp, lora_config(config).scaling, base_kernels,
                             cohort_size(config) / data.num_clients if poisson_cohorts else None,
-                            keep_client_params=config.eval.local, devices=mesh_devices(f.devices),
+                            keep_client_params=config.eval.local, devices=devices,
                             uniform_weights=f.client_weights == "uniform")
     check_cohort_fits(federation, params)
     eval_tokens = local_tokens = None

@@ -52,10 +52,11 @@ def compiled_round(config_path: Path | dict, overrides: list[str]):
     compile seconds) of the engine's jitted round."""
     config = load_config(config_path, overrides)
     exp = build_experiment(config)
-    shards = device_shards(exp.data)
-    state = init_server_state(exp.params, exp.frozen, config.seed, exp.federation)
+    fed = exp.federation
+    shards = fed.replicated(device_shards(exp.data))  # placed on the mesh as runs place them
+    state = fed.replicated(init_server_state(exp.params, exp.frozen, config.seed, fed))
     t0 = time.perf_counter()
-    compiled = jax.jit(exp.federation.round).lower(state, shards).compile()
+    compiled = fed.compile_round(donate=False).lower(state, shards).compile()
     compile_s = time.perf_counter() - t0
     return config, exp, (lambda: jax.block_until_ready(compiled(state, shards))), compile_s
 

@@ -70,6 +70,10 @@ def test_auto_chunks_vmap_about_2048_tokens_per_step_on_a_cpu():
     # a step as large as the cohort's: all at once; explicit values stay
     assert tiny_experiment().federation.clients_per_chunk is None  # 8 x 12 tokens
     assert tiny_experiment(**{"federation.clients_per_chunk": 3}).federation.clients_per_chunk == 3
+    # on 2 devices each vmaps its share of the cohort (3 of 5 clients): groups of 4 hold it whole
+    from fedlora_jax.simulate import clients_per_chunk
+
+    assert clients_per_chunk(padded.config, padded.data, False, None, devices=2) is None
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3])  # cohort 5: five chunks of 1; 2 + 2 + 1; 3 + 2

@@ -176,6 +176,58 @@ print("same")
         simulate.build_experiment(tiny_config(**{"federation.devices": 2}))
 
 
+@pytest.mark.parametrize("cohort, cores, expected", [(8, 2, 2), (5, 2, 2), (1, 2, 1), (8, 16, 8), (10, 4, 4),
+                                                      (12, 8, 6), (7, 1, 1)])
+def test_auto_cpu_devices_give_each_core_the_smallest_share(cohort, cores, expected):
+    """One device per core, or fewer when they give the same share (10 clients on 4 cores: 4
+    devices of 3, padded; 12 on 8: 6 of 2), as long as their copies fit a quarter of memory."""
+    devices = simulate.cpu_device_count(cohort, cores)
+    assert devices == expected
+    share = -(-cohort // devices)
+    assert devices <= max(1, min(cores, cohort)) and share == -(-cohort // max(1, min(cores, cohort)))
+    assert devices == 1 or -(-cohort // (devices - 1)) > share  # one device fewer gives a larger share
+    assert simulate.cpu_device_count(cohort, cores, copy_bytes=2**30, memory_bytes=2 * 2**30 * 4) == min(expected, 2)
+    assert simulate.cpu_device_count(cohort, cores, copy_bytes=2**30, memory_bytes=2**30) == 1
+
+
+def test_cpu_devices_split_the_cores_of_a_fresh_process():
+    """In a process where building the experiment starts JAX, ``auto`` splits the cores
+    (:func:`fedlora_jax.simulate.cpu_device_count`) and the mesh trains on every device; once JAX
+    has started, auto keeps its devices and another number is one clear error. A count fixed by
+    XLA_FLAGS is left alone (test_four_devices_give_the_rounds_of_one)."""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import jax, sys
+from fedlora_jax import simulate
+from fedlora_jax.config import ConfigError, cohort_size
+from tiny import tiny_config
+config = tiny_config(**{"data.packing": "null", "federation.cpu_devices": sys.argv[1]})
+exp = simulate.build_experiment(config)
+data = exp.data
+expected = (simulate.cpu_device_count(cohort_size(config), simulate.host_cores(),
+                                      simulate.weight_file_bytes(config) + sum(x.nbytes for x in data.train.values()),
+                                      simulate.host_memory()) if sys.argv[1] == "auto" else int(sys.argv[1]))
+assert jax.device_count() == expected == exp.federation.devices, (jax.device_count(), expected)
+try:
+    simulate.build_experiment(tiny_config(**{"federation.cpu_devices": expected + 1}), data)
+    raise SystemExit("no error")
+except ConfigError as e:
+    assert f"is {expected + 1} but JAX already started with {expected} CPU device(s)" in str(e), e
+assert simulate.build_experiment(tiny_config(**{"federation.cpu_devices": "auto"}), data).federation.devices == expected
+print("devices", expected)
+"""
+    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+    for wanted in ("auto", "3"):
+        proc = subprocess.run([sys.executable, "-c", script, wanted], capture_output=True, text=True, env=env,
+                              timeout=600)
+        assert proc.returncode == 0 and "devices" in proc.stdout, proc.stderr[-3000:]
+    assert int(proc.stdout.split()[-1]) == 3
+
+
 def test_two_processes_give_the_metrics_of_one(tmp_path, capsys):
     """`fedlora-jax run` in two local CPU processes joined by jax.distributed (one device each,
     the cohort of 5 padded to 6) logs the metrics of a one-process run, with local evaluation of
