@@ -68,12 +68,17 @@ def client_rows(arrays: dict, offsets: np.ndarray, sizes: np.ndarray, u: int) ->
 
 
 def client_eval_batches(arrays: dict, offsets: np.ndarray, sizes: np.ndarray, clients, batch_size: int,
-                        num_tokens: int | None = None, num_batches: int | None = None):
+                        num_tokens: int | None = None, num_batches: int | None = None, cache: dict | None = None):
     """:func:`eval_batches` of each of ``clients``' rows (arrays [M, ...] stored client after
     client, ``offsets`` / ``sizes`` [U]), stacked to [K, nb, ...] (clients with fewer batches get
     empty ones; ``num_batches`` fixes nb, default the most any of them needs); index
-    [K, nb, batch_size] (-1: empty slot)."""
-    per_client = [eval_batches(client_rows(arrays, offsets, sizes, u), batch_size, num_tokens) for u in clients]
+    [K, nb, batch_size] (-1: empty slot). ``cache`` (client id -> its batches) keeps each client's
+    batches for later calls."""
+    cache = {} if cache is None else cache
+    for u in clients:
+        if int(u) not in cache:
+            cache[int(u)] = eval_batches(client_rows(arrays, offsets, sizes, u), batch_size, num_tokens)
+    per_client = [cache[int(u)] for u in clients]
     nb = max(index.shape[0] for _, index in per_client) if num_batches is None else num_batches
 
     def grow(x, fill):
@@ -117,11 +122,21 @@ class Evaluator:
 
         return jax.lax.map(one, batches)
 
-    def compile(self):
-        """(global_fn, local_fn): jitted predict, and predict vmapped over client states and batches."""
-        global_fn = jax.jit(self.predict)
-        local_fn = jax.jit(jax.vmap(self.predict, in_axes=(0, None, 0)))
-        return global_fn, local_fn
+    def compile(self, mesh: jax.sharding.Mesh | None = None):
+        """(global_fn, local_fn): jitted predict, and predict vmapped over client states and batches.
+
+        On a ``mesh`` of several devices each device predicts its share of the batch axis (global
+        batches [nb, ...], local batches [K, nb, ...]; nb must divide by the device count), with
+        the states replicated."""
+        local = jax.vmap(self.predict, in_axes=(0, None, 0))
+        if mesh is None or mesh.size == 1:
+            return jax.jit(self.predict), jax.jit(local)
+        spec = jax.sharding.PartitionSpec
+        global_fn = jax.shard_map(self.predict, mesh=mesh, in_specs=(spec(), spec(), spec(*mesh.axis_names)),
+                                  out_specs=spec(*mesh.axis_names))
+        local_fn = jax.shard_map(local, mesh=mesh, in_specs=(spec(), spec(), spec(None, *mesh.axis_names)),
+                                 out_specs=spec(None, *mesh.axis_names))
+        return jax.jit(global_fn), jax.jit(local_fn)
 
 
 def score(task_name: str, task: str, preds: np.ndarray, losses: np.ndarray, arrays: dict, valid: np.ndarray) -> dict:

@@ -370,19 +370,25 @@ class Evaluation:
     """Host-side wrapper of the jitted evaluators with the test batches prepared once."""
 
     def __init__(self, exp: Experiment):
-        ev = exp.evaluator
+        ev, devices = exp.evaluator, exp.federation.devices
         self.exp = exp
-        self.global_fn, self.local_fn = ev.compile()
+        self.global_fn, self.local_fn = ev.compile(exp.federation.mesh if devices > 1 else None)
         self.global_arrays = exp.data.global_test
         self.global_n = len(next(iter(self.global_arrays.values())))
-        batches, self.global_index = eval_batches(self.global_arrays, ev.batch_size, ev.num_tokens)
-        self.global_batches = jax.tree.map(jnp.asarray, batches)
+        batches, index = eval_batches(self.global_arrays, ev.batch_size, ev.num_tokens)
+        # the batch axis is shared out over the devices: padded with empty batches to a multiple
+        extra = -index.shape[0] % devices
+        grow = lambda x, fill: np.concatenate([x, np.full((extra,) + x.shape[1:], fill, x.dtype)])
+        self.global_index = grow(index, -1)
+        self.global_batches = jax.tree.map(lambda x: jnp.asarray(grow(np.asarray(x), 0)), batches)
         self.local_arrays, self.local_sizes = local_subsets(exp.data, exp.config.eval.local_max_examples, exp.config.seed)
         self.local_offsets = offsets_of(self.local_sizes)
+        self.local_batches: dict = {}  # client id -> its local test batches, built on first use
         # every cohort's local batches have the same static count: the most any client needs
-        self.local_num_batches = max(eval_batch_count(client_rows(self.local_arrays, self.local_offsets, self.local_sizes,
-                                                                  u)["attention_mask"], ev.batch_size, ev.local_num_tokens)
-                                     for u in range(exp.data.num_clients))
+        most = max(eval_batch_count(client_rows(self.local_arrays, self.local_offsets, self.local_sizes,
+                                            u)["attention_mask"], ev.batch_size, ev.local_num_tokens)
+                   for u in range(exp.data.num_clients))
+        self.local_num_batches = -(-most // devices) * devices
 
     def global_metrics(self, state: ServerState) -> dict:
         preds, losses = jax.device_get(self.global_fn(state.params, state.frozen, self.global_batches))
@@ -422,7 +428,7 @@ class Evaluation:
             return {}
         batches, index = client_eval_batches(self.local_arrays, self.local_offsets, self.local_sizes, cohort,
                                              self.exp.evaluator.batch_size, self.exp.evaluator.local_num_tokens,
-                                             self.local_num_batches)
+                                             self.local_num_batches, self.local_batches)
         preds, losses = jax.device_get(self.local_fn(client_params, frozen, jax.tree.map(jnp.asarray, batches)))
         per_client = []
         for i, (u, n) in enumerate(zip(cohort, sizes)):

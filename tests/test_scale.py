@@ -140,7 +140,8 @@ def test_a_stacking_method_whose_cohort_cannot_fit_is_refused_with_one_line(monk
 
 def test_four_devices_give_the_rounds_of_one(tmp_path):
     """The cohort's client axis sharded over 4 simulated CPU devices (cohort 5: padded to 8) gives
-    one device's rounds, streamed and stacked; runs in a subprocess (the device count is fixed
+    one device's rounds, streamed and stacked, and evaluation shared out over them one device's
+    metrics, global and local; runs in a subprocess (the device count is fixed
     when JAX starts)."""
     import os
     import subprocess
@@ -150,6 +151,7 @@ def test_four_devices_give_the_rounds_of_one(tmp_path):
 import dataclasses, sys
 import jax, numpy as np
 from fedlora_jax.server import device_shards, init_server_state
+from fedlora_jax.simulate import Evaluation
 from tiny import tiny_experiment
 assert jax.local_device_count() == 4
 for local in (False, True):  # streamed (no local evaluation), stacked
@@ -166,6 +168,15 @@ for local in (False, True):  # streamed (no local evaluation), stacked
         for x, y in zip(jax.tree.leaves((a.params, out_a.train_loss, out_a.divergence)),
                         jax.tree.leaves((b.params, out_b.train_loss, out_b.divergence))):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+    # evaluation shares its batches out over the devices (padded to a multiple of 4)
+    cohort, mask = np.asarray(out_a.cohort), np.asarray(out_a.cohort_mask)
+    one_eval, four_eval = Evaluation(dataclasses.replace(exp, federation=one)), Evaluation(exp)
+    assert four_eval.global_index.shape[0] % 4 == 0 and four_eval.local_num_batches % 4 == 0
+    m1 = one_eval.metrics(a, a.frozen, out_a.client_params, cohort, mask, "accuracy")
+    m4 = four_eval.metrics(b, b.frozen, out_b.client_params, cohort, mask, "accuracy")
+    assert m1.keys() == m4.keys() and ("local_accuracy" in m1) == local
+    for key in m1.keys() - {"eval_s"}:
+        np.testing.assert_allclose(m4[key], m1[key], atol=1e-5, err_msg=key)
 print("same")
 """
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",

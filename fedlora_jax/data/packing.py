@@ -32,6 +32,7 @@ caller takes a larger buffer (see :func:`token_buckets`).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -284,5 +285,10 @@ def pack_examples(arrays: dict, examples_per_batch: int, num_tokens: int, aligne
     """
     index = pack_groups(arrays["attention_mask"], examples_per_batch, num_tokens, aligned)
     rows = {k: np.asarray(v)[np.maximum(index, 0)] for k, v in arrays.items()}
-    packed, _ = jax.vmap(lambda r, m: pack(r, m, num_tokens, aligned=aligned))(rows, jnp.asarray(index >= 0))
-    return jax.device_get(packed), index
+    return jax.device_get(_pack_batches(rows, index >= 0, num_tokens, aligned)), index
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _pack_batches(rows: dict, valid, num_tokens: int, aligned: bool) -> dict:
+    """:func:`pack` of each batch of rows [nb, E, L] (``valid`` [nb, E]); jitted once per shape."""
+    return jax.vmap(lambda r, m: pack(r, m, num_tokens, aligned=aligned)[0])(rows, valid)
