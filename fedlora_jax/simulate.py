@@ -510,6 +510,7 @@ def run(config: Config, out_dir: str | Path | None = None, progress: bool = True
     if checkpoints and primary:  # the state the run ends with (the last good one after a divergence)
         checkpoints.save(state, exp.ledger.participations, exp.ledger.rounds_done)
     summary = summarise(history, headline, compile_s, exp.ledger, stopped, diverged)
+    summary["devices"] = f"{fed.devices} x {jax.default_backend()}"  # the mesh the rounds ran on
     log.write("summary.json", summary)
     if progress:
         console.print(summary_table(summary, title=f"{config.name}: {fed.method.name}, {rounds} rounds"))
