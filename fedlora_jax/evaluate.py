@@ -127,7 +127,8 @@ class Evaluator:
 
         On a ``mesh`` of several devices each device predicts its share of the batch axis (global
         batches [nb, ...], local batches [K, nb, ...]; nb must divide by the device count), with
-        the states replicated."""
+        the states replicated; the outputs are gathered to every device, so every process of a
+        multi-process run can read them."""
         local = jax.vmap(self.predict, in_axes=(0, None, 0))
         if mesh is None or mesh.size == 1:
             return jax.jit(self.predict), jax.jit(local)
@@ -136,7 +137,8 @@ class Evaluator:
                                   out_specs=spec(*mesh.axis_names))
         local_fn = jax.shard_map(local, mesh=mesh, in_specs=(spec(), spec(), spec(None, *mesh.axis_names)),
                                  out_specs=spec(None, *mesh.axis_names))
-        return jax.jit(global_fn), jax.jit(local_fn)
+        everywhere = jax.sharding.NamedSharding(mesh, spec())
+        return jax.jit(global_fn, out_shardings=everywhere), jax.jit(local_fn, out_shardings=everywhere)
 
 
 def score(task_name: str, task: str, preds: np.ndarray, losses: np.ndarray, arrays: dict, valid: np.ndarray) -> dict:

@@ -74,7 +74,9 @@ def child(setting: dict) -> dict:
     from fedlora_jax.config import load_config
     from fedlora_jax.simulate import run
 
-    config = load_config(ROOT / setting["config"], setting["overrides"])
+    # one device: the tables measure one device's memory (a CPU split into devices holds a copy
+    # of the base and the rows per device, and each device its own chunk)
+    config = load_config(ROOT / setting["config"], setting["overrides"] + ["federation.cpu_devices=null"])
     t0 = time.perf_counter()
     result = run(config, out_dir=None, progress=False)
     total = time.perf_counter() - t0

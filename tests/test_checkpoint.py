@@ -21,10 +21,12 @@ from fedlora_jax import simulate
 from fedlora_jax.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
+# cpu_devices=null: one device in the killed subprocess as in the in-process reference, so the two
+# runs match bit for bit (a different device count changes float rounding)
 SMALL = ["--set", "federation.rounds=6", "--set", "checkpoint.every=2", "--set", "checkpoint.keep=2",
          "--set", "eval.every=3", "--set", "federation.clients_per_round=3", "--set", "model.config.num_hidden_layers=1",
          "--set", "federation.local_steps=2", "--set", "eval.local=false", "--set", "data.test_examples=64",
-         "--set", "data.packing=null"]
+         "--set", "data.packing=null", "--set", "federation.cpu_devices=null"]
 
 
 def metrics_without_timings(run_dir: Path) -> list[dict]:
