@@ -101,7 +101,8 @@ class FederationConfig:
     ``devices``: devices the cohort's client axis is sharded over (null = all of them, of every process);
     a cohort that does not divide by it is padded with empty slots.
     ``cpu_devices``: on a CPU, how many devices JAX splits the host's cores into, so that the mesh
-    trains shares of the cohort side by side (null = one device). ``auto`` (the default): one per
+    trains shares of the cohort side by side (null: JAX's own count, one device unless set
+    elsewhere). ``auto`` (the default): one per
     core, or fewer when that gives the same share per device, within a quarter of host memory for
     their copies of the base and the rows (:func:`fedlora_jax.simulate.cpu_device_count`). JAX fixes
     its device count when it starts, so this applies when building the experiment is the first

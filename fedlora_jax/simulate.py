@@ -184,25 +184,31 @@ def weight_file_bytes(config: Config) -> int:
     return sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin") for f in folder.glob(pattern))
 
 
+def cpu_devices_set_elsewhere() -> bool:
+    """Whether something besides the config fixes JAX's CPU device count: ``jax_num_cpu_devices``,
+    ``XLA_FLAGS``' ``--xla_force_host_platform_device_count``, or a multi-process run."""
+    return (jax.distributed.is_initialized() or jax.config.jax_num_cpu_devices != -1
+            or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""))
+
+
 def split_cpu_cores(config: Config, data: FederatedData) -> None:
     """Applies ``federation.cpu_devices`` (JAX's CPU device count) if JAX has not started yet.
 
-    ``auto`` leaves a count set elsewhere alone (``jax_num_cpu_devices``, ``XLA_FLAGS``'s
-    ``--xla_force_host_platform_device_count``, a multi-process run) and otherwise takes
-    :func:`cpu_device_count`. Once JAX has started, ``auto`` keeps its devices and a number
-    must equal them."""
+    ``null`` leaves the count to JAX. ``auto`` leaves a count set elsewhere alone
+    (:func:`cpu_devices_set_elsewhere`) and otherwise takes :func:`cpu_device_count`; once JAX
+    has started, it keeps the devices there are. A number must equal them then."""
     wanted = config.federation.cpu_devices
-    if wanted == "auto":
-        if (jax.distributed.is_initialized() or jax.config.jax_num_cpu_devices != -1
-                or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")):
-            return
+    if wanted is None or (wanted == "auto" and cpu_devices_set_elsewhere()):
+        return
+    explicit = wanted != "auto"
+    if not explicit:
         rows = sum(x.nbytes for x in data.train.values())
         wanted = cpu_device_count(cohort_size(config), host_cores(), weight_file_bytes(config) + rows, host_memory())
     try:
-        jax.config.update("jax_num_cpu_devices", wanted or 1)
+        jax.config.update("jax_num_cpu_devices", wanted)
     except RuntimeError:  # JAX has started: its device count is fixed
         started = len(jax.devices("cpu"))
-        if wanted != "auto" and config.federation.cpu_devices is not None and started != wanted:
+        if explicit and started != wanted:
             raise ConfigError(f"config key 'federation.cpu_devices' is {wanted} but JAX already started with {started} "
                               f"CPU device(s) in this process; set it before anything else uses JAX, or to auto") from None
 

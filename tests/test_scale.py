@@ -201,6 +201,17 @@ def test_auto_cpu_devices_give_each_core_the_smallest_share(cohort, cores, expec
     assert simulate.cpu_device_count(cohort, cores, copy_bytes=2**30, memory_bytes=2**30) == 1
 
 
+def test_auto_cpu_devices_keep_the_devices_of_a_started_jax(monkeypatch):
+    """Once JAX has started (here with one device), ``auto`` keeps its devices whatever it would
+    have chosen, and a number that differs is one clear error."""
+    monkeypatch.setattr(simulate, "cpu_devices_set_elsewhere", lambda: False)  # conftest pins the count
+    monkeypatch.setattr(simulate, "host_cores", lambda: 2)
+    assert simulate.cpu_device_count(5, 2) == 2 and jax.device_count() == 1
+    assert simulate.build_experiment(tiny_config()).federation.devices == 1
+    with pytest.raises(ConfigError, match=r"'federation.cpu_devices' is 2 but JAX already started with 1 CPU device"):
+        simulate.build_experiment(tiny_config(**{"federation.cpu_devices": 2}))
+
+
 def test_cpu_devices_split_the_cores_of_a_fresh_process():
     """In a process where building the experiment starts JAX, ``auto`` splits the cores
     (:func:`fedlora_jax.simulate.cpu_device_count`) and the mesh trains on every device; once JAX
