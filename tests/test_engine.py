@@ -73,7 +73,8 @@ def test_auto_chunks_vmap_about_2048_tokens_per_step_on_a_cpu():
     # on 2 devices each vmaps its share of the cohort (3 of 5 clients): groups of 4 hold it whole
     from fedlora_jax.simulate import clients_per_chunk
 
-    assert clients_per_chunk(padded.config, padded.data, False, None, devices=2) is None
+    assert clients_per_chunk(padded.config, padded.data, False, None, share=3) is None
+    assert clients_per_chunk(padded.config, padded.data, False, None, share=5) == 3
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3])  # cohort 5: five chunks of 1; 2 + 2 + 1; 3 + 2
