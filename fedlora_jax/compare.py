@@ -174,7 +174,6 @@ def run_comparison(config: ConfigSource, methods: Sequence[str], seeds: Sequence
                                                                 f"{len(methods)} methods x {len(seeds)} seeds"))
         if paired:
             console.print(paired_table(paired))
-        console.print(f"comparison directory: {out_dir}")
     return ComparisonResult(rows, row_columns, summary, paired, headline, out_dir, run_dirs, figures)
 
 

@@ -18,18 +18,21 @@ from fedlora_jax.data.packing import pack_examples, pack_groups
 from fedlora_jax.tasks import forward, per_example_loss, predictions
 
 
-def pad_rows(arrays: dict, multiple: int, axis: int = 0) -> dict:
-    """Zero-pads every array along ``axis`` to a multiple of ``multiple`` rows."""
-    n = next(iter(arrays.values())).shape[axis]
+def pad_rows(tree, multiple: int, axis: int = 0):
+    """Zero-pads every array leaf of ``tree`` (a dict of rows, or batches holding a
+    :class:`~fedlora_jax.data.packing.Packing`) along ``axis`` to a multiple of ``multiple``.
+
+    Zero rows are empty everywhere: a padded row's mask is 0 and a packed stream's zero
+    ``segment_ids`` and ``lengths`` mark unused tokens and empty slots."""
+    n = jax.tree.leaves(tree)[0].shape[axis]
     extra = (-n) % multiple
-    if not extra:
-        return dict(arrays)
-    out = {}
-    for k, v in arrays.items():
-        widths = [(0, 0)] * v.ndim
+
+    def pad(v):
+        widths = [(0, 0)] * np.ndim(v)
         widths[axis] = (0, extra)
-        out[k] = np.pad(v, widths)
-    return out
+        return np.pad(np.asarray(v), widths)
+
+    return jax.tree.map(pad, tree)
 
 
 def eval_batches(arrays: dict, batch_size: int, num_tokens: int | None = None) -> tuple[dict, np.ndarray]:

@@ -67,10 +67,13 @@ class RoundOutput(NamedTuple):
 
 
 def init_server_state(params, frozen, seed: int, federation: "Federation | None" = None) -> ServerState:
-    """Round 0 state, with the method's initial server state when a federation is given."""
-    method_state = () if federation is None else federation.method.init_state(params, federation.layout,
-                                                                              federation.num_clients)
-    return ServerState(params, frozen, jnp.zeros((), jnp.int32), jax.random.key(seed), method_state)
+    """Round 0 state; when a federation is given, with the method's initial server state and placed
+    as its round takes it (whole on every device of its mesh)."""
+    if federation is None:
+        return ServerState(params, frozen, jnp.zeros((), jnp.int32), jax.random.key(seed), ())
+    method_state = federation.method.init_state(params, federation.layout, federation.num_clients)
+    return federation.replicated(ServerState(params, frozen, jnp.zeros((), jnp.int32), jax.random.key(seed),
+                                             method_state))
 
 
 def device_shards(data: FederatedData) -> ClientShards:
@@ -446,12 +449,12 @@ class Federation:
 
     def compile_round(self, donate: bool = True):
         """The jitted round; the server state's buffers are donated (unless not ``donate``). On
-        several devices its outputs are replicated, so every process can read them (and the next
-        round's state)."""
+        several devices its inputs and outputs are replicated (arrays not yet placed are placed so),
+        so every process can read them (and the next round's state)."""
         donated = (0,) if donate else ()
         if self.devices <= 1:
             return jax.jit(self.round, donate_argnums=donated)
-        return jax.jit(self.round, donate_argnums=donated, out_shardings=self.everywhere)
+        return jax.jit(self.round, donate_argnums=donated, in_shardings=self.everywhere, out_shardings=self.everywhere)
 
     def communication_bytes(self, params, frozen, round_index: int, clients: int | None = None) -> tuple[int, int]:
         """Exact (bytes_up, bytes_down) of one round over the ``clients`` that took part (default K)."""

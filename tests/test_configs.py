@@ -154,7 +154,7 @@ def tiny_version(config: Config, where: str, stand_in_dirs, tmp_path: Path) -> C
     data = raw["data"]
     if data["source"] != "synthetic":
         if _mentions_shared_data(data["load"]) and not SHARED_DATA.is_dir():
-            pytest.skip(f"{where} reads ../shared/data, which is absent ({SHARED_DATA})")
+            pytest.fail(f"{where} reads ../shared/data, which is absent ({SHARED_DATA})", pytrace=False)
         if data["source"] == "glue" and data["load"].get("hub"):
             data["load"] = _local_glue(data["load"], tmp_path)
         tokenizer = data["tokenizer"]
@@ -175,7 +175,9 @@ def tiny_version(config: Config, where: str, stand_in_dirs, tmp_path: Path) -> C
     return load_config(raw)
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=CONFIG_IDS)
+# quick tier: the quickstart; the other configs' builds (real data, stand-in models) in the full suite
+@pytest.mark.parametrize("path", [p if p.name == "quickstart.yaml" else pytest.param(p, marks=pytest.mark.slow)
+                                  for p in CONFIGS], ids=CONFIG_IDS)
 def test_config_builds_and_trains_one_round(path, stand_in_dirs, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)  # configs name data relative to the repository root
     where = str(path.relative_to(REPO))

@@ -21,9 +21,7 @@ from fedlora_jax.data.tokenise import load_tokenizer, tokenize_prompt_answer, to
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 GLUE = DATA / "glue"
-needs_data = pytest.mark.skipif(
-    not DATA.is_dir(), reason=f"offline data folder {DATA} is absent (see shared/data/README.md)"
-)
+needs_data = pytest.mark.usefixtures("shared_data")  # fails, never skips, when ../shared/data is absent
 
 
 @pytest.fixture(scope="module")

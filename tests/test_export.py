@@ -16,8 +16,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import peft
 import pytest
 import torch
+import transformers
 from flax import nnx
 from safetensors.numpy import load_file
 
@@ -29,8 +31,6 @@ from fedlora_jax.server import ServerState, init_server_state
 from fedlora_jax.simulate import Experiment, RunLog, build_experiment
 from tiny import tiny_config
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
 
 LLAMA = {"model.arch": "llama", "model.config": {
     "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
@@ -199,7 +199,7 @@ def test_fedex_exports_its_rewritten_base_and_fedsa_each_clients_adapter(tmp_pat
     assert main(["export", str(run_dir), "--out", str(out)]) == 2  # not empty: refused, nothing overwritten
 
 
-@pytest.mark.parametrize("pooling", ["mean", "cls"])
+@pytest.mark.parametrize("pooling", [pytest.param("mean", marks=pytest.mark.slow), "cls"])  # quick: cls
 def test_real_minilm_adapter_loads_in_peft_with_the_same_outputs(pooling, tmp_path):
     """The real all-MiniLM-L6-v2 (the base of configs/minilm_sst2.yaml), LoRA on every linear
     layer: the adapter applies to the published base (referenced by path, not copied). Factors

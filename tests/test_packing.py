@@ -71,9 +71,10 @@ def test_pack_lays_real_tokens_end_to_end_and_unpacks_back():
     assert not bool(fits)
 
 
-@pytest.mark.parametrize("arch,task,pooling", [
-    ("bert", "classification", "cls"), ("bert", "classification", "mean"),
-    ("roberta", "classification", "cls"), ("llama", "causal_lm", "cls"),
+@pytest.mark.parametrize("arch,task,pooling", [  # quick tier: llama (encoders: test_packed_round_equals_padded_round)
+    pytest.param("bert", "classification", "cls", marks=pytest.mark.slow),
+    pytest.param("bert", "classification", "mean", marks=pytest.mark.slow),
+    pytest.param("roberta", "classification", "cls", marks=pytest.mark.slow), ("llama", "causal_lm", "cls"),
 ])
 def test_packed_loss_and_gradient_equal_padded(arch, task, pooling):
     graphdef, params, frozen = _model(arch, task, pooling)
@@ -106,9 +107,10 @@ def test_token_buckets_cover_the_step_need(shared):
     assert np.mean(np.array(need) <= buckets[-1]) > 0.999
 
 
-@pytest.mark.parametrize("arch,task,pooling", [
-    ("bert", "classification", "cls"), ("bert", "classification", "mean"),
-    ("roberta", "classification", "cls"), ("llama", "causal_lm", "cls"),
+@pytest.mark.parametrize("arch,task,pooling", [  # quick tier: llama (the DP rounds of test_privacy_engine.py book-keep too)
+    pytest.param("bert", "classification", "cls", marks=pytest.mark.slow),
+    pytest.param("bert", "classification", "mean", marks=pytest.mark.slow),
+    pytest.param("roberta", "classification", "cls", marks=pytest.mark.slow), ("llama", "causal_lm", "cls"),
 ])
 def test_bookkeeping_per_example_gradients_equal_vmap(arch, task, pooling):
     from fedlora_jax.privacy.bookkeeping import per_example_gradients, unsupported_leaves
@@ -132,7 +134,8 @@ def test_bookkeeping_per_example_gradients_equal_vmap(arch, task, pooling):
             np.testing.assert_array_equal(g[1], 0.0)  # a masked row gets no gradient
 
 
-@pytest.mark.parametrize("arch,pooling", [("bert", "cls"), ("bert", "mean"), ("roberta", "cls")])
+@pytest.mark.parametrize("arch,pooling", [  # quick: bert cls
+    ("bert", "cls"), pytest.param("bert", "mean", marks=pytest.mark.slow), pytest.param("roberta", "cls", marks=pytest.mark.slow)])
 def test_shared_stream_gives_each_client_its_own_model(arch, pooling):
     """C clients with different trainable leaves in one stream: each example's logits, loss and
     gradient are those of its own client's model on its own rows (LoRA on every linear layer,
@@ -163,6 +166,7 @@ def test_shared_stream_gives_each_client_its_own_model(arch, pooling):
     assert not np.allclose(own_losses[0], own_losses[1])  # the clients' models differ
 
 
+@pytest.mark.slow  # quick twins: test_shared_stream_gives_each_client_its_own_model, test_bookkeeping_per_example_gradients_equal_vmap
 def test_shared_stream_bookkeeping_equals_per_client_bookkeeping():
     from fedlora_jax.privacy.bookkeeping import per_example_gradients
 
@@ -185,6 +189,7 @@ def test_shared_stream_bookkeeping_equals_per_client_bookkeeping():
             np.testing.assert_allclose(g[own], r, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow  # quick twin: test_shared_stream_gives_each_client_its_own_model
 def test_shared_stream_round_equals_per_client_streams():
     import dataclasses
 
@@ -233,8 +238,11 @@ def _round_pair(**overrides):
 @pytest.mark.parametrize("overrides", [
     {},
     {"buckets": (48,)},  # most steps overflow to the padded branch
-    {"privacy.record_level": "true", "privacy.noise_multiplier": 1.0, "privacy.sampling": "shuffle"},
-    {"privacy.record_level": "true", "privacy.noise_multiplier": 1.0, "federation.method": "ffa"},
+    # quick twins of the DP cases: test_bookkeeping_per_example_gradients_equal_vmap, test_devices.py
+    pytest.param({"privacy.record_level": "true", "privacy.noise_multiplier": 1.0, "privacy.sampling": "shuffle"},
+                 marks=pytest.mark.slow),
+    pytest.param({"privacy.record_level": "true", "privacy.noise_multiplier": 1.0, "federation.method": "ffa"},
+                 marks=pytest.mark.slow),
 ], ids=["auto", "overflow", "dp-shuffle", "dp-poisson-ffa"])
 def test_packed_round_equals_padded_round(overrides):
     (packed_state, packed_out), (padded_state, padded_out) = _round_pair(**overrides)
@@ -245,6 +253,7 @@ def test_packed_round_equals_padded_round(overrides):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
 
 
+@pytest.mark.slow  # quick twin: test_bookkeeping_per_example_gradients_equal_vmap
 def test_dp_bookkeeping_round_equals_vmap_round():
     import dataclasses
 
@@ -261,8 +270,10 @@ def test_dp_bookkeeping_round_equals_vmap_round():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
 
 
+@pytest.mark.slow  # quick twin: test_engine.py::test_round_compiles_once_across_rounds
 def test_round_compiles_once_with_one_packed_shape_per_bucket(monkeypatch):
     import fedlora_jax.client as client
+    from test_engine import count_round_traces
     from fedlora_jax.server import device_shards, init_server_state
     from tiny import tiny_experiment
 
@@ -273,6 +284,7 @@ def test_round_compiles_once_with_one_packed_shape_per_bucket(monkeypatch):
         return pack(rows, mask, num_tokens, clients, aligned)
 
     monkeypatch.setattr(client, "pack", counting_pack)
+    round_traces = count_round_traces(monkeypatch)
     exp = tiny_experiment(**{"privacy.record_level": "true", "privacy.noise_multiplier": 1.0, "data.packing": "auto"})
     fed = exp.federation
     buckets = fed.trainer.token_buckets
@@ -282,7 +294,7 @@ def test_round_compiles_once_with_one_packed_shape_per_bucket(monkeypatch):
     shards = device_shards(exp.data)
     for _ in range(3):
         state, _ = round_fn(state, shards)
-    assert round_fn._cache_size() == 1
+    assert len(round_traces) == 1
     assert sorted(traced) == sorted(buckets)  # each stream length traced (and compiled) once
 
 
@@ -325,7 +337,7 @@ def test_aligned_streams_attend_in_blocks_with_the_same_result():
     np.testing.assert_allclose(stream_attention(q, k, v, p)[0, real], full[0, real], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("layout", ["padded", "stream", "aligned"])
+@pytest.mark.parametrize("layout", ["padded", pytest.param("stream", marks=pytest.mark.slow), pytest.param("aligned", marks=pytest.mark.slow)])  # quick: padded
 def test_last_layer_for_first_tokens_only_equals_the_full_encoder(layout):
     """A first-token head's encoder runs its last layer on first tokens alone: the same states
     (and gradients) as the full last layer read at each example's first token."""

@@ -18,9 +18,7 @@ from fedlora_jax.data.partition import (
 from fedlora_jax.data.text import load_glue_local
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_data = pytest.mark.skipif(
-    not DATA.is_dir(), reason=f"offline data folder {DATA} is absent (see shared/data/README.md)"
-)
+needs_data = pytest.mark.usefixtures("shared_data")  # fails, never skips, when ../shared/data is absent
 
 
 @pytest.fixture(scope="module")

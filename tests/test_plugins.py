@@ -62,6 +62,7 @@ def test_plugin_method_computes_server_momentum_over_rounds():
     assert up == down == fed.cohort_size * b_and_head
 
 
+@pytest.mark.slow  # quick twins: test_plugin_method_computes_server_momentum_over_rounds, test_paths.py's resume of method state
 def test_plugin_runs_from_a_config_and_its_state_survives_resume(tmp_path):
     config = yaml.safe_load((ROOT / "configs/quickstart.yaml").read_text())
     config["federation"].update(method=PLUGIN, method_options={"beta": 0.9}, rounds=4, clients_per_round=3,

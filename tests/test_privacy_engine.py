@@ -21,6 +21,7 @@ def one_round(**overrides):
     return exp, state, jax.jit(exp.federation.round)(state, device_shards(exp.data))
 
 
+@pytest.mark.slow  # quick twin: test_privacy.py::test_without_noise_or_clipping_equals_mean_gradient_of_real_examples
 def test_dp_sgd_with_zero_noise_and_huge_clip_equals_plain_training():
     _, _, (plain, plain_out) = one_round(**{"optim.name": "sgd", "optim.learning_rate": 0.1})
     _, _, (dp, dp_out) = one_round(**{"optim.name": "sgd", "optim.learning_rate": 0.1, **DP})
@@ -94,15 +95,45 @@ def test_run_stops_before_the_round_that_would_exceed_the_budget(tmp_path):
 
 
 def test_user_level_dp_is_the_clipped_noisy_uniform_mean():
-    exp, state, (new, out) = one_round(**{"privacy.user_level": True, "privacy.user_noise_multiplier": 0.0,
-                                          "privacy.user_clip_norm": 1e6})
-    for g, c, n in zip(jax.tree.leaves(state.params), jax.tree.leaves(out.client_params), jax.tree.leaves(new.params)):
-        np.testing.assert_allclose(np.asarray(n), np.asarray(g) + np.mean(np.asarray(c) - np.asarray(g), axis=0), atol=1e-6)
-    _, state, (clipped, out) = one_round(**{"privacy.user_level": True, "privacy.user_noise_multiplier": 0.0,
-                                            "privacy.user_clip_norm": 1e-3})
-    moved = np.sqrt(sum(float(jnp.sum(jnp.square(n - g))) for n, g in
-                        zip(jax.tree.leaves(clipped.params), jax.tree.leaves(state.params))))
-    assert moved <= 1e-3 + 1e-7
+    """Unclipped and noiseless: the global model plus the uniform mean of the cohort's updates.
+    Clipped below most clients' update norms and noised: global + (sum_u clip(update_u, S) +
+    N(0, (sigma S)^2)) / K, recomputed in float64 numpy from the clients' trained states, the
+    noise drawn from the round's server key as documented (split(key, 4)[3], then one key per
+    leaf)."""
+    user_dp = {"privacy.user_level": True, "privacy.user_noise_multiplier": 0.0, "privacy.user_clip_norm": 1e6}
+    exp, state, (new, out) = one_round(**user_dp)
+    k = exp.federation.expected_cohort
+    assert k == exp.federation.cohort_size == 5 and np.asarray(out.cohort_mask).all()
+    before = [np.asarray(g, np.float64) for g in jax.tree.leaves(state.params)]
+    trained = [np.asarray(c, np.float64) for c in jax.tree.leaves(out.client_params)]
+    deltas = [c - g[None] for c, g in zip(trained, before)]
+    for g, d, n in zip(before, deltas, jax.tree.leaves(new.params)):
+        np.testing.assert_allclose(np.asarray(n), g + d.sum(axis=0) / k, atol=1e-6)
+    # each client's update norm over its whole tree; clip between the 2nd and 3rd smallest, so
+    # three clients are scaled down (the largest by over 1.2x) and two are not
+    norms = np.sqrt(sum(np.sum(np.square(d).reshape(d.shape[0], -1), axis=1) for d in deltas))
+    clip = float(np.mean(np.sort(norms)[1:3]))
+    assert np.sum(norms > clip) == 3 and norms.max() > 1.2 * clip, norms
+    sigma = 0.5
+    _, state, (noisy, clipped_out) = one_round(**{**user_dp, "privacy.user_clip_norm": clip,
+                                                  "privacy.user_noise_multiplier": sigma})
+    # the clients trained exactly as before (clipping and noise happen at the server)
+    for a, b in zip(jax.tree.leaves(out.client_params), jax.tree.leaves(clipped_out.client_params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    scale = np.minimum(1.0, clip / norms)
+    server_key = jax.random.split(state.key, 4)[3]
+    leaf_keys = jax.random.split(server_key, len(before))
+    noises, shifts = [], []
+    for g, d, n, key in zip(before, deltas, jax.tree.leaves(noisy.params), leaf_keys):
+        noise = sigma * clip * np.asarray(jax.random.normal(key, g.shape, jnp.float32), np.float64)
+        clipped_sum = np.tensordot(scale, d, axes=1)
+        np.testing.assert_allclose(np.asarray(n), g + (clipped_sum + noise) / k, atol=1e-6)
+        noises.append(noise.ravel() / (sigma * clip))
+        shifts.append((d.sum(axis=0) - clipped_sum).ravel() / k)
+    # clipping moved the mean by far more than the tolerance, and the noise has std sigma * S
+    assert np.sqrt(sum(np.sum(np.square(x)) for x in shifts)) > 1e-3
+    noises = np.concatenate(noises)
+    assert noises.size > 500 and np.std(noises) == pytest.approx(1.0, rel=0.1) and abs(np.mean(noises)) < 0.1
 
 
 def test_user_level_dp_rejects_nonlinear_aggregation():

@@ -87,7 +87,10 @@ def test_streamed_reductions_equal_the_stacked_aggregate(round_index):
                                    atol=1e-5, err_msg=name)
 
 
-@pytest.mark.parametrize("method, options, rounds", [("fedex", "{}", 2), ("fra_then_ffa", "{switch_round: 2}", 3)])
+@pytest.mark.parametrize("method, options, rounds", [
+    ("fedex", "{}", 2),
+    pytest.param("fra_then_ffa", "{switch_round: 2}", 3, marks=pytest.mark.slow),  # quick twin: fedex
+])
 def test_streamed_round_equals_the_stacked_round(method, options, rounds):
     """FedEx: means, the dense ideal update and the base fold all streamed; FRA then FFA: the
     dense SVD of the streamed M (balanced, then left) against the stacked factors' SVD, then
@@ -110,6 +113,7 @@ def test_streamed_round_equals_the_stacked_round(method, options, rounds):
         np.testing.assert_allclose(out.train_loss, want.train_loss, atol=1e-6)
 
 
+@pytest.mark.slow  # quick twin: test_streamed_reductions_equal_the_stacked_aggregate
 def test_streamed_round_memory_does_not_grow_with_the_cohort():
     """Compiled temporary + output bytes of the round: flat for the streamed round, growing with
     the cohort for the stacked one (the [K, ...] trained states)."""
@@ -138,6 +142,7 @@ def test_a_stacking_method_whose_cohort_cannot_fit_is_refused_with_one_line(monk
                                              "eval.local": False}))  # streams: fits
 
 
+@pytest.mark.slow  # quick twin: test_devices.py (2 devices against 1, in process)
 def test_four_devices_give_the_rounds_of_one(tmp_path):
     """The cohort's client axis sharded over 4 simulated CPU devices (cohort 5: padded to 8) gives
     one device's rounds, streamed and stacked, and evaluation shared out over them one device's
@@ -183,8 +188,8 @@ print("same")
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0 and "same" in proc.stdout, proc.stderr[-3000:]
-    with pytest.raises(ConfigError, match="'federation.devices' is 2 but this process sees 1"):
-        simulate.build_experiment(tiny_config(**{"federation.devices": 2}))
+    with pytest.raises(ConfigError, match="'federation.devices' is 3 but this process sees 2"):
+        simulate.build_experiment(tiny_config(**{"federation.devices": 3}))
 
 
 @pytest.mark.parametrize("cohort, cores, expected", [(8, 2, 2), (5, 2, 2), (1, 2, 1), (8, 16, 8), (10, 4, 4),
@@ -202,16 +207,17 @@ def test_auto_cpu_devices_give_each_core_the_smallest_share(cohort, cores, expec
 
 
 def test_auto_cpu_devices_keep_the_devices_of_a_started_jax(monkeypatch):
-    """Once JAX has started (here with one device), ``auto`` keeps its devices whatever it would
-    have chosen, and a number that differs is one clear error."""
+    """Once JAX has started (here with conftest's two devices), ``auto`` keeps its devices whatever
+    it would have chosen, and a number that differs is one clear error."""
     monkeypatch.setattr(simulate, "cpu_devices_set_elsewhere", lambda: False)  # conftest pins the count
-    monkeypatch.setattr(simulate, "host_cores", lambda: 2)
-    assert simulate.cpu_device_count(5, 2) == 2 and jax.device_count() == 1
-    assert simulate.build_experiment(tiny_config()).federation.devices == 1
-    with pytest.raises(ConfigError, match=r"'federation.cpu_devices' is 2 but JAX already started with 1 CPU device"):
-        simulate.build_experiment(tiny_config(**{"federation.cpu_devices": 2}))
+    monkeypatch.setattr(simulate, "host_cores", lambda: 4)
+    assert simulate.cpu_device_count(5, 4) == 3 and jax.device_count() == 2
+    assert simulate.build_experiment(tiny_config()).federation.devices == 2
+    with pytest.raises(ConfigError, match=r"'federation.cpu_devices' is 3 but JAX already started with 2 CPU device"):
+        simulate.build_experiment(tiny_config(**{"federation.cpu_devices": 3}))
 
 
+@pytest.mark.slow  # quick twins: test_auto_cpu_devices_keep_the_devices_of_a_started_jax, test_devices.py's README run
 def test_cpu_devices_split_the_cores_of_a_fresh_process():
     """In a process where building the experiment starts JAX, ``auto`` splits the cores
     (:func:`fedlora_jax.simulate.cpu_device_count`) and the mesh trains on every device; once JAX
@@ -250,6 +256,7 @@ print("devices", expected)
     assert int(proc.stdout.split()[-1]) == 3
 
 
+@pytest.mark.slow  # quick twin: test_devices.py (the clients mesh over 2 devices of one process)
 def test_two_processes_give_the_metrics_of_one(tmp_path, capsys):
     """`fedlora-jax run` in two local CPU processes joined by jax.distributed (one device each,
     the cohort of 5 padded to 6) logs the metrics of a one-process run, with local evaluation of
