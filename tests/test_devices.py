@@ -171,6 +171,7 @@ def test_record_level_dp_on_two_devices_gives_the_rounds_of_one(pairs):
     assert_close_runs(pair.dir2, pair.dir1)
 
 
+@pytest.mark.slow  # quick twin: test_user_level_dp_mean_on_two_devices_is_over_the_three_real_clients
 def test_user_level_dp_on_two_devices_gives_the_rounds_of_one(pairs):
     """DP-FedAvg with a cohort of 3 on 2 devices (padded to 4): the padded slot weighs nothing and
     the server adds its noise once to the cohort's clipped sum, as on 1 device."""

@@ -88,6 +88,7 @@ def test_flora_merges_the_stacked_product_and_restarts_adapters():
         assert np.abs(a1).max() <= bound and np.abs(a1 - a0).max() > 0
 
 
+@pytest.mark.slow  # quick twins: test_paths.py's FedSA resume, test_reported.py's FedSA local metrics
 def test_fedsa_keeps_each_clients_b_and_shares_a():
     exp, before, after, out = one_round("fedsa", rounds_before=1)
     cohort = np.asarray(out.cohort)

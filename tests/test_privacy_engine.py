@@ -30,6 +30,7 @@ def test_dp_sgd_with_zero_noise_and_huge_clip_equals_plain_training():
     np.testing.assert_allclose(plain_out.train_loss, dp_out.train_loss, atol=1e-5)
 
 
+@pytest.mark.slow  # quick twin: test_privacy.py::test_noise_std_matches_sigma_clip_over_expected_batch
 def test_dp_noise_is_the_only_difference_and_has_the_calibrated_scale():
     """One SGD step with the same keys, with and without noise: the difference of each client's
     update is -lr * N(0, (sigma C)^2) / expected batch on every trained coordinate."""
@@ -62,6 +63,7 @@ def test_ffa_with_record_and_user_level_dp_leaves_a_bit_identical():
         assert not np.array_equal(np.asarray(after[m.b_index]), np.asarray(before[m.b_index]))
 
 
+@pytest.mark.slow  # quick twins: test_privacy.py::test_noise_multiplier_for_inverts_epsilon, the ledger test below
 def test_target_epsilons_are_never_exceeded(tmp_path):
     """Record- and user-level targets in one run: both calibrated, logged every round, increasing
     and never above their targets."""
