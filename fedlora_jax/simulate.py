@@ -482,11 +482,11 @@ def run(config: Config, out_dir: str | Path | None = None, progress: bool = True
                                 fed.method.modifies_base, {"task": exp.data.task, "num_labels": exp.data.num_labels})
                    if log.dir is not None else None)
     shards: ClientShards = fed.replicated(device_shards(exp.data))
-    state = init_server_state(exp.params, exp.frozen, config.seed, fed)
+    state = init_server_state(exp.params, exp.frozen, config.seed, fed)  # placed on the mesh
     history: list[dict] = []
     if resume:
         state, history = restore(checkpoints, state, exp.ledger, log, console if primary else Console(quiet=True))
-    state = fed.replicated(state)
+        state = fed.replicated(state)
     compiled, compile_s = compile_round(fed, state, shards)
     evaluation = Evaluation(exp)
     headline = _headline(exp.data.task)

@@ -54,7 +54,7 @@ def compiled_round(config_path: Path | dict, overrides: list[str]):
     exp = build_experiment(config)
     fed = exp.federation
     shards = fed.replicated(device_shards(exp.data))  # placed on the mesh as runs place them
-    state = fed.replicated(init_server_state(exp.params, exp.frozen, config.seed, fed))
+    state = init_server_state(exp.params, exp.frozen, config.seed, fed)  # placed as runs place it
     t0 = time.perf_counter()
     compiled = fed.compile_round(donate=False).lower(state, shards).compile()
     compile_s = time.perf_counter() - t0
