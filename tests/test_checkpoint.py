@@ -3,7 +3,6 @@ field but timings) and bit-identical final parameters as an uninterrupted run; C
 the current round with a checkpoint; a corrupt newest checkpoint falls back to the previous one;
 a changed config is refused with one line."""
 
-import json
 import os
 import shutil
 import signal
@@ -12,13 +11,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
-from safetensors.numpy import load_file
 
 from fedlora_jax import simulate
 from fedlora_jax.cli import main
+from rundirs import assert_same_run, metrics_without_timings
 
 ROOT = Path(__file__).resolve().parents[1]
 # One device everywhere, so the runs match bit for bit (a different device count changes float
@@ -29,25 +27,6 @@ SMALL = ["--set", "federation.rounds=6", "--set", "checkpoint.every=2", "--set",
          "--set", "eval.every=3", "--set", "federation.clients_per_round=3", "--set", "model.config.num_hidden_layers=1",
          "--set", "federation.local_steps=2", "--set", "eval.local=false", "--set", "data.test_examples=64",
          "--set", "data.packing=null", "--set", "federation.cpu_devices=null", "--set", "federation.devices=1"]
-
-
-def metrics_without_timings(run_dir: Path) -> list[dict]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in records]
-
-
-def final_state(run_dir: Path) -> dict:
-    newest = sorted((run_dir / "checkpoints").glob("round_*"))[-1]
-    return load_file(str(newest / "state.safetensors"))
-
-
-def assert_same_run(run_dir: Path, reference: Path) -> None:
-    assert metrics_without_timings(run_dir) == metrics_without_timings(reference)
-    assert (run_dir / "divergence.jsonl").read_text() == (reference / "divergence.jsonl").read_text()
-    got, want = final_state(run_dir), final_state(reference)
-    assert got.keys() == want.keys()
-    for name in want:
-        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,13 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
 from fedlora_jax import evaluate, simulate
 from fedlora_jax.cli import main
 from fedlora_jax.config import cohort_size, load_config
 from fedlora_jax.data.packing import eval_stream_length
 from fedlora_jax.simulate import Evaluation, build_experiment, run
+from rundirs import final_state, metrics_without_timings
 from tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,16 +47,6 @@ CASES = {
     "user_dp": {"data.packing": "null", "federation.clients_per_round": 3, "privacy.user_level": True,
                 "privacy.user_noise_multiplier": 1.0, "privacy.user_clip_norm": 0.05, "eval.local": False},
 }
-
-
-def metrics_without_timings(run_dir: Path) -> list[dict]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in records]
-
-
-def final_state(run_dir: Path) -> dict:
-    newest = sorted((run_dir / "checkpoints").glob("round_*"))[-1]
-    return load_file(str(newest / "state.safetensors"))
 
 
 def assert_close_runs(got: Path, want: Path, atol: float = 1e-5) -> None:

@@ -19,20 +19,8 @@ from fedlora_jax.config import load_config
 from fedlora_jax.params import leaf_names
 from fedlora_jax.server import device_shards, init_server_state
 from fedlora_jax.simulate import build_data, build_experiment, run
+from rundirs import assert_same_run, checkpoints, metrics_without_timings
 from tiny import tiny_config
-
-
-def metrics_without_timings(run_dir: Path) -> list[dict]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in records]
-
-
-def checkpoints(run_dir: Path) -> list[Path]:
-    return sorted((run_dir / "checkpoints").glob("round_*"))
-
-
-def final_state(run_dir: Path) -> dict:
-    return load_file(str(checkpoints(run_dir)[-1] / "state.safetensors"))
 
 
 def keep_checkpoints_up_to(run_dir: Path, last_round: int) -> None:
@@ -41,16 +29,6 @@ def keep_checkpoints_up_to(run_dir: Path, last_round: int) -> None:
     for path in checkpoints(run_dir):
         if int(path.name.split("_")[1]) > last_round:
             shutil.rmtree(path)
-
-
-def assert_same_run(run_dir: Path, reference: Path) -> None:
-    """Same metrics (all but timings), same divergence log, bit-identical final state."""
-    assert metrics_without_timings(run_dir) == metrics_without_timings(reference)
-    assert (run_dir / "divergence.jsonl").read_text() == (reference / "divergence.jsonl").read_text()
-    got, want = final_state(run_dir), final_state(reference)
-    assert got.keys() == want.keys()
-    for name in want:
-        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
 # ---------------------------------------------------------------------------------- resume under DP
