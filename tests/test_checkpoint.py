@@ -6,9 +6,6 @@ a changed config is refused with one line."""
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +13,7 @@ import yaml
 
 from fedlora_jax import simulate
 from fedlora_jax.cli import main
+from processes import kill_after_first_checkpoint
 from rundirs import assert_same_run, metrics_without_timings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,18 +38,7 @@ def reference(tmp_path_factory) -> Path:
 @pytest.mark.slow  # quick twins: the Ctrl-C and corrupt-checkpoint resumes below
 def test_sigkill_then_resume_equals_an_uninterrupted_run(reference, tmp_path, capsys):
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "fedlora_jax", "run", str(ROOT / "configs/quickstart.yaml"), "--out", str(out),
-               "--quiet", *SMALL]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while not (out / "checkpoints" / "round_000002").exists():  # killed while round 3 or later runs
-            assert process.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
-            time.sleep(0.02)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.wait()
-    assert process.returncode == -signal.SIGKILL
+    kill_after_first_checkpoint([str(ROOT / "configs/quickstart.yaml"), "--out", str(out), "--quiet", *SMALL], out)
     # the kill landed mid-run: the newest checkpoint is older than the final round 6 and fewer than
     # 6 rounds are logged, so the resume below has rounds to run
     checkpoints = sorted(p.name for p in (out / "checkpoints").glob("round_*"))

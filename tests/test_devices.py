@@ -10,8 +10,6 @@ process whose device count nobody pinned.
 """
 
 import json
-import os
-import re
 import shutil
 import subprocess
 import sys
@@ -26,7 +24,8 @@ from fedlora_jax.cli import main
 from fedlora_jax.config import cohort_size, load_config
 from fedlora_jax.data.packing import eval_stream_length
 from fedlora_jax.simulate import Evaluation, build_experiment, run
-from rundirs import final_state, metrics_without_timings
+from processes import user_env
+from rundirs import assert_same_run, final_state, metrics_without_timings
 from tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,7 +185,7 @@ def test_user_level_dp_mean_on_two_devices_is_over_the_three_real_clients(pairs)
     assert fed.devices == 2 and fed.cohort_size == 3
     state = init_server_state(exp.params, exp.frozen, config.seed, fed)
     before = jax.device_get(state.params)
-    new, out = fed.compile_round(donate=False)(fed.replicated(state), fed.replicated(device_shards(exp.data)))
+    new, out = fed.compile_round(donate=False)(state, fed.replicated(device_shards(exp.data)))
     assert np.asarray(out.cohort).shape == (3,) and np.asarray(out.cohort_mask).all()
     for g, c, n in zip(jax.tree.leaves(before), jax.tree.leaves(out.client_params), jax.tree.leaves(new.params)):
         c = np.asarray(c, np.float64)
@@ -208,12 +207,8 @@ def test_resume_on_two_devices_equals_the_uninterrupted_run(pairs, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["round_000002", "round_000004"]
     shutil.rmtree(out / "checkpoints" / "round_000004")
     assert main(["resume", str(out), "--quiet"]) == 0
-    assert metrics_without_timings(out) == metrics_without_timings(pair.dir2)
-    assert (out / "divergence.jsonl").read_text() == (pair.dir2 / "divergence.jsonl").read_text()
-    got, want = final_state(out), final_state(pair.dir2)
-    assert got.keys() == want.keys() and int(got["round"]) == 4
-    for name in want:
-        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert_same_run(out, pair.dir2)
+    assert int(final_state(out)["round"]) == 4
     assert json.loads((out / "summary.json").read_text())["devices"] == "2 x cpu"
     assert_close_runs(out, pair.dir1)
 
@@ -221,32 +216,19 @@ def test_resume_on_two_devices_equals_the_uninterrupted_run(pairs, tmp_path):
 # ------------------------------------------------------------------------------------------ the README
 
 
-def auto_cpu_devices(cohort: int, cores: int) -> int:
-    """`federation.cpu_devices: auto` on a host with ``cores`` cores (README, docs/scale.md): the
-    fewest devices that give each the share one device per core would give."""
-    share = -(-cohort // max(1, min(cores, cohort)))
-    return -(-cohort // share)
-
-
 def test_readme_quickstart_runs_on_the_devices_auto_gives(tmp_path):
     """`python -m fedlora_jax run configs/quickstart.yaml` in a fresh process whose device count
     nothing pins: `cpu_devices: auto` splits the cores (2 devices on 2 cores for the cohort of 5),
     every round evaluates globally and locally (packed batches, an odd count padded to the
     devices), and summary.json names the mesh."""
-    env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
-    flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "", env.get("XLA_FLAGS", "")).strip()
-    env.pop("XLA_FLAGS", None)
-    if flags:
-        env["XLA_FLAGS"] = flags
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     out = tmp_path / "quickstart"
     command = [sys.executable, "-m", "fedlora_jax", "run", "configs/quickstart.yaml", "--out", str(out), "--quiet",
                "--set", "federation.rounds=2", "--set", "eval.every=1"]
-    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(command, cwd=ROOT, env=user_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = load_config(ROOT / "configs/quickstart.yaml")
     backend = jax.default_backend()  # an accelerator's devices are all used; CPU cores are split by auto
-    devices = (auto_cpu_devices(cohort_size(config), len(os.sched_getaffinity(0))) if backend == "cpu"
+    devices = (simulate.cpu_device_count(cohort_size(config), simulate.host_cores()) if backend == "cpu"
                else jax.device_count())
     summary = json.loads((out / "summary.json").read_text())
     assert summary["devices"] == f"{devices} x {backend}"

@@ -6,11 +6,8 @@ over two seeds. Each step's exit status and outputs are checked."""
 
 import csv
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -26,6 +23,7 @@ from fedlora_jax.checkpoint import Checkpointer, config_digest
 from fedlora_jax.config import cohort_size, load_config
 from fedlora_jax.simulate import build_experiment, cpu_device_count, host_cores
 from fedlora_jax.adapters import template_state
+from processes import kill_after_first_checkpoint, user_env
 
 # quick twins: test_devices.py's README quickstart in a fresh process, test_checkpoint.py's Ctrl-C
 # resume, test_cli.py's in-process run, test_export.py's PEFT parity, test_compare.py's compare
@@ -39,14 +37,6 @@ SETTINGS = ["--set", f"federation.rounds={ROUNDS}", "--set", "checkpoint.every=2
             "--set", "federation.local_steps=4"]
 
 
-def user_env() -> dict:
-    """This environment as a user's shell has it: nothing fixes JAX's device count."""
-    env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "JAX_PLATFORMS")}
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                if "xla_force_host_platform_device_count" not in f)
-    return env
-
-
 def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     """``fedlora-jax ARGS`` in a fresh process; with ``check``, exit 0 or the output in the failure."""
     done = subprocess.run([sys.executable, "-m", "fedlora_jax", *args], cwd=ROOT, env=user_env(), capture_output=True,
@@ -58,24 +48,6 @@ def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
-def run_until_killed(run_dir: Path) -> None:
-    """Starts ``run`` and kills it with SIGKILL once round 2's checkpoint is written."""
-    process = subprocess.Popen([sys.executable, "-m", "fedlora_jax", "run", QUICKSTART, "--out", str(run_dir), "--quiet",
-                                *SETTINGS], cwd=ROOT, env=user_env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not (run_dir / "checkpoints" / "round_000002").exists():
-            assert process.poll() is None, f"the run ended before its first checkpoint:\n{process.stderr.read()[-3000:]}"
-            assert time.monotonic() < deadline, "no checkpoint within 300 s"
-            time.sleep(0.01)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.wait()
-        process.stderr.close()
-    assert process.returncode == -signal.SIGKILL
 
 
 def final_model_logits(run_dir: Path, rows: int = 8):
@@ -94,7 +66,7 @@ def final_model_logits(run_dir: Path, rows: int = 8):
 
 def test_run_kill_resume_export_describe_compare(tmp_path):
     run_dir = tmp_path / "run"
-    run_until_killed(run_dir)
+    kill_after_first_checkpoint([QUICKSTART, "--out", str(run_dir), "--quiet", *SETTINGS], run_dir, user_env())
     newest = sorted(p.name for p in (run_dir / "checkpoints").glob("round_*"))[-1]
     killed_at = len(records(run_dir))
     assert killed_at < ROUNDS and newest < f"round_{ROUNDS:06d}", "the kill landed after the run's end"
