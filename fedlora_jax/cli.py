@@ -63,7 +63,7 @@ def _processes(p: argparse.ArgumentParser) -> None:
 
 def _join(args) -> bool:
     """Joins a multi-process run when one is asked for (flags, environment or SLURM)."""
-    from fedlora_jax.distributed import initialize
+    from fedlora_jax.run.distributed import initialize
 
     return initialize(args.coordinator, args.num_processes, args.process_id)
 
@@ -74,7 +74,7 @@ def _stamp(config_path: str) -> str:
 
 def _run(args) -> int:
     from fedlora_jax.config import load_config
-    from fedlora_jax.simulate import build_experiment, run
+    from fedlora_jax.run.loop import build_experiment, run
 
     config = load_config(args.config, args.overrides)
     if _join(args) and args.out is None:
@@ -86,7 +86,7 @@ def _run(args) -> int:
 
 def _resume(args) -> int:
     from fedlora_jax.config import load_config
-    from fedlora_jax.simulate import build_experiment, run
+    from fedlora_jax.run.loop import build_experiment, run
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -97,7 +97,7 @@ def _resume(args) -> int:
 
 
 def _export(args) -> int:
-    from fedlora_jax.adapters import export_run
+    from fedlora_jax.hf.peft import export_run
 
     print(f"PEFT adapter: {export_run(args.run_dir, args.out, clients=args.clients)}")
     return 0
@@ -120,7 +120,7 @@ def _split(text: str, what: str) -> list[str]:
 
 
 def _compare(args) -> int:
-    from fedlora_jax.compare import run_comparison
+    from fedlora_jax.analysis.compare import run_comparison
 
     seeds = []
     for s in _split(args.seeds, "seeds"):
@@ -135,7 +135,7 @@ def _compare(args) -> int:
 
 
 def _describe(args) -> int:
-    from fedlora_jax.compare import describe
+    from fedlora_jax.analysis.compare import describe
 
     describe(args.config, args.overrides, heatmap_path=args.out)
     return 0

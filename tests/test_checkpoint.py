@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedlora_jax import simulate
+from fedlora_jax.run import simulate
 from fedlora_jax.cli import main
 from processes import kill_after_first_checkpoint
 from rundirs import assert_same_run, metrics_without_timings

@@ -11,11 +11,11 @@ from matplotlib.image import imread
 
 from rich.console import Console
 
-from fedlora_jax.compare import (LEADING_COLUMNS, comparison_rows, comparison_table, describe, headline_metric,
+from fedlora_jax.analysis.compare import (LEADING_COLUMNS, comparison_rows, comparison_table, describe, headline_metric,
                                   method_curves, run_comparison, summarise_comparison)
 from fedlora_jax.config import load_config
-from fedlora_jax.simulate import build_data
-from fedlora_jax.stats import mean_ci
+from fedlora_jax.run.loop import build_data
+from fedlora_jax.analysis.stats import mean_ci
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -154,7 +154,7 @@ def test_summary_ci_and_paired_comparison_match_the_runs(comparison):
 
 
 def test_mean_ci_of_known_samples_and_its_coverage():
-    from fedlora_jax.stats import ci_band
+    from fedlora_jax.analysis.stats import ci_band
 
     mean, half = mean_ci([1, 2, 3, 4, 5])
     assert mean == 3 and half == pytest.approx(2.7764451 * np.sqrt(2.5) / np.sqrt(5), rel=1e-6)  # t_{4, 0.975}
@@ -174,7 +174,7 @@ def test_mean_ci_of_known_samples_and_its_coverage():
 def test_paired_difference_matches_the_closed_form_t_test():
     """d = (0.02, 0.02, 0.05): t = 3 on 2 degrees of freedom, whose two-sided p-value has the
     closed form 1 - t / sqrt(2 + t^2)."""
-    from fedlora_jax.stats import paired_difference
+    from fedlora_jax.analysis.stats import paired_difference
 
     out = paired_difference([0.80, 0.82, 0.85], [0.78, 0.80, 0.80])
     assert out["pairs"] == 3 and out["mean_difference"] == pytest.approx(0.03)

@@ -19,11 +19,12 @@ import jax
 import numpy as np
 import pytest
 
-from fedlora_jax import evaluate, simulate
+from fedlora_jax.eval import evaluate
+from fedlora_jax.run import simulate
 from fedlora_jax.cli import main
 from fedlora_jax.config import cohort_size, load_config
 from fedlora_jax.data.packing import eval_stream_length
-from fedlora_jax.simulate import Evaluation, build_experiment, run
+from fedlora_jax.run.loop import Evaluation, build_experiment, run
 from processes import user_env
 from rundirs import assert_same_run, final_state, metrics_without_timings
 from tiny import tiny_config
@@ -176,7 +177,7 @@ def test_user_level_dp_mean_on_two_devices_is_over_the_three_real_clients(pairs)
     """One compiled 2-device round without noise or clipping: the new global model is the old one
     plus the 3 clients' mean update, exactly; the padded fourth slot adds nothing and the
     denominator stays 3."""
-    from fedlora_jax.server import device_shards, init_server_state
+    from fedlora_jax.engine.round import device_shards, init_server_state
 
     config = tiny_config(**{**BASE, **CASES["user_dp"], "privacy.user_noise_multiplier": 0.0,
                             "privacy.user_clip_norm": 1e6, "eval.local": True})

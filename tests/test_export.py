@@ -23,12 +23,12 @@ import transformers
 from flax import nnx
 from safetensors.numpy import load_file
 
-from fedlora_jax.checkpoint import Checkpointer, config_digest
+from fedlora_jax.run.checkpoint import Checkpointer, config_digest
 from fedlora_jax.cli import main
 from fedlora_jax.config import ConfigError, load_config
 from fedlora_jax.params import leaf_names
-from fedlora_jax.server import ServerState, init_server_state
-from fedlora_jax.simulate import Experiment, RunLog, build_experiment
+from fedlora_jax.engine.round import ServerState, init_server_state
+from fedlora_jax.run.loop import Experiment, RunLog, build_experiment
 from tiny import tiny_config
 
 

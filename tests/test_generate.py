@@ -18,10 +18,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from fedlora_jax.config import load_config
 from fedlora_jax.data.text import load_gsm8k
 from fedlora_jax.data.tokenise import load_tokenizer
-from fedlora_jax.generate import greedy_generate, gsm8k_exact_match, left_pad_prompts
+from fedlora_jax.eval.generate import greedy_generate, gsm8k_exact_match, left_pad_prompts
 from fedlora_jax.models.llama import LlamaConfig, LlamaForCausalLM, positions_from_mask
 from fedlora_jax.models.lora import LoRAConfig, inject_lora, lora_layers, split_model
-from fedlora_jax.simulate import run
+from fedlora_jax.run.loop import run
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.usefixtures("shared_data")  # fails, never skips, when ../shared/data is absent
@@ -320,7 +320,7 @@ def test_answer_only_loss_goes_down_in_short_federated_run(tmp_path, monkeypatch
         "eval": {"every": 4, "batch_size": 8, "local": False, "generate_examples": 2, "max_new_tokens": 3,
                  "max_prompt_length": 48},
     }
-    import fedlora_jax.simulate as simulate
+    import fedlora_jax.run.loop as simulate
 
     calls = []
 

@@ -19,10 +19,10 @@ import torch
 import transformers
 from flax import nnx
 
-from fedlora_jax.checkpoint import Checkpointer, config_digest
+from fedlora_jax.run.checkpoint import Checkpointer, config_digest
 from fedlora_jax.config import cohort_size, load_config
-from fedlora_jax.simulate import build_experiment, cpu_device_count, host_cores
-from fedlora_jax.adapters import template_state
+from fedlora_jax.run.loop import build_experiment, cpu_device_count, host_cores
+from fedlora_jax.hf.peft import template_state
 from processes import kill_after_first_checkpoint, user_env
 
 # quick twins: test_devices.py's README quickstart in a fresh process, test_checkpoint.py's Ctrl-C

@@ -9,7 +9,7 @@ import pytest
 
 from fedlora_jax.methods import make_method
 from fedlora_jax.params import leaf_names
-from fedlora_jax.server import device_shards, init_server_state
+from fedlora_jax.engine.round import device_shards, init_server_state
 from tiny import tiny_experiment
 
 
@@ -191,7 +191,7 @@ def test_fra_over_many_same_shape_modules_does_not_deadlock_on_cpu():
     script = """
 import jax, jax.numpy as jnp
 from fedlora_jax import aggregation
-from fedlora_jax.server import map_modules
+from fedlora_jax.engine.round import map_modules
 B = jax.random.normal(jax.random.key(0), (12, 10, 384, 8)); A = jax.random.normal(jax.random.key(1), (12, 10, 8, 384))
 w = jnp.full((10,), 0.1)
 f = jax.jit(lambda b, a: map_modules(lambda x: aggregation.fra(x[0], x[1], w, 8), (b, a)))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fedlora_jax.metrics import (
+from fedlora_jax.eval.metrics import (
     accuracy,
     average_ranks,
     binary_f1,

@@ -209,7 +209,7 @@ def test_shared_stream_round_equals_per_client_streams():
 
 def _same_round(exp, *federations):
     """(state, output) of one round of each federation from the same start."""
-    from fedlora_jax.server import device_shards, init_server_state
+    from fedlora_jax.engine.round import device_shards, init_server_state
 
     shards = device_shards(exp.data)
     state = init_server_state(exp.params, exp.frozen, seed=0, federation=federations[0])
@@ -220,7 +220,7 @@ def _round_pair(**overrides):
     """(packed, padded) results of the same round of the tiny experiment."""
     import dataclasses
 
-    from fedlora_jax.server import device_shards, init_server_state
+    from fedlora_jax.engine.round import device_shards, init_server_state
     from tiny import tiny_experiment
 
     buckets = overrides.pop("buckets", None)
@@ -272,9 +272,9 @@ def test_dp_bookkeeping_round_equals_vmap_round():
 
 @pytest.mark.slow  # quick twin: test_engine.py::test_round_compiles_once_across_rounds
 def test_round_compiles_once_with_one_packed_shape_per_bucket(monkeypatch):
-    import fedlora_jax.client as client
+    import fedlora_jax.engine.client as client
     from test_engine import count_round_traces
-    from fedlora_jax.server import device_shards, init_server_state
+    from fedlora_jax.engine.round import device_shards, init_server_state
     from tiny import tiny_experiment
 
     traced = []
@@ -299,8 +299,8 @@ def test_round_compiles_once_with_one_packed_shape_per_bucket(monkeypatch):
 
 
 def test_packed_evaluation_equals_padded_evaluation():
-    from fedlora_jax.server import device_shards, init_server_state
-    from fedlora_jax.simulate import Evaluation
+    from fedlora_jax.engine.round import device_shards, init_server_state
+    from fedlora_jax.run.loop import Evaluation
     from tiny import tiny_experiment
 
     packed = tiny_experiment(**{"eval.batch_size": 16, "data.packing": "auto"})
@@ -383,7 +383,7 @@ def test_stream_length_matches_the_packed_stream():
 
 
 def test_eval_batch_count_is_the_number_of_batches_eval_batches_builds():
-    from fedlora_jax.evaluate import eval_batch_count, eval_batches
+    from fedlora_jax.eval.evaluate import eval_batch_count, eval_batches
 
     rng = np.random.default_rng(0)
     for n in (1, 5, 33):

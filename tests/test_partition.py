@@ -195,7 +195,7 @@ def test_label_histogram():
 def test_label_heatmap_png(tmp_path, synthetic_labels):
     from matplotlib.image import imread
 
-    from fedlora_jax.plots import plot_label_heatmap
+    from fedlora_jax.analysis.plots import plot_label_heatmap
 
     counts = label_histogram(synthetic_labels, dirichlet(synthetic_labels, 6, 0.5, seed=0), 5)
     path = plot_label_heatmap(counts, tmp_path / "plots" / "labels.png",

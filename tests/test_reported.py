@@ -1,6 +1,6 @@
 """Every reported number against an independent computation (issue 12).
 
-Small runs go through the real loop (:func:`fedlora_jax.simulate.run`, writing a run directory);
+Small runs go through the real loop (:func:`fedlora_jax.run.loop.run`, writing a run directory);
 a spy around the compiled round keeps each round's input state, output state and RoundOutput.
 What the run reports (metrics.jsonl, divergence.jsonl) is then recomputed here in numpy,
 without the engine's scoring, aggregation or byte-accounting helpers:
@@ -26,7 +26,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fedlora_jax import server, simulate
+from fedlora_jax.engine import server
+from fedlora_jax.run import simulate
 from fedlora_jax.config import load_config
 from fedlora_jax.data.base import federate
 from tiny import TINY, tiny_config

@@ -11,13 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedlora_jax import simulate
-from fedlora_jax.client import RecordDP, _sample
+from fedlora_jax.run import simulate
+from fedlora_jax.engine.client import RecordDP, _sample
 from fedlora_jax.config import ConfigError
 from fedlora_jax.data.base import federate
 from fedlora_jax.methods import make_method, streaming_methods
 from fedlora_jax.privacy import poisson_sample, shuffled_batch
-from fedlora_jax.server import device_shards, init_server_state
+from fedlora_jax.engine.round import device_shards, init_server_state
 from tiny import tiny_config, tiny_experiment
 
 
@@ -155,8 +155,8 @@ def test_four_devices_give_the_rounds_of_one(tmp_path):
     script = """
 import dataclasses, sys
 import jax, numpy as np
-from fedlora_jax.server import device_shards, init_server_state
-from fedlora_jax.simulate import Evaluation
+from fedlora_jax.engine.round import device_shards, init_server_state
+from fedlora_jax.run.loop import Evaluation
 from tiny import tiny_experiment
 assert jax.local_device_count() == 4
 for local in (False, True):  # streamed (no local evaluation), stacked
@@ -220,7 +220,7 @@ def test_auto_cpu_devices_keep_the_devices_of_a_started_jax(monkeypatch):
 @pytest.mark.slow  # quick twins: test_auto_cpu_devices_keep_the_devices_of_a_started_jax, test_devices.py's README run
 def test_cpu_devices_split_the_cores_of_a_fresh_process():
     """In a process where building the experiment starts JAX, ``auto`` splits the cores
-    (:func:`fedlora_jax.simulate.cpu_device_count`) and the mesh trains on every device; once JAX
+    (:func:`fedlora_jax.run.loop.cpu_device_count`) and the mesh trains on every device; once JAX
     has started, auto keeps its devices and another number is one clear error. A count fixed by
     XLA_FLAGS is left alone (test_four_devices_give_the_rounds_of_one)."""
     import os
@@ -229,7 +229,7 @@ def test_cpu_devices_split_the_cores_of_a_fresh_process():
 
     script = """
 import jax, sys
-from fedlora_jax import simulate
+from fedlora_jax.run import simulate
 from fedlora_jax.config import ConfigError, cohort_size
 from tiny import tiny_config
 config = tiny_config(**{"data.packing": "null", "federation.cpu_devices": sys.argv[1]})

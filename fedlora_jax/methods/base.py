@@ -2,7 +2,7 @@
 
 A :class:`Method` is one object that says what clients train, what travels, what it keeps at the
 server between rounds and how the server turns the cohort's uploads into the next global state.
-The round (:mod:`fedlora_jax.server`) calls these hooks and names no method. Methods are found by
+The round (:mod:`fedlora_jax.engine.round`) calls these hooks and names no method. Methods are found by
 registry name (:func:`register_method`) or, from a config, by ``package.module:factory``.
 """
 

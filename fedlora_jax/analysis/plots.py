@@ -11,7 +11,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from fedlora_jax.stats import ci_band
+from fedlora_jax.analysis.stats import ci_band
 
 # Cells are annotated with their counts only up to this many cells (beyond, text is unreadable).
 _MAX_ANNOTATED_CELLS = 400
@@ -114,7 +114,7 @@ def plot_seed_bands(
     xlabel: str = "round",
 ) -> Path:
     """Draws one line per method (the mean over seeds) with a shaded band: the 95% Student-t
-    confidence interval of the mean over seeds (:func:`fedlora_jax.stats.ci_band`).
+    confidence interval of the mean over seeds (:func:`fedlora_jax.analysis.stats.ci_band`).
 
     Args:
       curves: method name -> (rounds [R], values [S, R]); NaN marks a round a seed did not reach

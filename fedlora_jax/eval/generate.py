@@ -6,7 +6,7 @@ static-shape :class:`~fedlora_jax.models.llama.KVCache`, then a ``lax.scan`` of
 ``max_new_tokens - 1`` single-token decode steps. Prompts are left-padded by convention (any
 padding works: the cache path uses real positions, see :mod:`fedlora_jax.models.llama`).
 :func:`gsm8k_exact_match` tokenises, left-pads and batches prompts on the host, generates, decodes
-and scores the final numbers with :func:`fedlora_jax.metrics.gsm8k_accuracy`.
+and scores the final numbers with :func:`fedlora_jax.eval.metrics.gsm8k_accuracy`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from flax import nnx
 from tokenizers import Tokenizer
 
 from fedlora_jax.data.tokenise import load_tokenizer
-from fedlora_jax.metrics import gsm8k_accuracy
+from fedlora_jax.eval.metrics import gsm8k_accuracy
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_id", "pad_id"))

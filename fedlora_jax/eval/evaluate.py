@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from fedlora_jax import metrics as task_metrics_lib
+from fedlora_jax.eval import metrics as task_metrics_lib
 from fedlora_jax.data.packing import pack_examples, pack_groups
 from fedlora_jax.tasks import forward, per_example_loss, predictions
 

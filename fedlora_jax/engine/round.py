@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedlora_jax import aggregation
-from fedlora_jax.client import LocalTrainer, train_clients
+from fedlora_jax.engine.client import LocalTrainer, train_clients
 from fedlora_jax.data.base import FederatedData
 from fedlora_jax.methods import LoraBytes, Method, ServerUpdate
 from fedlora_jax.privacy import noisy_mean_of_updates, poisson_sample
@@ -190,7 +190,7 @@ class Federation:
 
         ``start_params``/``offsets``/``counts``/``keys`` carry a leading [K] axis; ``frozen`` and
         ``rows`` (every client's rows [N, ...]) do not.
-        Returns (trained params [K, ...], :class:`fedlora_jax.client.LocalStats` over [K]).
+        Returns (trained params [K, ...], :class:`fedlora_jax.engine.client.LocalStats` over [K]).
         """
 
         def train(args):
@@ -255,7 +255,7 @@ class Federation:
         """Trains the given clients chunk by chunk and reduces each chunk's uploads into running
         sums as it goes (``lax.scan``; a last smaller chunk takes the remainder), so no [K, ...]
         trained state is ever formed. Returns (totals: per-module summaries, per-module ideal
-        updates M and the weighted head; :class:`fedlora_jax.client.LocalStats` over the clients)."""
+        updates M and the weighted head; :class:`fedlora_jax.engine.client.LocalStats` over the clients)."""
         method, modules, chunk = self.method, self.layout.modules, self.clients_per_chunk
 
         def train_and_summarise(args):

@@ -31,13 +31,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from fedlora_jax import plots
+from fedlora_jax.analysis import plots
 from fedlora_jax.config import Config, load_config
 from fedlora_jax.data.base import FederatedData
 from fedlora_jax.data.partition import label_histogram
 from fedlora_jax.methods import make_method
-from fedlora_jax.simulate import build_data, build_experiment, run
-from fedlora_jax.stats import mean_ci, paired_difference
+from fedlora_jax.run.loop import build_data, build_experiment, run
+from fedlora_jax.analysis.stats import mean_ci, paired_difference
 
 # Headline metrics in order of preference: classification, regression, causal LM.
 HEADLINE_METRICS = ("accuracy", "pearson", "token_accuracy")
@@ -307,7 +307,7 @@ def paired_comparisons(histories: dict[tuple[str, int], list[dict]], methods: Se
                        headline: str) -> list[dict]:
     """Each method after the first against the first, seed by seed (the same seed gives both the
     same data split and initialisation), on the final and the best headline metric:
-    :func:`fedlora_jax.stats.paired_difference` of (method - reference). Empty for one method."""
+    :func:`fedlora_jax.analysis.stats.paired_difference` of (method - reference). Empty for one method."""
     key = f"global_{headline}"
     seeds = sorted({s for (_, s) in histories})
     values = {m: _headline_values([[r for r in histories[(m, s)] if key in r] for s in seeds], key) for m in methods}

@@ -24,25 +24,25 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fedlora_jax import models
-from fedlora_jax.checkpoint import Checkpointer, config_digest
-from fedlora_jax.client import LocalTrainer, RecordDP, make_optimizer, make_schedule
+from fedlora_jax.run.checkpoint import Checkpointer, config_digest
+from fedlora_jax.engine.client import LocalTrainer, RecordDP, make_optimizer, make_schedule
 from fedlora_jax.config import Config, ConfigError, cohort_size
 from fedlora_jax.data.base import FederatedData, offsets_of
 from fedlora_jax.data.packing import eval_stream_length, row_lengths, token_buckets
 from fedlora_jax.data.sources import SOURCES, load_federated
 from fedlora_jax.data.synthetic import make_synthetic
-from fedlora_jax.distributed import is_primary
-from fedlora_jax.evaluate import (Evaluator, client_eval_batches, client_rows, eval_batch_count, eval_batches, pad_rows,
+from fedlora_jax.run.distributed import is_primary
+from fedlora_jax.eval.evaluate import (Evaluator, client_eval_batches, client_rows, eval_batch_count, eval_batches, pad_rows,
                                   score, unbatch, weighted_client_metrics)
-from fedlora_jax.generate import gsm8k_exact_match
-from fedlora_jax.adapters import load_adapter
+from fedlora_jax.eval.generate import gsm8k_exact_match
+from fedlora_jax.hf.peft import load_adapter
 from fedlora_jax.methods import make_method, streaming_methods
 from fedlora_jax.models.lora import LoRAConfig, inject_lora, split_model
 from fedlora_jax.models.weights import resolve_checkpoint_dir
 from fedlora_jax.params import leaf_bytes, leaf_names, trainable_layout
 from fedlora_jax.privacy.bookkeeping import unsupported_leaves
 from fedlora_jax.privacy.ledger import BudgetExceeded, PrivacyLedger
-from fedlora_jax.server import ClientShards, Federation, ServerState, UserDP, device_shards, init_server_state
+from fedlora_jax.engine.round import ClientShards, Federation, ServerState, UserDP, device_shards, init_server_state
 
 
 @dataclasses.dataclass
