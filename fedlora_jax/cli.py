@@ -74,7 +74,7 @@ def _stamp(config_path: str) -> str:
 
 def _run(args) -> int:
     from fedlora_jax.config import load_config
-    from fedlora_jax.run.loop import build_experiment, run
+    from fedlora_jax.run import build_experiment, run
 
     config = load_config(args.config, args.overrides)
     if _join(args) and args.out is None:
@@ -86,7 +86,7 @@ def _run(args) -> int:
 
 def _resume(args) -> int:
     from fedlora_jax.config import load_config
-    from fedlora_jax.run.loop import build_experiment, run
+    from fedlora_jax.run import build_experiment, run
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").is_file():

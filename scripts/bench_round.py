@@ -23,11 +23,11 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from fedlora_jax.engine.client import train_clients  # noqa: E402
+from fedlora_jax.engine import train_clients  # noqa: E402
 from fedlora_jax.config import load_config  # noqa: E402
 from fedlora_jax.params import factor_mask  # noqa: E402
-from fedlora_jax.engine.round import device_shards, init_server_state  # noqa: E402
-from fedlora_jax.run.loop import build_experiment  # noqa: E402
+from fedlora_jax.engine import device_shards, init_server_state  # noqa: E402
+from fedlora_jax.run import build_experiment  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

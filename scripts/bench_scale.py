@@ -1,6 +1,6 @@
 """Benchmark: how a round scales with the population and the cohort (time and peak memory).
 
-Each setting runs in a fresh process (``fedlora_jax.run.loop.run`` for a few rounds), which
+Each setting runs in a fresh process (``fedlora_jax.run.run`` for a few rounds), which
 reports its peak RSS (and, on GPU, the device's peak bytes in use), the steady-state seconds per
 round and client-steps per second.
 
@@ -72,7 +72,7 @@ def child(setting: dict) -> dict:
     import jax
 
     from fedlora_jax.config import load_config
-    from fedlora_jax.run.loop import run
+    from fedlora_jax.run import run
 
     # one device: the tables measure one device's memory (a CPU split into devices holds a copy
     # of the base and the rows per device, and each device its own chunk)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedlora_jax.run import simulate
+from fedlora_jax.run.report import RoundProgress
 from fedlora_jax.cli import main
 from processes import kill_after_first_checkpoint
 from rundirs import assert_same_run, metrics_without_timings
@@ -55,14 +55,14 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(reference, tmp_path, ca
 
 def test_ctrl_c_stops_after_the_round_with_a_checkpoint(reference, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    advance = simulate.RoundProgress.advance
+    advance = RoundProgress.advance
 
     def press_ctrl_c_in_round_3(self, record):
         advance(self, record)
         if record["round"] == 3:
             os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(simulate.RoundProgress, "advance", press_ctrl_c_in_round_3)
+    monkeypatch.setattr(RoundProgress, "advance", press_ctrl_c_in_round_3)
     assert main(["run", str(ROOT / "configs/quickstart.yaml"), "--out", str(out), "--quiet", *SMALL]) == 130
     assert "interrupted after round 3; continue with: fedlora-jax resume" in capsys.readouterr().err
     assert metrics_without_timings(out) == metrics_without_timings(reference)[:3]

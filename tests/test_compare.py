@@ -14,7 +14,7 @@ from rich.console import Console
 from fedlora_jax.analysis.compare import (LEADING_COLUMNS, comparison_rows, comparison_table, describe, headline_metric,
                                   method_curves, run_comparison, summarise_comparison)
 from fedlora_jax.config import load_config
-from fedlora_jax.run.loop import build_data
+from fedlora_jax.run import build_data
 from fedlora_jax.analysis.stats import mean_ci
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -25,8 +25,8 @@ from fedlora_jax.cli import _parser as cli_parser
 from fedlora_jax.analysis.compare import comparison_configs
 from fedlora_jax.config import Config, cohort_size, load_config
 from fedlora_jax.data.text import GLUE_TASKS, glue_task
-from fedlora_jax.engine.round import device_shards, init_server_state
-from fedlora_jax.run.loop import build_experiment
+from fedlora_jax.engine import device_shards, init_server_state
+from fedlora_jax.run import build_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

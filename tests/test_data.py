@@ -372,16 +372,17 @@ def test_long_prompts_are_cut_from_the_left_so_answers_keep_tokens():
 
 @needs_data
 def test_train_and_test_lengths_can_differ_on_real_sst2(minilm_dir, tmp_path):
+    from fedlora_jax.config import DataConfig
     from fedlora_jax.data.sources import load_federated
 
-    sst2 = dict(source="glue", load={"task": "sst2", "dir": str(GLUE / "SST-2")}, tokenizer=minilm_dir, num_clients=3,
-                partition_options={"scheme": "iid"}, seed=0, max_length=16, max_train_examples=60,
-                max_test_examples=40, cache_dir=tmp_path)
-    data = load_federated(**sst2, test_max_length=64)
+    sst2 = dict(source="glue", load={"task": "sst2", "dir": str(GLUE / "SST-2")}, num_clients=3,
+                partition={"scheme": "iid"}, max_length=16, max_train_examples=60, max_test_examples=40,
+                cache_dir=str(tmp_path))
+    data = load_federated(DataConfig(**sst2, test_max_length=64), minilm_dir, 0)
     assert data.train["input_ids"].shape[-1] == 16 and data.local_test["input_ids"].shape[-1] == 16
     assert data.global_test["input_ids"].shape == (40, 64)
     # Dev sentences longer than 16 tokens keep all of their tokens in the 64-token test set.
     assert data.global_test["attention_mask"].sum(axis=1).max() > 16
-    same = load_federated(**sst2)
+    same = load_federated(DataConfig(**sst2), minilm_dir, 0)
     assert same.global_test["input_ids"].shape == (40, 16)
     np.testing.assert_array_equal(same.train["input_ids"], data.train["input_ids"])

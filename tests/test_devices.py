@@ -20,11 +20,12 @@ import numpy as np
 import pytest
 
 from fedlora_jax.eval import evaluate
-from fedlora_jax.run import simulate
+from fedlora_jax.eval import evaluation as evaluation_module
+from fedlora_jax.run import plan
 from fedlora_jax.cli import main
 from fedlora_jax.config import cohort_size, load_config
 from fedlora_jax.data.packing import eval_stream_length
-from fedlora_jax.run.loop import Evaluation, build_experiment, run
+from fedlora_jax.run import build_data, build_experiment, run
 from processes import user_env
 from rundirs import assert_same_run, final_state, metrics_without_timings
 from tiny import tiny_config
@@ -106,7 +107,7 @@ def test_evaluation_on_two_devices_gives_the_metrics_of_one(pairs, case):
     ev = pair.exp2.evaluator
     unpadded = evaluate.eval_batch_count(pair.exp2.data.global_test["attention_mask"], ev.batch_size, ev.num_tokens)
     assert unpadded % 2 == 1 and (ev.num_tokens is not None) == (case == "packed")
-    assert Evaluation(pair.exp2).global_index.shape[0] == unpadded + 1  # one empty batch for the second device
+    assert pair.exp2.evaluation().global_index.shape[0] == unpadded + 1  # one empty batch for the second device
     records = metrics_without_timings(pair.dir2)
     assert all({"global_accuracy", "global_loss", "local_accuracy", "local_loss"} <= r.keys() for r in records)
     assert_close_runs(pair.dir2, pair.dir1)
@@ -130,10 +131,10 @@ def test_old_pad_rows_fails_on_packed_batches(pairs, monkeypatch):
         return out
 
     pair = pairs("packed")
-    monkeypatch.setattr(simulate, "pad_rows", dict_only_pad_rows)
+    monkeypatch.setattr(evaluation_module, "pad_rows", dict_only_pad_rows)
     with pytest.raises(AttributeError, match="'Packing' object has no attribute 'ndim'"):
-        Evaluation(pair.exp2)
-    Evaluation(pair.exp1)  # one device pads nothing
+        pair.exp2.evaluation()
+    pair.exp1.evaluation()  # one device pads nothing
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -177,7 +178,7 @@ def test_user_level_dp_mean_on_two_devices_is_over_the_three_real_clients(pairs)
     """One compiled 2-device round without noise or clipping: the new global model is the old one
     plus the 3 clients' mean update, exactly; the padded fourth slot adds nothing and the
     denominator stays 3."""
-    from fedlora_jax.engine.round import device_shards, init_server_state
+    from fedlora_jax.engine import device_shards, init_server_state
 
     config = tiny_config(**{**BASE, **CASES["user_dp"], "privacy.user_noise_multiplier": 0.0,
                             "privacy.user_clip_norm": 1e6, "eval.local": True})
@@ -229,11 +230,11 @@ def test_readme_quickstart_runs_on_the_devices_auto_gives(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = load_config(ROOT / "configs/quickstart.yaml")
     backend = jax.default_backend()  # an accelerator's devices are all used; CPU cores are split by auto
-    devices = (simulate.cpu_device_count(cohort_size(config), simulate.host_cores()) if backend == "cpu"
+    devices = (plan.cpu_device_count(cohort_size(config), plan.host_cores()) if backend == "cpu"
                else jax.device_count())
     summary = json.loads((out / "summary.json").read_text())
     assert summary["devices"] == f"{devices} x {backend}"
-    mask = simulate.build_data(config).global_test["attention_mask"]  # the packed global test batches
+    mask = build_data(config).global_test["attention_mask"]  # the packed global test batches
     batches = evaluate.eval_batch_count(mask, config.eval.batch_size, eval_stream_length(mask, config.eval.batch_size))
     assert devices == 1 or batches % devices  # do not divide by the devices: padding ran
     records = metrics_without_timings(out)

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedlora_jax.engine.client import train_clients
+from fedlora_jax.engine import train_clients
 from fedlora_jax.params import factor_mask, leaf_names
-from fedlora_jax.engine.round import device_shards, init_server_state
+from fedlora_jax.engine import device_shards, init_server_state
 from tiny import tiny_experiment
 
 
@@ -56,7 +56,7 @@ def unchunked_round():
 
 
 def test_auto_chunks_vmap_about_2048_tokens_per_step_on_a_cpu():
-    from fedlora_jax.run.loop import CPU_CHUNK_TOKENS
+    from fedlora_jax.run.plan import CPU_CHUNK_TOKENS
 
     assert jax.default_backend() == "cpu"
     # padded rows: 16 rows x 32 tokens = 512 tokens per client step -> groups of at most 4; the
@@ -147,7 +147,7 @@ def test_frozen_base_unchanged_and_only_lora_and_head_trained():
 
 def count_round_traces(monkeypatch) -> list:
     """Patches ``Federation.round`` to record each time jit traces (and so compiles) it."""
-    from fedlora_jax.engine.round import Federation
+    from fedlora_jax.engine import Federation
 
     traces, traced_round = [], Federation.round
 
@@ -228,7 +228,7 @@ def test_round_weighs_clients_by_examples_or_uniformly(client_weights):
 
 def test_local_evaluation_subsets_are_drawn_from_each_clients_own_rows():
     from fedlora_jax.data.synthetic import make_synthetic
-    from fedlora_jax.run.loop import local_subsets
+    from fedlora_jax.eval.evaluation import local_subsets
 
     data = make_synthetic(5, (10, 80), seed=1)
     arrays, kept = local_subsets(data, limit=6, seed=0)

@@ -27,8 +27,9 @@ from fedlora_jax.run.checkpoint import Checkpointer, config_digest
 from fedlora_jax.cli import main
 from fedlora_jax.config import ConfigError, load_config
 from fedlora_jax.params import leaf_names
-from fedlora_jax.engine.round import ServerState, init_server_state
-from fedlora_jax.run.loop import Experiment, RunLog, build_experiment
+from fedlora_jax.engine import ServerState, init_server_state
+from fedlora_jax.run import Experiment, build_experiment
+from fedlora_jax.run.rundir import RunLog
 from tiny import tiny_config
 
 

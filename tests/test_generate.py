@@ -21,7 +21,7 @@ from fedlora_jax.data.tokenise import load_tokenizer
 from fedlora_jax.eval.generate import greedy_generate, gsm8k_exact_match, left_pad_prompts
 from fedlora_jax.models.llama import LlamaConfig, LlamaForCausalLM, positions_from_mask
 from fedlora_jax.models.lora import LoRAConfig, inject_lora, lora_layers, split_model
-from fedlora_jax.run.loop import run
+from fedlora_jax.run import run
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.usefixtures("shared_data")  # fails, never skips, when ../shared/data is absent
@@ -320,7 +320,7 @@ def test_answer_only_loss_goes_down_in_short_federated_run(tmp_path, monkeypatch
         "eval": {"every": 4, "batch_size": 8, "local": False, "generate_examples": 2, "max_new_tokens": 3,
                  "max_prompt_length": 48},
     }
-    import fedlora_jax.run.loop as simulate
+    import fedlora_jax.eval.evaluation as evaluation_module
 
     calls = []
 
@@ -331,7 +331,7 @@ def test_answer_only_loss_goes_down_in_short_federated_run(tmp_path, monkeypatch
         calls.append((jax.device_get(params), list(prompts), list(references), score))
         return score, generations
 
-    monkeypatch.setattr(simulate, "gsm8k_exact_match", recording_exact_match)
+    monkeypatch.setattr(evaluation_module, "gsm8k_exact_match", recording_exact_match)
     result = run(load_config(config), None, progress=False)
     losses = [h["train_loss"] for h in result.history]
     assert all(later < earlier for earlier, later in zip(losses, losses[1:])), losses

@@ -21,7 +21,8 @@ from flax import nnx
 
 from fedlora_jax.run.checkpoint import Checkpointer, config_digest
 from fedlora_jax.config import cohort_size, load_config
-from fedlora_jax.run.loop import build_experiment, cpu_device_count, host_cores
+from fedlora_jax.run import build_experiment
+from fedlora_jax.run.plan import cpu_device_count, host_cores
 from fedlora_jax.hf.peft import template_state
 from processes import kill_after_first_checkpoint, user_env
 

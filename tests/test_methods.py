@@ -9,7 +9,7 @@ import pytest
 
 from fedlora_jax.methods import make_method
 from fedlora_jax.params import leaf_names
-from fedlora_jax.engine.round import device_shards, init_server_state
+from fedlora_jax.engine import device_shards, init_server_state
 from tiny import tiny_experiment
 
 
@@ -40,7 +40,7 @@ def ideal_update(exp, out, module):
 
 
 def kernel(exp, frozen, module):
-    return np.asarray(jax.tree.leaves(frozen)[exp.federation.base_kernels[exp.federation.layout.modules.index(module)]], np.float64)
+    return np.asarray(jax.tree.leaves(frozen)[exp.federation.folding.kernels[exp.federation.layout.modules.index(module)]], np.float64)
 
 
 @pytest.mark.parametrize("method", ["ffa", "rolora"])
@@ -66,7 +66,7 @@ def test_rolora_trains_a_on_odd_rounds():
 
 def test_fedex_residual_makes_the_effective_update_exact():
     exp, before, after, out = one_round("fedex", rounds_before=1)
-    s = exp.federation.lora_scaling
+    s = exp.federation.folding.scaling
     for m in exp.federation.layout.modules:
         b1, a1 = factors(exp, after.params, m)
         effective = kernel(exp, after.frozen, m) + s * (b1 @ a1).T
@@ -77,7 +77,7 @@ def test_fedex_residual_makes_the_effective_update_exact():
 
 def test_flora_merges_the_stacked_product_and_restarts_adapters():
     exp, before, after, out = one_round("flora")
-    s = exp.federation.lora_scaling
+    s = exp.federation.folding.scaling
     for m in exp.federation.layout.modules:
         b0, a0 = factors(exp, before.params, m)
         b1, a1 = factors(exp, after.params, m)
@@ -159,7 +159,7 @@ def test_bytes_follow_each_protocol():
         e = tiny_experiment(**{"federation.method": method})
         assert e.federation.communication_bytes(e.params, e.frozen, 0) == (k * up, k * down), method
     fedex = tiny_experiment(**{"federation.method": "fedex"})
-    kernels = sum(jax.tree.leaves(fedex.frozen)[j].nbytes for j in fedex.federation.base_kernels)
+    kernels = sum(jax.tree.leaves(fedex.frozen)[j].nbytes for j in fedex.federation.folding.kernels)
     assert fedex.federation.communication_bytes(fedex.params, fedex.frozen, 0)[1] == k * (a_bytes + b_bytes + head + kernels)
 
 
@@ -191,7 +191,7 @@ def test_fra_over_many_same_shape_modules_does_not_deadlock_on_cpu():
     script = """
 import jax, jax.numpy as jnp
 from fedlora_jax import aggregation
-from fedlora_jax.engine.round import map_modules
+from fedlora_jax.engine import map_modules
 B = jax.random.normal(jax.random.key(0), (12, 10, 384, 8)); A = jax.random.normal(jax.random.key(1), (12, 10, 8, 384))
 w = jnp.full((10,), 0.1)
 f = jax.jit(lambda b, a: map_modules(lambda x: aggregation.fra(x[0], x[1], w, 8), (b, a)))

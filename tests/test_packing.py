@@ -209,7 +209,7 @@ def test_shared_stream_round_equals_per_client_streams():
 
 def _same_round(exp, *federations):
     """(state, output) of one round of each federation from the same start."""
-    from fedlora_jax.engine.round import device_shards, init_server_state
+    from fedlora_jax.engine import device_shards, init_server_state
 
     shards = device_shards(exp.data)
     state = init_server_state(exp.params, exp.frozen, seed=0, federation=federations[0])
@@ -220,7 +220,7 @@ def _round_pair(**overrides):
     """(packed, padded) results of the same round of the tiny experiment."""
     import dataclasses
 
-    from fedlora_jax.engine.round import device_shards, init_server_state
+    from fedlora_jax.engine import device_shards, init_server_state
     from tiny import tiny_experiment
 
     buckets = overrides.pop("buckets", None)
@@ -274,7 +274,7 @@ def test_dp_bookkeeping_round_equals_vmap_round():
 def test_round_compiles_once_with_one_packed_shape_per_bucket(monkeypatch):
     import fedlora_jax.engine.client as client
     from test_engine import count_round_traces
-    from fedlora_jax.engine.round import device_shards, init_server_state
+    from fedlora_jax.engine import device_shards, init_server_state
     from tiny import tiny_experiment
 
     traced = []
@@ -299,8 +299,7 @@ def test_round_compiles_once_with_one_packed_shape_per_bucket(monkeypatch):
 
 
 def test_packed_evaluation_equals_padded_evaluation():
-    from fedlora_jax.engine.round import device_shards, init_server_state
-    from fedlora_jax.run.loop import Evaluation
+    from fedlora_jax.engine import device_shards, init_server_state
     from tiny import tiny_experiment
 
     packed = tiny_experiment(**{"eval.batch_size": 16, "data.packing": "auto"})
@@ -311,7 +310,7 @@ def test_packed_evaluation_equals_padded_evaluation():
     cohort = np.asarray(out.cohort)
     results = []
     for exp in (packed, padded):
-        evaluation = Evaluation(exp)
+        evaluation = exp.evaluation()
         results.append({**evaluation.global_metrics(state),
                         **{f"local_{k}": v for k, v in evaluation.local_metrics(state.frozen, out.client_params, cohort).items()}})
     assert results[0].keys() == results[1].keys() and "local_accuracy" in results[0]

@@ -17,8 +17,8 @@ from safetensors.numpy import load_file
 from fedlora_jax.cli import main
 from fedlora_jax.config import load_config
 from fedlora_jax.params import leaf_names
-from fedlora_jax.engine.round import device_shards, init_server_state
-from fedlora_jax.run.loop import build_data, build_experiment, run
+from fedlora_jax.engine import device_shards, init_server_state
+from fedlora_jax.run import build_data, build_experiment, run
 from rundirs import assert_same_run, checkpoints, metrics_without_timings
 from tiny import tiny_config
 

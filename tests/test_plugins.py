@@ -15,7 +15,7 @@ from safetensors.numpy import load_file
 from fedlora_jax.cli import main
 from fedlora_jax.methods import Method, make_method, method_names, register_method
 from fedlora_jax.params import leaf_names
-from fedlora_jax.engine.round import device_shards, init_server_state
+from fedlora_jax.engine import device_shards, init_server_state
 from tiny import tiny_experiment
 
 ROOT = Path(__file__).resolve().parents[1]

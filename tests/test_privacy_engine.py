@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from fedlora_jax.privacy import epsilon
-from fedlora_jax.engine.round import device_shards, init_server_state
-from fedlora_jax.run.loop import run
+from fedlora_jax.engine import device_shards, init_server_state
+from fedlora_jax.run import run
 from tiny import tiny_config, tiny_experiment
 
 DP = {"privacy.record_level": True, "privacy.sampling": "shuffle", "privacy.noise_multiplier": 0.0,

@@ -1,6 +1,6 @@
 """Every reported number against an independent computation (issue 12).
 
-Small runs go through the real loop (:func:`fedlora_jax.run.loop.run`, writing a run directory);
+Small runs go through the real loop (:func:`fedlora_jax.run.run`, writing a run directory);
 a spy around the compiled round keeps each round's input state, output state and RoundOutput.
 What the run reports (metrics.jsonl, divergence.jsonl) is then recomputed here in numpy,
 without the engine's scoring, aggregation or byte-accounting helpers:

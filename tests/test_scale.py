@@ -11,13 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedlora_jax.run import simulate
-from fedlora_jax.engine.client import RecordDP, _sample
+from fedlora_jax.engine import LocalTrainer
+from fedlora_jax.run import build_experiment, plan
+from fedlora_jax.engine import RecordDP
+from fedlora_jax.engine.client import _sample
 from fedlora_jax.config import ConfigError
 from fedlora_jax.data.base import federate
 from fedlora_jax.methods import make_method, streaming_methods
 from fedlora_jax.privacy import poisson_sample, shuffled_batch
-from fedlora_jax.engine.round import device_shards, init_server_state
+from fedlora_jax.engine import device_shards, init_server_state
 from tiny import tiny_config, tiny_experiment
 
 
@@ -31,7 +33,7 @@ def test_clients_rows_are_stored_once_and_steps_gather_what_the_samplers_name():
     assert data.train["input_ids"].shape == (sum(sizes), 2)  # no padding to the largest client
     for u, part in enumerate(parts):
         np.testing.assert_array_equal(data.client_train(u)["input_ids"], pool["input_ids"][part])
-    trainer = simulate.LocalTrainer(None, "classification", None, None, 1, 8, max_examples=max(sizes))
+    trainer = LocalTrainer(None, "classification", None, None, 1, 8, max_examples=max(sizes))
     poisson = dataclasses.replace(trainer, dp=RecordDP(1.0, 1.0, poisson=True, buffer_size=12))
     rows = jax.tree.map(jnp.asarray, data.train)
     for u, n in enumerate(sizes):
@@ -134,11 +136,11 @@ def test_streamed_round_memory_does_not_grow_with_the_cohort():
 
 
 def test_a_stacking_method_whose_cohort_cannot_fit_is_refused_with_one_line(monkeypatch):
-    monkeypatch.setattr(simulate, "memory_available", lambda: 10_000)
+    monkeypatch.setattr(plan, "memory_available", lambda: 10_000)
     with pytest.raises(ConfigError, match=r"method 'flora_na' aggregates the whole cohort at once: 5 clients' trained "
                                           r"states take .* lower federation.clients_per_round"):
-        simulate.build_experiment(tiny_config(**{"federation.method": "flora_na"}))
-    simulate.build_experiment(tiny_config(**{"federation.method": "fedit", "federation.clients_per_chunk": 2,
+        build_experiment(tiny_config(**{"federation.method": "flora_na"}))
+    build_experiment(tiny_config(**{"federation.method": "fedit", "federation.clients_per_chunk": 2,
                                              "eval.local": False}))  # streams: fits
 
 
@@ -155,8 +157,7 @@ def test_four_devices_give_the_rounds_of_one(tmp_path):
     script = """
 import dataclasses, sys
 import jax, numpy as np
-from fedlora_jax.engine.round import device_shards, init_server_state
-from fedlora_jax.run.loop import Evaluation
+from fedlora_jax.engine import device_shards, init_server_state
 from tiny import tiny_experiment
 assert jax.local_device_count() == 4
 for local in (False, True):  # streamed (no local evaluation), stacked
@@ -175,7 +176,7 @@ for local in (False, True):  # streamed (no local evaluation), stacked
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
     # evaluation shares its batches out over the devices (padded to a multiple of 4)
     cohort, mask = np.asarray(out_a.cohort), np.asarray(out_a.cohort_mask)
-    one_eval, four_eval = Evaluation(dataclasses.replace(exp, federation=one)), Evaluation(exp)
+    one_eval, four_eval = dataclasses.replace(exp, federation=one).evaluation(), exp.evaluation()
     assert four_eval.global_index.shape[0] % 4 == 0 and four_eval.local_num_batches % 4 == 0
     m1 = one_eval.metrics(a, a.frozen, out_a.client_params, cohort, mask, "accuracy")
     m4 = four_eval.metrics(b, b.frozen, out_b.client_params, cohort, mask, "accuracy")
@@ -189,7 +190,7 @@ print("same")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0 and "same" in proc.stdout, proc.stderr[-3000:]
     with pytest.raises(ConfigError, match="'federation.devices' is 3 but this process sees 2"):
-        simulate.build_experiment(tiny_config(**{"federation.devices": 3}))
+        build_experiment(tiny_config(**{"federation.devices": 3}))
 
 
 @pytest.mark.parametrize("cohort, cores, expected", [(8, 2, 2), (5, 2, 2), (1, 2, 1), (8, 16, 8), (10, 4, 4),
@@ -197,30 +198,30 @@ print("same")
 def test_auto_cpu_devices_give_each_core_the_smallest_share(cohort, cores, expected):
     """One device per core, or fewer when they give the same share (10 clients on 4 cores: 4
     devices of 3, padded; 12 on 8: 6 of 2), as long as their copies fit a quarter of memory."""
-    devices = simulate.cpu_device_count(cohort, cores)
+    devices = plan.cpu_device_count(cohort, cores)
     assert devices == expected
     share = -(-cohort // devices)
     assert devices <= max(1, min(cores, cohort)) and share == -(-cohort // max(1, min(cores, cohort)))
     assert devices == 1 or -(-cohort // (devices - 1)) > share  # one device fewer gives a larger share
-    assert simulate.cpu_device_count(cohort, cores, copy_bytes=2**30, memory_bytes=2 * 2**30 * 4) == min(expected, 2)
-    assert simulate.cpu_device_count(cohort, cores, copy_bytes=2**30, memory_bytes=2**30) == 1
+    assert plan.cpu_device_count(cohort, cores, copy_bytes=2**30, memory_bytes=2 * 2**30 * 4) == min(expected, 2)
+    assert plan.cpu_device_count(cohort, cores, copy_bytes=2**30, memory_bytes=2**30) == 1
 
 
 def test_auto_cpu_devices_keep_the_devices_of_a_started_jax(monkeypatch):
     """Once JAX has started (here with conftest's two devices), ``auto`` keeps its devices whatever
     it would have chosen, and a number that differs is one clear error."""
-    monkeypatch.setattr(simulate, "cpu_devices_set_elsewhere", lambda: False)  # conftest pins the count
-    monkeypatch.setattr(simulate, "host_cores", lambda: 4)
-    assert simulate.cpu_device_count(5, 4) == 3 and jax.device_count() == 2
-    assert simulate.build_experiment(tiny_config()).federation.devices == 2
+    monkeypatch.setattr(plan, "cpu_devices_set_elsewhere", lambda: False)  # conftest pins the count
+    monkeypatch.setattr(plan, "host_cores", lambda: 4)
+    assert plan.cpu_device_count(5, 4) == 3 and jax.device_count() == 2
+    assert build_experiment(tiny_config()).federation.devices == 2
     with pytest.raises(ConfigError, match=r"'federation.cpu_devices' is 3 but JAX already started with 2 CPU device"):
-        simulate.build_experiment(tiny_config(**{"federation.cpu_devices": 3}))
+        build_experiment(tiny_config(**{"federation.cpu_devices": 3}))
 
 
 @pytest.mark.slow  # quick twins: test_auto_cpu_devices_keep_the_devices_of_a_started_jax, test_devices.py's README run
 def test_cpu_devices_split_the_cores_of_a_fresh_process():
     """In a process where building the experiment starts JAX, ``auto`` splits the cores
-    (:func:`fedlora_jax.run.loop.cpu_device_count`) and the mesh trains on every device; once JAX
+    (:func:`fedlora_jax.run.plan.cpu_device_count`) and the mesh trains on every device; once JAX
     has started, auto keeps its devices and another number is one clear error. A count fixed by
     XLA_FLAGS is left alone (test_four_devices_give_the_rounds_of_one)."""
     import os
@@ -229,22 +230,22 @@ def test_cpu_devices_split_the_cores_of_a_fresh_process():
 
     script = """
 import jax, sys
-from fedlora_jax.run import simulate
+from fedlora_jax.run import build_experiment, plan
 from fedlora_jax.config import ConfigError, cohort_size
 from tiny import tiny_config
 config = tiny_config(**{"data.packing": "null", "federation.cpu_devices": sys.argv[1]})
-exp = simulate.build_experiment(config)
+exp = build_experiment(config)
 data = exp.data
-expected = (simulate.cpu_device_count(cohort_size(config), simulate.host_cores(),
-                                      simulate.weight_file_bytes(config) + sum(x.nbytes for x in data.train.values()),
-                                      simulate.host_memory()) if sys.argv[1] == "auto" else int(sys.argv[1]))
+expected = (plan.cpu_device_count(cohort_size(config), plan.host_cores(),
+                                      plan.weight_file_bytes(config) + sum(x.nbytes for x in data.train.values()),
+                                      plan.host_memory()) if sys.argv[1] == "auto" else int(sys.argv[1]))
 assert jax.device_count() == expected == exp.federation.devices, (jax.device_count(), expected)
 try:
-    simulate.build_experiment(tiny_config(**{"federation.cpu_devices": expected + 1}), data)
+    build_experiment(tiny_config(**{"federation.cpu_devices": expected + 1}), data)
     raise SystemExit("no error")
 except ConfigError as e:
     assert f"is {expected + 1} but JAX already started with {expected} CPU device(s)" in str(e), e
-assert simulate.build_experiment(tiny_config(**{"federation.cpu_devices": "auto"}), data).federation.devices == expected
+assert build_experiment(tiny_config(**{"federation.cpu_devices": "auto"}), data).federation.devices == expected
 print("devices", expected)
 """
     env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}

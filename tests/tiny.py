@@ -1,7 +1,7 @@
 """A tiny synthetic experiment shared by the engine tests (1-layer BERT, hidden 32)."""
 
 from fedlora_jax.config import load_config
-from fedlora_jax.run.loop import build_experiment
+from fedlora_jax.run import build_experiment
 
 TINY = {
     "seed": 3,

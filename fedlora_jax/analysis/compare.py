@@ -36,7 +36,7 @@ from fedlora_jax.config import Config, load_config
 from fedlora_jax.data.base import FederatedData
 from fedlora_jax.data.partition import label_histogram
 from fedlora_jax.methods import make_method
-from fedlora_jax.run.loop import build_data, build_experiment, run
+from fedlora_jax.run import build_data, build_experiment, run
 from fedlora_jax.analysis.stats import mean_ci, paired_difference
 
 # Headline metrics in order of preference: classification, regression, causal LM.

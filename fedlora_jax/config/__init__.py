@@ -97,14 +97,14 @@ class FederationConfig:
     clients (null = all at once); with a streaming method and ``eval.local: false`` each chunk's
     uploads are reduced as it finishes, so the round's memory follows the chunk, not the cohort
     (docs/scale.md). ``auto`` (the default): all at once on accelerators; on a CPU, chunks of
-    about 2,048 tokens per local step (:func:`fedlora_jax.run.loop.clients_per_chunk`).
+    about 2,048 tokens per local step (:func:`fedlora_jax.run.plan.clients_per_chunk`).
     ``devices``: devices the cohort's client axis is sharded over (null = all of them, of every process);
     a cohort that does not divide by it is padded with empty slots.
     ``cpu_devices``: on a CPU, how many devices JAX splits the host's cores into, so that the mesh
     trains shares of the cohort side by side (null: JAX's own count, one device unless set
     elsewhere). ``auto`` (the default): one per
     core, or fewer when that gives the same share per device, within a quarter of host memory for
-    their copies of the base and the rows (:func:`fedlora_jax.run.loop.cpu_device_count`). JAX fixes
+    their copies of the base and the rows (:func:`fedlora_jax.run.plan.cpu_device_count`). JAX fixes
     its device count when it starts, so this applies when building the experiment is the first
     thing in the process to use JAX (``fedlora-jax run``, ``resume``, ``compare``, the benchmarks);
     afterwards ``auto`` keeps the devices there are and a number must equal them.

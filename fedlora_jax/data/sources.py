@@ -54,43 +54,28 @@ def _tokenise(split, tokenizer, max_length: int, cache_dir, eos_token: str | Non
     return arrays
 
 
-def load_federated(
-    source: str,
-    load: dict,
-    tokenizer,
-    num_clients: int,
-    partition_options: dict,
-    seed: int,
-    max_length: int = 128,
-    train_split: str = "train",
-    test_split: str = "validation",
-    local_test_fraction: float = 0.2,
-    max_train_examples: int | None = None,
-    max_test_examples: int | None = None,
-    cache_dir: str | Path | None = None,
-    eos_token: str | None = None,
-    test_max_length: int | None = None,
-) -> FederatedData:
+def load_federated(settings, tokenizer, seed: int) -> FederatedData:
     """Loads, tokenises and partitions a real data set into client shards.
 
     Args:
-      source: ``glue``, ``files`` or ``gsm8k``.
-      load: loader options (``task``/``dir``/``root``/``hub`` for glue; ``files``, columns...).
+      settings: the data settings (the config's ``data`` section, or any object with these fields):
+        source (``glue``, ``files`` or ``gsm8k``); load (loader options: ``task``/``dir``/``root``/
+        ``hub`` for glue; ``files``, columns...); num_clients (U); partition (``{"scheme": name,
+        **scheme options}``, default iid); max_length (L, tokens per training example: client
+        train and local test shards); train_split / test_split (the test split is the global test
+        set); local_test_fraction (each client's share held out as its local test split);
+        max_train_examples / max_test_examples (optional random subsets); cache_dir (tokenisation
+        cache, default ~/.cache/fedlora_jax/tokens); eos_token (causal LM: token appended to every
+        answer and trained on, so generation learns to stop); test_max_length (tokens per global
+        test example, default max_length: SST-2's train phrases are short, 95% <= 33 MiniLM
+        tokens, but its dev sentences reach 55, so training at 32 and testing at 64 spares padding
+        every phrase to the dev length).
       tokenizer: a tokenizer directory, tokenizer.json or hub id.
-      num_clients: U.
-      partition_options: ``{"scheme": name, **scheme options}`` (default iid).
       seed: seeds subsampling, partitioning and local test splits.
-      max_length: L, tokens per training example (client train and local test shards).
-      train_split / test_split: split names (the test split is the global test set).
-      local_test_fraction: share of each client's examples held out as its local test split.
-      max_train_examples / max_test_examples: optional random subsets (quick runs).
-      cache_dir: tokenisation cache (default ~/.cache/fedlora_jax/tokens).
-      eos_token: causal LM: token appended to every answer (and trained on), so generation
-        learns to stop; e.g. "</s>" or "<|endoftext|>".
-      test_max_length: tokens per global test example (default ``max_length``). SST-2's train
-        phrases are short (95% <= 33 MiniLM tokens) but its dev sentences reach 55: training at 32
-        and testing at 64 spares padding every phrase to the dev length, and truncates no dev row.
     """
+    source, load, num_clients = settings.source, settings.load, settings.num_clients
+    train_split, test_split, max_length = settings.train_split, settings.test_split, settings.max_length
+    eos_token, test_max_length = settings.eos_token, settings.test_max_length
     if source not in SOURCES[1:]:
         raise ValueError(f"unknown data source {source!r} (known: {', '.join(SOURCES)})")
     splits = load_text_dataset({"kind": source, **load})
@@ -98,14 +83,14 @@ def load_federated(
         if name not in splits:
             raise ValueError(f"data split {name!r} not loaded (available: {', '.join(splits)})")
     rng = np.random.default_rng(seed)
-    train = _pick(splits[train_split], _subsample(_size(splits[train_split]), max_train_examples, rng))
-    test = _pick(splits[test_split], _subsample(_size(splits[test_split]), max_test_examples, rng))
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    train = _pick(splits[train_split], _subsample(_size(splits[train_split]), settings.max_train_examples, rng))
+    test = _pick(splits[test_split], _subsample(_size(splits[test_split]), settings.max_test_examples, rng))
+    cache_dir = Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
     train_arrays = _tokenise(train, tokenizer, max_length, cache_dir, eos_token)
     test_length = max_length if test_max_length is None else test_max_length
     test_arrays = _tokenise(test, tokenizer, test_length, cache_dir, eos_token)
 
-    options = dict(partition_options or {"scheme": "iid"})
+    options = dict(settings.partition or {"scheme": "iid"})
     scheme = options.pop("scheme", "iid")
     if source == "gsm8k":
         task, num_labels, label_names, name = "causal_lm", 0, None, "gsm8k"
@@ -119,7 +104,7 @@ def load_federated(
         name = load.get("task", "files") if source == "glue" else "files"
         labels_for_partition = train.labels if not regression else np.zeros(len(train.labels), np.int64)
     parts = partition(labels_for_partition, num_clients, scheme, seed, **options)
-    train_parts, test_parts = split_local_test(parts, local_test_fraction, seed + 1)
+    train_parts, test_parts = split_local_test(parts, settings.local_test_fraction, seed + 1)
     data = federate(train_arrays, train_parts, test_parts, test_arrays, task, num_labels, name, label_names)
     if source == "gsm8k":
         generation = GenerationTask(test.prompts, test.final_answers, str(tokenizer), eos_token)

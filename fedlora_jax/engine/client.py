@@ -19,40 +19,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from fedlora_jax.config import OptimConfig
 from fedlora_jax.data.packing import example_starts, pack
 from fedlora_jax.privacy import poisson_sample, private_gradient, shuffled_batch
 from fedlora_jax.privacy.bookkeeping import per_example_gradients
 from fedlora_jax.privacy.dpsgd import privatize
 from fedlora_jax.tasks import forward, per_example_loss
-
-
-def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-    """The optimiser's update direction, without the learning rate (applied per step by
-    :func:`local_update` from the schedule), so p <- p - lr(t) * direction."""
-    parts = [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm else []
-    if cfg.name == "sgd":
-        parts.append(optax.trace(decay=cfg.momentum) if cfg.momentum else optax.identity())
-    else:
-        parts.append(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
-    if cfg.weight_decay and cfg.name in ("adamw", "sgd"):
-        parts.append(optax.add_decayed_weights(cfg.weight_decay))
-    return optax.chain(*parts)
-
-
-def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
-    """Learning rate as a function of the global step round * local_steps + step."""
-    peak, warmup = cfg.learning_rate, cfg.warmup_steps
-    decay_steps = max(total_steps - warmup, 1)
-    if cfg.schedule == "constant":
-        main = optax.constant_schedule(peak)
-    elif cfg.schedule == "cosine":
-        main = optax.cosine_decay_schedule(peak, decay_steps)
-    else:
-        main = optax.linear_schedule(peak, 0.0, decay_steps)
-    if not warmup:
-        return main
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,7 +41,7 @@ from fedlora_jax.methods import make_method
 from fedlora_jax.models.lora import split_model
 from fedlora_jax.models.weights import _hf_module_path, hf_tensor_name, model_config_from_pretrained
 from fedlora_jax.params import leaf_names, trainable_layout
-from fedlora_jax.engine.round import ServerState
+from fedlora_jax.engine import ServerState
 
 _BASE_PREFIX = {"bert": "bert.", "roberta": "roberta.", "llama": "model.", "mistral": "model.", "qwen2": "model."}
 _ARCHITECTURES = {("bert", "SEQ_CLS"): "BertForSequenceClassification",
@@ -93,7 +93,7 @@ def _torch_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
 
 def export_run(run_dir: str | Path, out_dir: str | Path, clients: bool = False) -> Path:
     """Writes the PEFT adapter of ``run_dir``'s newest checkpoint to ``out_dir`` (see the module)."""
-    from fedlora_jax.run.loop import build_model
+    from fedlora_jax.run import build_model
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not (run_dir / "config.yaml").is_file():

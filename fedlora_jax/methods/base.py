@@ -32,6 +32,12 @@ class Aggregate(NamedTuple):
     base_delta: jax.Array | None = None
 
 
+def ideal_update(b, a, w) -> jax.Array:
+    """The ideal update M = sum_k w_k B_k A_k [d_out, d_in] in float32 from B [K, d_out, r], A [K, r, d_in], w [K]."""
+    f32 = jnp.float32
+    return jnp.einsum("k,kor,kri->oi", w.astype(f32), b.astype(f32), a.astype(f32))
+
+
 class LoraBytes(NamedTuple):
     """Bytes of one copy of every LoRA module's A, of every B, and of every adapted base kernel."""
 
@@ -119,11 +125,20 @@ class Method:
     def aggregate(self, b, a, w, round_index, key) -> Aggregate:
         """One LoRA module's new global factors from the cohort's B [K, d_out, r], A [K, r, d_in] and
         weights w [K] (>= 0, sum 1); ``round_index`` is traced, ``key`` is this module's PRNG key.
-        Pure and vmappable over a leading module axis."""
-        raise NotImplementedError(f"method {self.name!r} does not define aggregate")
+        Pure and vmappable over a leading module axis.
+
+        A streaming method does not write it: it is its reduction (:meth:`summarise`, then
+        :meth:`finalise`) run on the cohort as one chunk, with slot 0's factors as those the clients
+        started from (equal to them in every factor the method leaves untrained)."""
+        if not self.streaming:
+            raise NotImplementedError(f"method {self.name!r} does not define aggregate")
+        return self.finalise(self.summarise(b, a, w), ideal_update(b, a, w), b[0], a[0], round_index, key)
 
     def divergence(self, b, a, w, out: Aggregate) -> jax.Array:
-        """The module's normalised aggregation error ||B_hat A_hat - M|| / ||M|| (scalar)."""
+        """The module's normalised aggregation error ||B_hat A_hat - M|| / ||M|| (scalar); a
+        streaming method's is :meth:`streamed_divergence` of the ideal update M."""
+        if self.streaming:
+            return self.streamed_divergence(ideal_update(b, a, w), out)
         return aggregation.divergence(b, a, w, out.b, out.a)
 
     # -- streaming (methods with ``streaming = True``) -------------------------------------------
@@ -142,7 +157,8 @@ class Method:
         raise NotImplementedError(f"method {self.name!r} does not stream")
 
     def streamed_divergence(self, ideal, out: Aggregate) -> jax.Array:
-        """:meth:`divergence` from the dense ideal update M [d_out, d_in] (summed over chunks)."""
+        """The normalised aggregation error from the dense ideal update M [d_out, d_in] (summed over
+        chunks): ||B_hat A_hat - M|| / ||M||."""
         return aggregation.dense_divergence(ideal, out.b, out.a)
 
     def update_state(self, state, update: ServerUpdate):

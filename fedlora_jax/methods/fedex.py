@@ -14,12 +14,7 @@ class FedEx(Method):
     def download_bytes(self, round_index, sizes, clients):
         return sizes.a + sizes.b + sizes.base
 
-    def aggregate(self, b, a, w, round_index, key):
-        return Aggregate(*aggregation.fedex(b, a, w))
 
-    def divergence(self, b, a, w, out):
-        """0: the base update makes base + B_hat A_hat the exact mean."""
-        return jnp.zeros((), jnp.float32)
 
     def summarise(self, b, a, w):
         return aggregation.weighted_mean(b, w), aggregation.weighted_mean(a, w)

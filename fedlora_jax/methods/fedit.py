@@ -8,8 +8,6 @@ class FedIT(Method):
     mean_based = True
     streaming = True
 
-    def aggregate(self, b, a, w, round_index, key):
-        return Aggregate(*aggregation.fedit(b, a, w))
 
     def summarise(self, b, a, w):
         return aggregation.weighted_mean(b, w), aggregation.weighted_mean(a, w)

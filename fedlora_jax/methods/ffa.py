@@ -18,8 +18,6 @@ class FFA(Method):
     def downloads(self, round_index):
         return (False, True)
 
-    def aggregate(self, b, a, w, round_index, key):
-        return Aggregate(*aggregation.ffa(b, a, w))
 
     def summarise(self, b, a, w):
         return aggregation.weighted_mean(b, w)

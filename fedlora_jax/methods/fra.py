@@ -18,8 +18,6 @@ class FRA(Method):
     def __init__(self, rank: int, split: str):
         self.rank, self.split = rank, split
 
-    def aggregate(self, b, a, w, round_index, key):
-        return Aggregate(*aggregation.fra(b, a, w, self.rank, self.split))
 
     def summarise(self, b, a, w):
         return ()  # the ideal update M is all the SVD needs
@@ -45,8 +43,6 @@ class FRAThenFFA(Method):
         # the last FRA round still sends its A down: it is the A clients freeze
         return (round_index < self.switch_round, True)
 
-    def aggregate(self, b, a, w, round_index, key):
-        return Aggregate(*aggregation.fra_then_ffa(b, a, w, round_index, self.switch_round, self.rank))
 
     def summarise(self, b, a, w):
         return aggregation.weighted_mean(b, w)  # B's mean, for the FFA rounds

@@ -20,8 +20,6 @@ class RoLoRA(Method):
 
     downloads = uploads
 
-    def aggregate(self, b, a, w, round_index, key):
-        return Aggregate(*aggregation.rolora(b, a, w, round_index))
 
     def summarise(self, b, a, w):
         return aggregation.weighted_mean(b, w), aggregation.weighted_mean(a, w)

@@ -31,7 +31,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from fedlora_jax.params import leaf_names
-from fedlora_jax.engine.round import ServerState
+from fedlora_jax.engine import ServerState
 
 FORMAT = 1
 _PREFIX = "round_"

@@ -2,7 +2,7 @@
 
 Every process runs the same command on the same config. Each loads the data and the model,
 holds the server state replicated, and trains its devices' share of every cohort: the round's
-client axis is sharded over the devices of all processes (:meth:`fedlora_jax.engine.round.Federation.mesh`)
+client axis is sharded over the devices of all processes (:meth:`fedlora_jax.engine.Federation.mesh`)
 and the reductions are all-reduced across them. Process 0 alone writes the run directory.
 """
 
