@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fedlora_jax.engine import server
+from fedlora_jax.engine import Federation
 from fedlora_jax.run import simulate
 from fedlora_jax.config import load_config
 from fedlora_jax.data.base import federate
@@ -114,9 +114,9 @@ class _NoEvaluation:
 def run_recorded(config, out_dir, data=None, evaluate=True) -> Recorded:
     exp = simulate.build_experiment(config, data)
     log: list[RoundRecord] = []
-    compile_round = server.Federation.compile_round
+    compile_round = Federation.compile_round
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(server.Federation, "compile_round", lambda self: _SpyRound(compile_round(self), log))
+        patch.setattr(Federation, "compile_round", lambda self: _SpyRound(compile_round(self), log))
         if not evaluate:
             patch.setattr(simulate, "Evaluation", _NoEvaluation)
         simulate.run(config, out_dir=out_dir, progress=False, experiment=exp)
