@@ -27,7 +27,7 @@ import pytest
 from flax import nnx
 
 from fedlora_jax.engine import Federation
-from fedlora_jax.run import simulate
+from fedlora_jax.run import Experiment, build_experiment, run
 from fedlora_jax.config import load_config
 from fedlora_jax.data.base import federate
 from tiny import TINY, tiny_config
@@ -64,7 +64,7 @@ class RoundRecord(NamedTuple):
 
 
 class Recorded(NamedTuple):
-    exp: simulate.Experiment
+    exp: Experiment
     metrics: list[dict]  # metrics.jsonl
     divergence: list[dict]  # divergence.jsonl
     rounds: list[RoundRecord]
@@ -101,7 +101,7 @@ class _SpyRound:
 
 
 class _NoEvaluation:
-    """Replaces ``simulate.Evaluation`` in runs checked only for divergence and bytes (saves
+    """Replaces the run's ``Evaluation`` in runs checked only for divergence and bytes (saves
     compiling the evaluators)."""
 
     def __init__(self, exp):
@@ -112,14 +112,14 @@ class _NoEvaluation:
 
 
 def run_recorded(config, out_dir, data=None, evaluate=True) -> Recorded:
-    exp = simulate.build_experiment(config, data)
+    exp = build_experiment(config, data)
     log: list[RoundRecord] = []
     compile_round = Federation.compile_round
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Federation, "compile_round", lambda self: _SpyRound(compile_round(self), log))
         if not evaluate:
-            patch.setattr(simulate, "Evaluation", _NoEvaluation)
-        simulate.run(config, out_dir=out_dir, progress=False, experiment=exp)
+            patch.setattr(Experiment, "evaluation", _NoEvaluation)
+        run(config, out_dir=out_dir, progress=False, experiment=exp)
     read = lambda name: [json.loads(line) for line in (out_dir / name).read_text().splitlines()]
     recorded = Recorded(exp, read("metrics.jsonl"), read("divergence.jsonl"), log)
     assert len(recorded.metrics) == len(recorded.divergence) == len(log) == ROUNDS
@@ -223,7 +223,7 @@ def classification_scores(logits, labels):
 def local_rows(data, limit, seed):
     """Row indices of each client's local test subset: all rows, or ``limit`` of them drawn
     without replacement by ``np.random.default_rng(seed)``, client after client, kept in order
-    (the subset the engine documents in ``simulate.local_subsets``)."""
+    (the subset the engine documents in ``fedlora_jax.eval.evaluation.local_subsets``)."""
     rng = np.random.default_rng(seed)
     out = []
     for n in np.asarray(data.num_local_test):
@@ -436,7 +436,7 @@ def causal_lm_data(cfg, seed=0, num_clients=4, per_client=10, test=20):
     parts = np.arange(num_clients * per_client).reshape(num_clients, per_client)
     train_parts = [p[: per_client - 1 - u % 3] for u, p in enumerate(parts)]  # 9, 8, 7, 9 rows
     test_parts = [p[per_client - 1 - u % 3:] for u, p in enumerate(parts)]  # 1, 2, 3, 1 rows
-    exp = simulate.build_experiment(cfg, federate(train, train_parts, test_parts, global_test, "causal_lm", 0))
+    exp = build_experiment(cfg, federate(train, train_parts, test_parts, global_test, "causal_lm", 0))
     for arrays in (train, global_test):
         ids, loss = arrays["input_ids"], arrays["loss_mask"]
         greedy = np.arange(len(ids)) % 2 == 0
