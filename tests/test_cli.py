@@ -85,6 +85,12 @@ BAD_INPUTS = {
                                               "needs privacy.user_level=true"),
     "pld with fixed cohorts": (["--set", "privacy.user_level=true", "--set", "privacy.user_noise_multiplier=1.0",
                                 "--set", "privacy.accountant=pld"], "cannot account fixed-size cohorts"),
+    "server optimizer without learning rate": (["--set", "federation.server_optimizer.name=adam"],
+                                               "config key 'federation.server_optimizer.learning_rate' is required"),
+    "server momentum for adam": (["--set", "federation.server_optimizer={name: adam, learning_rate: 1, momentum: 0.5}"],
+                                 "config key 'federation.server_optimizer.momentum' applies to sgd only"),
+    "unknown mlflow key": (["--set", "log.mlflow.project=p"], "unknown config key 'log.mlflow.project'"),
+    "wandb not a mapping": (["--set", "log.wandb=true"], "config key 'log.wandb': expected dict, got True"),
 }
 
 

@@ -1,11 +1,13 @@
-"""Every YAML config under configs/ still loads, builds and trains one round (so none of them rots).
+"""Every YAML config under configs/ still loads, builds and trains one round (so none of them rots),
+and reads back equal from the dict a run directory's config.yaml holds.
 
 Configs that name real hub checkpoints or hub data are run with tiny stand-ins: a 1-layer,
 hidden-32 checkpoint of the same architecture (chosen from ``model.pretrained`` by
 :data:`STAND_INS`, tokenised with MiniLM's tokenizer), the offline GLUE copy in ../shared/data
 (or a tiny GLUE-layout TSV for tasks not there), and caps on data, rounds, steps and batch size.
 The commands in the configs' header comments and in configs/paper/README.md are parsed with
-the real CLI parser and their configs and overrides validated.
+the real CLI parser and their configs and overrides validated. The schema's types, rules and
+one-line messages are checked key by key at the end.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ import numpy as np
 import pytest
 import torch
 import transformers
+import yaml
 
-from fedlora_jax.cli import _parser as cli_parser
 from fedlora_jax.analysis.compare import comparison_configs
-from fedlora_jax.config import Config, cohort_size, load_config
+from fedlora_jax.cli import _parser as cli_parser
+from fedlora_jax.config import Config, ConfigError, cohort_size, load_config
 from fedlora_jax.data.text import GLUE_TASKS, glue_task
 from fedlora_jax.engine import device_shards, init_server_state
 from fedlora_jax.run import build_experiment
@@ -312,3 +315,125 @@ def test_tiny_glue_writer_reads_back_for_every_task(tmp_path):
         splits = load_glue_local(task, _write_tiny_glue(task, tmp_path / info.folder))
         assert set(splits) == set(info.splits)
         assert all(len(s) == TINY_GLUE_ROWS for s in splits.values())
+
+
+# ----------------------------------------------------------------------------- schema
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=CONFIG_IDS)
+def test_config_reads_back_equal_from_its_dict_and_its_yaml(path):
+    """load -> to_dict -> load is the identity, also through the YAML text a run directory's
+    config.yaml holds (which resume and export read back)."""
+    config = load_config(path)
+    written = config.to_dict()
+    assert load_config(written) == config
+    assert load_config(yaml.safe_load(yaml.safe_dump(written, sort_keys=False))) == config
+    assert load_config(config.to_dict()).to_dict() == written
+
+
+# (overrides of configs/quickstart.yaml, the whole line of the ConfigError)
+BAD_VALUES = {
+    "int given a string": (["federation.rounds=x"], "config key 'federation.rounds': expected int, got 'x'"),
+    "int given a float": (["lora.rank=5.0"], "config key 'lora.rank': expected int, got 5.0"),
+    "int given a numeric string": (["lora.rank='5'"], "config key 'lora.rank': expected int, got '5'"),
+    "int given a bool": (["seed=true"], "config key 'seed': expected int, got True"),
+    "float given a bool": (["lora.alpha=true"], "config key 'lora.alpha': expected float, got True"),
+    "bool given an int": (["eval.local=1"], "config key 'eval.local': expected bool, got 1"),
+    "str given an int": (["name=5"], "config key 'name': expected str, got 5"),
+    "list given an int": (["lora.targets=5"], "config key 'lora.targets': expected list, got 5"),
+    "dict given a list": (["model.config=[1]"], "config key 'model.config': expected dict, got [1]"),
+    "section given a number": (["model=5"], "config section 'model' must be a mapping, got 5"),
+    "unknown nested key": (["federation.method_options.x=1", "optim.nope=1"], "unknown config key 'optim.nope'"),
+    "below a bound": (["federation.rounds=0"], "config key 'federation.rounds' must be >= 1, got 0"),
+    "outside an interval": (["data.local_test_fraction=1"],
+                            "config key 'data.local_test_fraction' must be in [0, 1), got 1"),
+    "nullable below a bound": (["checkpoint.every=0"], "config key 'checkpoint.every' must be >= 1 or null, got 0"),
+    "not a choice": (["optim.name=lion"], "config key 'optim.name' must be sgd, adam or adamw, got 'lion'"),
+    "not a count or auto": (["federation.cpu_devices=2.5"],
+                            "config key 'federation.cpu_devices' must be an int >= 1, auto or null, got 2.5"),
+    "neither count nor fraction": (["federation.clients_per_round=1.5"],
+                                   ("config key 'federation.clients_per_round' must be a whole count >= 1 "
+                                    "or a fraction in (0, 1), got 1.5")),
+    "min above max": (["data.examples_per_client=[9, 5]"],
+                      "config key 'data.examples_per_client' must be [min, max] with 1 <= min <= max, got [9, 5]"),
+    "record-level DP without noise": (["privacy.record_level=true"],
+                                      "privacy.record_level needs privacy.noise_multiplier or privacy.target_epsilon"),
+    "path through a value": (["seed.x=3"], "cannot set 'seed.x': 'seed' is not a section"),
+    # federation.server_optimizer
+    "server optimizer unknown": (
+        ["federation.server_optimizer={name: adamw, learning_rate: 1}"],
+        "config key 'federation.server_optimizer.name' must be sgd, adam or yogi, got 'adamw'"),
+    "server optimizer without name": (["federation.server_optimizer.learning_rate=1"],
+                                      "config key 'federation.server_optimizer.name' is required"),
+    "server optimizer without learning rate": (["federation.server_optimizer.name=adam"],
+                                               "config key 'federation.server_optimizer.learning_rate' is required"),
+    "server learning rate zero": (["federation.server_optimizer={name: sgd, learning_rate: 0}"],
+                                  "config key 'federation.server_optimizer.learning_rate' must be > 0, got 0"),
+    "server momentum one": (["federation.server_optimizer={name: sgd, learning_rate: 1, momentum: 1}"],
+                            "config key 'federation.server_optimizer.momentum' must be in [0, 1), got 1"),
+    "server b1 negative": (["federation.server_optimizer={name: adam, learning_rate: 1, b1: -0.1}"],
+                           "config key 'federation.server_optimizer.b1' must be in [0, 1), got -0.1"),
+    "server b2 one": (["federation.server_optimizer={name: yogi, learning_rate: 1, b2: 1.0}"],
+                      "config key 'federation.server_optimizer.b2' must be in [0, 1), got 1.0"),
+    "server eps zero": (["federation.server_optimizer={name: adam, learning_rate: 1, eps: 0}"],
+                        "config key 'federation.server_optimizer.eps' must be > 0, got 0"),
+    "server momentum for adam": (["federation.server_optimizer={name: adam, learning_rate: 1, momentum: 0.5}"],
+                                 "config key 'federation.server_optimizer.momentum' applies to sgd only, not to adam"),
+    "server eps for sgd": (["federation.server_optimizer={name: sgd, learning_rate: 1, eps: 0.1}"],
+                           "config key 'federation.server_optimizer.eps' applies to adam and yogi only, not to sgd"),
+    "server optimizer unknown key": (["federation.server_optimizer={name: sgd, learning_rate: 1, nesterov: true}"],
+                                     "unknown config key 'federation.server_optimizer.nesterov'"),
+    "server optimizer a name only": (["federation.server_optimizer=adam"],
+                                     "config section 'federation.server_optimizer' must be a mapping, got 'adam'"),
+    # log
+    "tensorboard given an int": (["log.tensorboard=1"], "config key 'log.tensorboard': expected bool, got 1"),
+    "wandb given a string": (["log.wandb=my-project"], "config key 'log.wandb': expected dict, got 'my-project'"),
+    "mlflow given a string": (["log.mlflow=exp"], "config section 'log.mlflow' must be a mapping, got 'exp'"),
+    "mlflow unknown key": (["log.mlflow={experiment: e, project: p}"], "unknown config key 'log.mlflow.project'"),
+    "mlflow experiment given an int": (["log.mlflow.experiment=3"],
+                                       "config key 'log.mlflow.experiment': expected str, got 3"),
+    "log unknown key": (["log.csv=true"], "unknown config key 'log.csv'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_VALUES))
+def test_bad_value_is_one_line_naming_its_key(case):
+    overrides, expected = BAD_VALUES[case]
+    with pytest.raises(ConfigError) as raised:
+        load_config(REPO / "configs/quickstart.yaml", overrides)
+    assert str(raised.value) == expected
+
+
+def test_values_are_taken_as_yaml_gives_them():
+    """Ints widen to floats and numeric strings (YAML 1.1 reads 1e-3 as one) parse as floats;
+    an empty section means its defaults; a null section on a --set path becomes a mapping."""
+    config = load_config({"lora": {"alpha": 16}, "optim": {"learning_rate": "1e-3"}, "privacy": None},
+                         ["federation.clients_per_round=5"])
+    assert config.lora.alpha == 16.0 and isinstance(config.lora.alpha, float)
+    assert config.optim.learning_rate == 1e-3
+    assert config.federation.clients_per_round == 5.0 and cohort_size(config) == 5
+    assert config.privacy == Config().privacy
+    filled = load_config({"log": None, "federation": {"server_optimizer": None}},
+                         ["log.mlflow.experiment=e", "federation.server_optimizer.name=yogi",
+                          "federation.server_optimizer.learning_rate=0.01"])
+    assert filled.log.mlflow.experiment == "e" and filled.log.mlflow.run_name is None
+    assert filled.federation.server_optimizer.name == "yogi"
+
+
+def test_new_sections_default_to_todays_behaviour_and_read_back():
+    """No server optimiser (plain averaging) and no logger besides metrics.jsonl unless asked for;
+    each optimiser's own options default as documented, and a config with them reads back equal."""
+    default = Config()
+    assert default.federation.server_optimizer is None
+    assert (default.log.tensorboard, default.log.wandb, default.log.mlflow) == (False, None, None)
+    sgd = load_config(None, ["federation.server_optimizer={name: sgd, learning_rate: 1}"]).federation.server_optimizer
+    assert (sgd.learning_rate, sgd.momentum) == (1.0, 0.9)
+    adam = load_config(None, ["federation.server_optimizer={name: adam, learning_rate: 0.1, momentum: 0.9}"])
+    assert (adam.federation.server_optimizer.b1, adam.federation.server_optimizer.b2,
+            adam.federation.server_optimizer.eps) == (0.9, 0.99, 1e-3)
+    logged = load_config(None, ["log.tensorboard=true", "log.wandb={project: p, tags: [a, b]}",
+                                "log.mlflow={experiment: e, tracking_uri: 'file:///tmp/ml', run_name: r}"])
+    assert logged.log.wandb == {"project": "p", "tags": ["a", "b"]}
+    assert logged.log.mlflow.tracking_uri == "file:///tmp/ml"
+    for config in (adam, logged):
+        assert load_config(yaml.safe_load(yaml.safe_dump(config.to_dict(), sort_keys=False))) == config

@@ -1,0 +1,403 @@
+"""The run configuration as typed pydantic sections; every rule a config must obey lives here.
+
+Types are strict, as YAML gives them: an int is not a bool, a string or a float (``5`` is, ``"5"``
+and ``5.0`` are not); a float accepts an int and a numeric string (``1e-3``, which YAML 1.1 reads as
+a string); unknown keys are errors. A rule a value breaks is a pydantic error of type
+``config_value`` ("must be <rule>") on its key; a rule over several keys is a ``config_rule`` error
+holding the whole line. :mod:`fedlora_jax.config.load` turns the first error into one line.
+"""
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WrapValidator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+
+def _number_from_text(value: Any) -> Any:
+    """A numeric string ('1e-3', '5') as a float; anything else unchanged (the float type checks it)."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _must_be(rule: str) -> WrapValidator:
+    """Reports any failure of the wrapped type, except a wrong type of the value itself (which the
+    loader words as "expected <type>"), as the one error "must be <rule>"."""
+
+    def check(value: Any, handler):
+        try:
+            return handler(value)
+        except ValidationError as e:
+            first = e.errors()[0]
+            if first["loc"] == () and first["type"].endswith("_type"):
+                raise
+            raise PydanticCustomError("config_value", "must be {rule}", {"rule": rule}) from None
+
+    return WrapValidator(check)
+
+
+def _rule_broken(message: str) -> PydanticCustomError:
+    """The error for a rule over several keys; ``message`` is the whole line the user sees."""
+    return PydanticCustomError("config_rule", "{message}", {"message": message})
+
+
+Float = Annotated[float, BeforeValidator(_number_from_text)]
+
+
+def bounded(kind: type, *, gt: float | None = None, ge: float | None = None, lt: float | None = None,
+            nullable: bool = False) -> Any:
+    """``kind`` (int or float) with a lower bound (``gt`` or ``ge``) and optionally an upper one
+    (``lt``), checked by pydantic; the rule reads "> 0", ">= 1", "in [0, 1)" or "in (0, 1)",
+    with " or null" when ``nullable``."""
+    low = f"({gt:g}" if gt is not None else f"[{ge:g}"
+    rule = f"in {low}, {lt:g})" if lt is not None else (f"> {gt:g}" if gt is not None else f">= {ge:g}")
+    base = Float if kind is float else kind
+    tp = base | None if nullable else base
+    return Annotated[tp, Field(gt=gt, ge=ge, lt=lt), _must_be(rule + (" or null" if nullable else ""))]
+
+
+def one_of(*choices: str | None) -> Any:
+    """One of ``choices`` (None for null); the rule reads "a, b or c"."""
+    names = ["null" if c is None else c for c in choices]
+    return Annotated[Literal[choices], _must_be(", ".join(names[:-1]) + " or " + names[-1])]
+
+
+Count = bounded(int, ge=1)
+OptionalCount = bounded(int, ge=1, nullable=True)
+Positive = bounded(float, gt=0)
+Probability = bounded(float, gt=0, lt=1)
+Decay = bounded(float, ge=0, lt=1)
+CountOrAuto = Annotated[Count | Literal["auto"] | None, _must_be("an int >= 1, auto or null")]
+
+
+def _whole_count_or_fraction(k: float | None) -> float | None:
+    if k is not None and not (k > 0 and (k < 1 or k.is_integer())):
+        raise ValueError("not a whole count or a fraction")
+    return k
+
+
+def _min_max(bounds: list[int]) -> list[int]:
+    if bounds[0] > bounds[1]:
+        raise ValueError("min > max")
+    return bounds
+
+
+ClientsPerRound = Annotated[Float | None, AfterValidator(_whole_count_or_fraction),
+                            _must_be("a whole count >= 1 or a fraction in (0, 1)")]
+MinMax = Annotated[list[Count], Field(min_length=2, max_length=2), AfterValidator(_min_max),
+                   _must_be("[min, max] with 1 <= min <= max")]
+
+
+class Section(BaseModel):
+    """A config section: strict types, no unknown keys."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+def _none_is_empty(value: Any) -> Any:
+    return {} if value is None else value
+
+
+def _section(cls: type[Section]) -> Any:
+    """A section field: an empty YAML section (``privacy:``) means every default."""
+    return Annotated[cls, BeforeValidator(_none_is_empty), Field(default_factory=cls)]
+
+
+class ModelConfig(Section):
+    """The transformer. Either ``pretrained`` (a local directory or hub id) or a random init of
+    ``arch`` with ``config`` (Hugging Face config.json keys). ``pooling`` (sequence
+    classification): ``cls`` (HF's head on the first token) or ``mean`` (masked mean of the last
+    hidden states, for checkpoints trained for mean pooling such as sentence-transformers).
+    ``adapter``: a PEFT LoRA adapter directory (e.g. one ``fedlora-jax export`` wrote) whose
+    factors, and head when it saved one, the run starts from instead of a fresh LoRA init; its
+    rank, alpha, rsLoRA and adapted modules must match the ``lora`` section."""
+
+    arch: str = "bert"
+    pretrained: str | None = None
+    config: dict = {}
+    dtype: one_of("float32", "bfloat16") = "float32"
+    pooling: one_of("cls", "mean") = "cls"
+    adapter: str | None = None
+
+
+class LoraSection(Section):
+    """LoRA factors: delta W = (alpha / rank) B A (alpha / sqrt(rank) with ``rslora``) on the modules
+    ``targets`` names (null: the model family's default)."""
+
+    rank: bounded(int, gt=0) = 8
+    alpha: bounded(float, gt=0) = 16.0
+    targets: list | None = None
+    rslora: bool = False
+
+
+class DataConfig(Section):
+    """Where examples come from and how they are split into clients.
+
+    ``source: synthetic`` needs no files: token sequences whose label is set by planted
+    class-specific tokens, with per-client label skew Dirichlet(``label_skew_alpha``).
+    ``source: glue | files | gsm8k`` reads real data with the loader options in ``load``
+    (e.g. ``{task: sst2, dir: ../shared/data/glue/SST-2}``), tokenises with ``tokenizer``
+    (default: the model's directory) and partitions with ``partition``
+    (``{scheme: iid | dirichlet | label_proportions | imbalanced | quantity, ...options}``).
+
+    ``packing: auto`` lays each local step's real tokens end to end in a few static stream
+    lengths chosen from the data (see fedlora_jax/data/packing.py), so padding is not computed;
+    ``null`` pads every row to ``max_length``. Results are the same either way.
+    """
+
+    source: str = "synthetic"
+    num_clients: Count = 10
+    local_test_fraction: bounded(float, ge=0, lt=1) = 0.2
+    # real data
+    load: dict = {}
+    tokenizer: str | None = None
+    max_length: Count = 128
+    test_max_length: OptionalCount = None
+    train_split: str = "train"
+    test_split: str = "validation"
+    max_train_examples: int | None = None
+    max_test_examples: int | None = None
+    partition: dict = {"scheme": "iid"}
+    cache_dir: str | None = None
+    eos_token: str | None = None
+    packing: one_of("auto", None) = "auto"
+    # synthetic task
+    vocab_size: int = 128
+    seq_len: int = 16
+    num_labels: int = 2
+    examples_per_client: MinMax = [64, 128]
+    label_skew_alpha: Float = 0.5
+    signal_tokens: int = 3
+    test_examples: int = 512
+
+
+class ServerOptimizerConfig(Section):
+    """The server's optimiser over the aggregate (FedOpt, Reddi et al., 2021): minus the round's
+    averaged update is its gradient. ``sgd`` with ``momentum`` is FedAvgM, ``adam`` FedAdam and
+    ``yogi`` FedYogi (both with ``b1``, ``b2`` and adaptivity ``eps``); ``learning_rate`` is the
+    server's. ``momentum`` is sgd's only, ``b1``, ``b2`` and ``eps`` adam's and yogi's: another
+    optimiser's option away from its default is an error (at its default it reads back from
+    ``to_dict``)."""
+
+    name: one_of("sgd", "adam", "yogi")
+    learning_rate: Positive
+    momentum: Decay = 0.9
+    b1: Decay = 0.9
+    b2: Decay = 0.99
+    eps: Positive = 1e-3
+
+    @model_validator(mode="after")
+    def _options_of_this_optimizer(self):
+        others = ("b1", "b2", "eps") if self.name == "sgd" else ("momentum",)
+        changed = [k for k in others if getattr(self, k) != type(self).model_fields[k].default]
+        if changed:
+            owner = "adam and yogi" if self.name == "sgd" else "sgd"
+            raise _rule_broken(f"config key 'federation.server_optimizer.{changed[0]}' applies to {owner} only, "
+                               f"not to {self.name}")
+        return self
+
+
+class FederationConfig(Section):
+    """Rounds, cohorts and local training.
+
+    ``clients_per_round`` is a count (whole number >= 1), a fraction of ``data.num_clients``
+    (0 < f < 1), or null for every client.
+    ``clients_per_chunk`` bounds memory: the cohort is mapped in chunks of that many vmapped
+    clients (null = all at once); with a streaming method and ``eval.local: false`` each chunk's
+    uploads are reduced as it finishes, so the round's memory follows the chunk, not the cohort
+    (docs/scale.md). ``auto`` (the default): all at once on accelerators; on a CPU, chunks of
+    about 2,048 tokens per local step (:func:`fedlora_jax.run.plan.clients_per_chunk`).
+    ``devices``: devices the cohort's client axis is sharded over (null = all of them, of every process);
+    a cohort that does not divide by it is padded with empty slots.
+    ``cpu_devices``: on a CPU, how many devices JAX splits the host's cores into, so that the mesh
+    trains shares of the cohort side by side (null: JAX's own count, one device unless set
+    elsewhere). ``auto`` (the default): one per
+    core, or fewer when that gives the same share per device, within a quarter of host memory for
+    their copies of the base and the rows (:func:`fedlora_jax.run.plan.cpu_device_count`). JAX fixes
+    its device count when it starts, so this applies when building the experiment is the first
+    thing in the process to use JAX (``fedlora-jax run``, ``resume``, ``compare``, the benchmarks);
+    afterwards ``auto`` keeps the devices there are and a number must equal them.
+    ``client_weights``: each client's weight w_u in the aggregate and in the ideal update
+    M = sum_u w_u B_u A_u that divergence and the exact methods refer to. ``examples``: w_u = n_u / sum_v n_v
+    (FedAvg's data-size weights); ``uniform``: w_u = 1 / K, the unweighted sum_u B_u A_u of FLoRA-NA
+    (Nguyen et al., 2025), divided by K so that it stays a mean.
+    ``server_optimizer``: null averages the uploads into the new global factors; a
+    :class:`ServerOptimizerConfig` steps the global factors along the averaged update instead
+    (methods whose aggregate is a mean of the uploads).
+    """
+
+    rounds: Count = 20
+    clients_per_round: ClientsPerRound = None
+    local_steps: Count = 5
+    batch_size: Count = 16
+    clients_per_chunk: CountOrAuto = "auto"
+    devices: OptionalCount = None
+    cpu_devices: CountOrAuto = "auto"
+    client_weights: one_of("examples", "uniform") = "examples"
+    method: str = "fedit"
+    method_options: dict = {}
+    server_optimizer: ServerOptimizerConfig | None = None
+
+
+class OptimConfig(Section):
+    """Local optimiser (fresh state each round). ``schedule`` runs over the global step
+    round * local_steps + step."""
+
+    name: one_of("sgd", "adam", "adamw") = "adamw"
+    learning_rate: Positive = 1e-3
+    weight_decay: Float = 0.0
+    momentum: Float = 0.0
+    b1: Float = 0.9
+    b2: Float = 0.999
+    eps: Float = 1e-8
+    schedule: one_of("constant", "cosine", "linear") = "constant"
+    warmup_steps: int = 0
+    grad_clip_norm: Float | None = None
+
+
+class PrivacyConfig(Section):
+    """Differential privacy (see docs/privacy.md for the threat models).
+
+    Record-level (``record_level: true``): DP-SGD on every client: per-example clipping to
+    ``clip_norm``, Gaussian noise ``noise_multiplier`` (or calibrated before round 1 from
+    ``target_epsilon`` for the worst-case client), Poisson sampling with expected batch
+    ``federation.batch_size`` (``sampling: shuffle`` uses fixed-size batches, an approximation
+    for accounting). ``epsilon`` (max over clients) is logged every round; with a
+    ``target_epsilon`` the run stops before a round that would exceed it.
+
+    User-level (``user_level: true``): DP-FedAvg: each client's upload is clipped to
+    ``user_clip_norm`` and Gaussian noise ``user_noise_multiplier`` (or calibrated from
+    ``user_target_epsilon``) is added once at the server; logged as ``user_epsilon``. Cohorts are
+    ``client_sampling: fixed`` (exactly ``federation.clients_per_round`` clients, accounted under
+    replace-one neighbours, RDP only) or ``poisson`` (each client with probability K / U in a
+    static buffer of slots, add-or-remove-one neighbours).
+
+    ``overflow_probability`` sizes every Poisson buffer (DP-SGD batches, Poisson cohorts): the
+    chance that one draw holds more than its slots. Overflows are counted and their probability
+    is added to the logged ``delta`` / ``user_delta``.
+    """
+
+    record_level: bool = False
+    noise_multiplier: bounded(float, ge=0, nullable=True) = None
+    target_epsilon: bounded(float, gt=0, nullable=True) = None
+    clip_norm: Positive = 1.0
+    per_layer_clipping: bool = False
+    sampling: one_of("poisson", "shuffle") = "poisson"
+    user_level: bool = False
+    user_clip_norm: Positive = 1.0
+    user_noise_multiplier: bounded(float, ge=0, nullable=True) = None
+    user_target_epsilon: bounded(float, gt=0, nullable=True) = None
+    client_sampling: one_of("fixed", "poisson") = "fixed"
+    overflow_probability: Probability = 1e-12
+    delta: Probability = 1e-5
+    accountant: one_of("rdp", "pld") = "rdp"
+
+    @model_validator(mode="after")
+    def _levels_are_consistent(self):
+        if self.client_sampling == "poisson" and not self.user_level:
+            raise _rule_broken("config key 'privacy.client_sampling=poisson' samples cohorts for user-level DP; "
+                               "it needs privacy.user_level=true")
+        if self.user_level and self.client_sampling == "fixed" and self.accountant == "pld":
+            raise _rule_broken("privacy.accountant=pld cannot account fixed-size cohorts (user-level DP); "
+                               "use privacy.accountant=rdp or privacy.client_sampling=poisson")
+        for level, enabled, sigma, target in (
+                ("record", self.record_level, self.noise_multiplier, self.target_epsilon),
+                ("user", self.user_level, self.user_noise_multiplier, self.user_target_epsilon)):
+            prefix = "" if level == "record" else "user_"
+            if enabled and sigma is None and target is None:
+                raise _rule_broken(f"privacy.{level}_level needs privacy.{prefix}noise_multiplier "
+                                   f"or privacy.{prefix}target_epsilon")
+        return self
+
+
+class EvalConfig(Section):
+    """Evaluation every ``every`` rounds (and after the last): the global model on the global test
+    set, and (``local``) each cohort client's trained model on at most ``local_max_examples``
+    rows of its local test split (a fixed random subset; null for all). Causal LM with prompts
+    (GSM8K): ``generate_examples`` > 0 also scores greedy generations (KV cache, jitted) of that
+    many global-test prompts by exact match of the final number, logged as
+    ``global_exact_match``."""
+
+    every: Count = 5
+    batch_size: Count = 64
+    local: bool = True
+    local_max_examples: OptionalCount = 256
+    generate_examples: bounded(int, ge=0) = 0
+    max_new_tokens: Count = 256
+    max_prompt_length: Count = 256
+
+
+class CheckpointConfig(Section):
+    """Checkpoints in ``RUN_DIR/checkpoints/`` every ``every`` rounds (null: only at the end) and
+    at the end of a run; the newest ``keep`` are kept. ``fedlora-jax resume RUN_DIR`` continues
+    from the newest one."""
+
+    every: OptionalCount = 10
+    keep: Count = 2
+
+
+class MlflowConfig(Section):
+    """An MLflow run: ``experiment`` (name), ``tracking_uri`` and ``run_name`` (null: MLflow's
+    defaults and the config's ``name``)."""
+
+    experiment: str | None = None
+    tracking_uri: str | None = None
+    run_name: str | None = None
+
+
+class LogConfig(Section):
+    """Where metrics go besides the run directory's metrics.jsonl: ``tensorboard`` event files in
+    the run directory, ``wandb`` (null: off; a mapping: the keyword arguments of ``wandb.init``)
+    and ``mlflow`` (null: off; a mapping: :class:`MlflowConfig`)."""
+
+    tensorboard: bool = False
+    wandb: dict | None = None
+    mlflow: MlflowConfig | None = None
+
+
+class Config(Section):
+    """A whole run; ``to_dict`` gives the mapping ``load_config`` reads back to an equal Config."""
+
+    seed: int = 0
+    name: str = "run"
+    model: _section(ModelConfig)
+    lora: _section(LoraSection)
+    data: _section(DataConfig)
+    federation: _section(FederationConfig)
+    optim: _section(OptimConfig)
+    eval: _section(EvalConfig)
+    privacy: _section(PrivacyConfig)
+    checkpoint: _section(CheckpointConfig)
+    log: _section(LogConfig)
+
+    @model_validator(mode="after")
+    def _cohort_fits(self):
+        k = self.federation.clients_per_round
+        if k is not None and cohort_size(self) > self.data.num_clients:
+            raise _rule_broken(f"config key 'federation.clients_per_round' ({k:g}) exceeds data.num_clients "
+                               f"({self.data.num_clients})")
+        return self
+
+    def to_dict(self) -> dict:
+        """Plain nested dicts and lists, in declaration order (the run directory's config.yaml)."""
+        return self.model_dump()
+
+
+def cohort_size(c: Config) -> int:
+    """Clients sampled per round."""
+    k = c.federation.clients_per_round
+    if k is None:
+        return c.data.num_clients
+    return max(1, round(k * c.data.num_clients)) if k < 1 else int(k)
