@@ -2,20 +2,31 @@
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 from matplotlib.image import imread
-
 from rich.console import Console
 
-from fedlora_jax.analysis.compare import (LEADING_COLUMNS, comparison_rows, comparison_table, describe, headline_metric,
-                                  method_curves, run_comparison, summarise_comparison)
+from fedlora_jax.analysis.compare import (
+    LEADING_COLUMNS,
+    comparison_rows,
+    field_range,
+    headline_metric,
+    method_curves,
+    paired_comparisons,
+    run_comparison,
+    summarise_comparison,
+)
+from fedlora_jax.analysis.describe import describe
+from fedlora_jax.analysis.plots import seed_band_figure
+from fedlora_jax.analysis.stats import ci_band, mean_ci
+from fedlora_jax.analysis.tables import comparison_table, paired_table
 from fedlora_jax.config import load_config
 from fedlora_jax.run import build_data
-from fedlora_jax.analysis.stats import mean_ci
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -108,8 +119,9 @@ def test_summary_has_mean_and_std_over_seeds(comparison):
 
 def test_summary_ci_and_paired_comparison_match_the_runs(comparison):
     """95% CI half-widths and the paired comparison (ffa - fedit per seed) recomputed from each
-    run's metrics.jsonl with scipy (t quantile, paired t-test); the runs differ over seeds and the
-    per-seed differences differ too, so every interval has a nonzero width to check."""
+    run's metrics.jsonl with scipy (t quantile, paired t-test; the interval clipped to [-1, 1]);
+    the runs differ over seeds and the per-seed differences differ too, so every interval has a
+    nonzero width to check."""
     from scipy import stats as scipy_stats
 
     out = comparison.out_dir
@@ -128,7 +140,7 @@ def test_summary_ci_and_paired_comparison_match_the_runs(comparison):
                 assert std > 0, (method, x)  # the seeds' runs differ: the interval has a width
             assert float(row[f"{metric}_mean"]) == pytest.approx(x.mean(), abs=1e-9)
             assert float(row[f"{metric}_ci95"]) == pytest.approx(t * std / np.sqrt(n), abs=1e-9)
-    columns, paired = read_csv(out / "paired.csv")
+    _, paired = read_csv(out / "paired.csv")
     assert [(r["method"], r["reference"], r["metric"]) for r in paired] == [
         ("ffa", "fedit", "final_global_accuracy"), ("ffa", "fedit", "best_global_accuracy")]
     for row, returned in zip(paired, comparison.paired):
@@ -142,10 +154,11 @@ def test_summary_ci_and_paired_comparison_match_the_runs(comparison):
         if row["metric"] == "final_global_accuracy":
             assert std > 0, d  # the per-seed differences differ: a real interval and t-test
         half = t * std / np.sqrt(n)
-        assert float(row["ci_low"]) == pytest.approx(d.mean() - half, abs=1e-9)
-        assert float(row["ci_high"]) == pytest.approx(d.mean() + half, abs=1e-9)
-        assert (returned["ci_low"], returned["ci_high"]) == (pytest.approx(d.mean() - half, abs=1e-9),
-                                                             pytest.approx(d.mean() + half, abs=1e-9))
+        low, high = max(d.mean() - half, -1.0), min(d.mean() + half, 1.0)  # a difference of accuracies is in [-1, 1]
+        assert float(row["ci_low"]) == pytest.approx(low, abs=1e-9)
+        assert float(row["ci_high"]) == pytest.approx(high, abs=1e-9)
+        assert (returned["ci_low"], returned["ci_high"]) == (pytest.approx(low, abs=1e-9),
+                                                             pytest.approx(high, abs=1e-9))
         assert returned["p_value"] == pytest.approx(float(row["p_value"]), rel=1e-9)
         if std > 0:
             assert float(row["p_value"]) == pytest.approx(scipy_stats.ttest_rel(ffa, fedit).pvalue, rel=1e-9)
@@ -154,8 +167,6 @@ def test_summary_ci_and_paired_comparison_match_the_runs(comparison):
 
 
 def test_mean_ci_of_known_samples_and_its_coverage():
-    from fedlora_jax.analysis.stats import ci_band
-
     mean, half = mean_ci([1, 2, 3, 4, 5])
     assert mean == 3 and half == pytest.approx(2.7764451 * np.sqrt(2.5) / np.sqrt(5), rel=1e-6)  # t_{4, 0.975}
     assert mean_ci([0, 1])[1] == pytest.approx(12.7062047 * np.sqrt(0.5) / np.sqrt(2), rel=1e-6)
@@ -284,11 +295,107 @@ def test_summary_of_dp_runs_of_unequal_length():
     console = Console(record=True, width=160)
     console.print(comparison_table([a, b], "pearson"))
     text = console.export_text()
-    # mean ± the 95% CI half-width: t_{1, 0.975} x 0.1414 / sqrt(2) = 1.2706
+    # mean [95% CI]: t_{1, 0.975} x 0.1414 / sqrt(2) = 1.2706 either side, cut to Pearson's [-1, 1]
     assert a["final_global_pearson_ci95"] == pytest.approx(12.7062047 * 0.1) and b["final_global_pearson_ci95"] is None
-    assert "ε" in text and "1.750" in text and "0.6000 ± 1.2706" in text and "0.3000 " in text
+    assert "ε" in text and "1.750" in text and "0.6000 [-0.6706, 1.0000]" in text and "0.3000 " in text
     with pytest.raises(ValueError, match="no run evaluated"):
         headline_metric([{"global_loss": 1.0}])
+
+
+def test_field_ranges_of_history_fields():
+    assert field_range("global_accuracy", "accuracy") == (0.0, 1.0)
+    assert field_range("local_token_accuracy", "token_accuracy") == (0.0, 1.0)
+    assert field_range("global_pearson", "pearson") == (-1.0, 1.0)
+    assert field_range("local_global_gap", "accuracy") == (-1.0, 1.0)
+    assert field_range("local_global_gap", "pearson") == (-2.0, 2.0)
+    assert field_range("global_loss", "accuracy") == field_range("divergence", "accuracy") == (0.0, np.inf)
+    assert field_range("epsilon", "accuracy") == (-np.inf, np.inf)
+
+
+def test_band_of_two_accuracies_stays_in_the_unit_interval_and_the_legend_says_how():
+    """Two seeds far apart: the unclipped t-interval (t_{1, 0.975} = 12.7) spans about [-4, 5];
+    the drawn band stays in [0, 1] and the legend names each method's n and the clipping."""
+    rounds = np.array([1, 2, 3])
+    two = np.array([[0.2, 0.5, 0.99], [0.9, 0.6, 0.10]])
+    _, unclipped_low, unclipped_high = ci_band(two)
+    assert unclipped_low.min() < -1 and unclipped_high.max() > 2  # what was drawn before
+    figure = seed_band_figure({"fedit": (rounds, two), "ffa": (rounds, two[:1])}, ylabel="global accuracy",
+                              title="Global test accuracy", bounds=field_range("global_accuracy", "accuracy"))
+    axes = figure.axes[0]
+    (band,) = axes.collections  # fedit's band; ffa's single seed has none
+    y = np.concatenate([path.vertices[:, 1] for path in band.get_paths()])
+    assert y.min() == 0.0 and y.max() == 1.0
+    legend = axes.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["fedit (n=2)", "ffa (n=1)"]
+    title = legend.get_title().get_text()
+    assert "n seeds (per method)" in title and "95% t-interval, clipped to [0, 1]" in title
+    one = seed_band_figure({"fedit": (rounds, two[:1])}, ylabel="acc", title="t", bounds=(0.0, 1.0)).axes[0]
+    assert not one.collections and one.get_legend().get_title().get_text() == "mean over 1 seed, no band"
+    same = seed_band_figure({"fedit": (rounds, two), "ffa": (rounds, two[::-1])}, ylabel="acc", title="t",
+                            bounds=(0.0, 1.0)).axes[0].get_legend().get_title().get_text()
+    assert same.startswith("mean over 2 seeds;")
+
+
+def accuracy_histories(values):
+    """Two-round histories, method "m" on seeds 0..S-1: round 1 at 0, round 2 at the given
+    final accuracies, a local-global gap of (1 - final) - final."""
+    return {("m", seed): [record(1, 1.0, global_accuracy=0.0, local_global_gap=0.0),
+                          record(2, 0.5, global_accuracy=v, local_global_gap=1 - 2 * v)]
+            for seed, v in enumerate(values)}
+
+
+def test_table_cells_never_show_a_bound_outside_the_metric_range():
+    """Random accuracies of 1 to 5 seeds, extremes included: every printed interval lies in
+    [0, 1] ([-1, 1] for the gap) and holds the mean; its printed bounds are the t-interval clipped."""
+    rng = np.random.default_rng(0)
+    cell = re.compile(r"([+-]?\d\.\d{4}) \[([+-]?\d\.\d{4}), ([+-]?\d\.\d{4})\]")
+    for trial in range(60):
+        n = 1 + trial % 5
+        values = rng.choice([0.0, 1.0, 0.5, *rng.random(3)], size=n)
+        (row,) = summarise_comparison(accuracy_histories(values), ["m"], "accuracy")
+        console = Console(record=True, width=250)
+        console.print(comparison_table([row], "accuracy"))
+        text = console.export_text()
+        printed = cell.findall(text)
+        assert not any("-" in bound for c in printed[:2] for bound in c)  # no "-0.0000" in an accuracy cell
+        cells = [tuple(map(float, c)) for c in printed]
+        if n == 1 or np.ptp(values) == 0:
+            assert all(high == low for _, low, high in cells)
+            if n == 1:
+                assert cells == [] and f"{values.mean():.4f}" in text
+            continue
+        assert len(cells) == 3, text  # final, best, gap
+        gap, gap_low, gap_high = cells[2]
+        for mean, low, high in cells[:2]:
+            assert 0.0 <= low <= mean <= high <= 1.0
+        assert -1.0 <= gap_low <= gap <= gap_high <= 1.0
+        mean, half = mean_ci(values)
+        assert cells[0] == pytest.approx((mean, max(mean - half, 0.0), min(mean + half, 1.0)), abs=5e-5)
+        assert (row["final_global_accuracy_ci_low"], row["final_global_accuracy_ci_high"]) == \
+            pytest.approx((max(mean - half, 0.0), min(mean + half, 1.0)))
+    caption = "95% Student-t interval of the mean, clipped to [0, 1]; gap clipped to [-1, 1]"
+    assert caption in text.replace("\n", " ")
+
+
+def test_paired_interval_is_clipped_to_the_range_of_a_difference():
+    histories = {**accuracy_histories([0.1, 0.9]), **{("r", s): h for (_, s), h in accuracy_histories([0.8, 0.2]).items()}}
+    rows = paired_comparisons(histories, ["r", "m"], "accuracy")
+    final = next(r for r in rows if r["metric"] == "final_global_accuracy")
+    assert final["mean_difference"] == pytest.approx(0.0) and (final["ci_low"], final["ci_high"]) == (-1.0, 1.0)
+    console = Console(record=True, width=200)
+    console.print(paired_table(rows, "accuracy"))
+    text = console.export_text()
+    assert "[-1.0000, +1.0000]" in text and "clipped to [-1, 1]" in text
+
+
+def test_summary_bounds_are_the_clipped_intervals_of_the_runs(comparison):
+    _, summary = read_csv(comparison.out_dir / "summary.csv")
+    for row in summary:
+        for metric in ("final_global_accuracy", "best_global_accuracy"):
+            mean, half = float(row[f"{metric}_mean"]), float(row[f"{metric}_ci95"])
+            low, high = float(row[f"{metric}_ci_low"]), float(row[f"{metric}_ci_high"])
+            assert 0.0 <= low <= mean <= high <= 1.0
+            assert (low, high) == pytest.approx((max(mean - half, 0.0), min(mean + half, 1.0)))
 
 
 def test_describe_classification_sizes_histogram_and_heatmap(tmp_path):

@@ -7,6 +7,7 @@ import pytest
 from scipy import stats
 
 from fedlora_jax.eval.metrics import (
+    METRIC_RANGES,
     accuracy,
     average_ranks,
     binary_f1,
@@ -72,6 +73,35 @@ def test_correlations_match_scipy_with_ties():
     assert pearson(predictions, labels) == pytest.approx(
         stats.pearsonr(predictions, labels).statistic, abs=1e-12)
     assert average_ranks([3, 1, 3, 2]).tolist() == [3.5, 1.0, 3.5, 2.0]
+
+
+def test_spearman_of_a_constant_input_is_nan_without_a_warning():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isnan(spearman(np.full(5, 0.3), np.arange(5.0)))
+
+
+def test_metric_values_lie_in_their_ranges():
+    """Every metric on random, perfect and inverted predictions stays in METRIC_RANGES (the
+    ranges compare clips intervals to), and the ranges' ends are reached."""
+    rng = np.random.default_rng(4)
+    seen = {name: [] for name in ("accuracy", "f1", "mcc", "pearson", "spearman")}
+    for trial in range(50):
+        labels = rng.integers(0, 2, 40)
+        predictions = [rng.integers(0, 2, 40), labels, 1 - labels][trial % 3]
+        scores = [rng.normal(size=40), labels + 0.0, -labels + 0.0][trial % 3]
+        seen["accuracy"].append(accuracy(predictions, labels))
+        seen["f1"].append(binary_f1(predictions, labels))
+        seen["mcc"].append(matthews_corrcoef(predictions, labels, 2))
+        seen["pearson"].append(pearson(scores, labels))
+        seen["spearman"].append(spearman(scores, labels))
+    for name, values in seen.items():
+        low, high = METRIC_RANGES[name]
+        assert all(low - 1e-6 <= v <= high + 1e-6 for v in values), name
+        assert min(values) == pytest.approx(low, abs=1e-6) and max(values) == pytest.approx(high, abs=1e-6), name
+    assert set(METRIC_RANGES) >= {"token_accuracy", "loss"} and METRIC_RANGES["loss"] == (0.0, np.inf)
 
 
 def test_jax_arrays_and_jit_agree_with_numpy():

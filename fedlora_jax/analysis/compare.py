@@ -1,52 +1,54 @@
-"""Benchmark helpers: run one config under several methods and seeds, and describe a config's data.
+"""The ``compare`` command: run one config under several methods and seeds, and gather the runs'
+histories into tables, statistics over seeds and plots.
 
 ``run_comparison`` runs every (method, seed) pair into its own run directory and writes the
 combined tables and plots::
 
     OUT/<method>/seed<s>/   a normal run directory (config.yaml, metrics.jsonl, summary.json, ...)
     OUT/results.csv         one row per (method, seed, round), every history field
-    OUT/summary.csv         one row per method: final/best headline metric mean, std and 95% CI over seeds, ...
+    OUT/summary.csv         one row per method: final/best headline metric mean, std, 95% CI half-width
+                            and the CI's bounds clipped to the metric's range, over seeds, ...
     OUT/paired.csv          each method against the first one on the same seeds: mean difference,
                             its 95% CI, the paired t-test p-value, wins and losses
-    OUT/accuracy.png        global headline metric vs round (mean, 95% CI band over seeds)
+    OUT/accuracy.png        global headline metric vs round (mean, 95% CI band over seeds, clipped)
     OUT/gap.png             local - global headline metric vs round (when local evaluation ran)
     OUT/divergence.png      aggregation divergence vs round (log y)
     OUT/divergence_modules.csv / .png   each LoRA module's divergence (mean over rounds; mean and
                             95% CI over seeds), e.g. to see which layers an aggregation gets wrong
     OUT/bytes.png           cumulative bytes up + down vs round
 
-``describe`` builds only the data of a config and reports client sizes and label histograms.
+Every interval is a 95% Student-t interval of the mean over seeds, clipped to the range its
+quantity can take (:func:`field_range`); with one seed there is none.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 
 from fedlora_jax.analysis import plots
+from fedlora_jax.analysis.describe import describe  # noqa: F401  (re-exported: the CLI imports it from here)
+from fedlora_jax.analysis.stats import UNBOUNDED, difference_range, mean_ci, mean_interval, paired_difference
+from fedlora_jax.analysis.tables import EPSILON_KEYS, comparison_table, paired_table, write_csv
 from fedlora_jax.config import Config, load_config
-from fedlora_jax.data.base import FederatedData
-from fedlora_jax.data.partition import label_histogram
+from fedlora_jax.eval.metrics import METRIC_RANGES
 from fedlora_jax.methods import make_method
 from fedlora_jax.run import build_data, build_experiment, run
-from fedlora_jax.analysis.stats import mean_ci, paired_difference
 
 # Headline metrics in order of preference: classification, regression, causal LM.
 HEADLINE_METRICS = ("accuracy", "pearson", "token_accuracy")
 # results.csv starts with these columns; the other history fields follow in sorted order.
 LEADING_COLUMNS = ("method", "seed", "round", "train_loss", "divergence", "wall_s", "bytes_up", "bytes_down")
-# Privacy budgets carried over into the summary when the runs log them.
-EPSILON_KEYS = ("epsilon", "user_epsilon")
-# Per-class columns shown in the describe table up to this many classes (the heat map has all).
-_MAX_TABLE_CLASSES = 12
+# summary.csv's statistics over seeds of each headline value (columns <value>_<statistic>).
+_STATISTICS = ("mean", "std", "ci95", "ci_low", "ci_high")
+# History fields that are never negative (divergence is a norm; bytes and time are counts).
+_NON_NEGATIVE_FIELDS = ("train_loss", "divergence", "bytes_up", "bytes_down", "wall_s")
 
 ConfigSource = str | Path | dict | Config
 
@@ -173,7 +175,7 @@ def run_comparison(config: ConfigSource, methods: Sequence[str], seeds: Sequence
         console.print(comparison_table(summary, headline, title=f"{configs[(methods[0], seeds[0])].name}: "
                                                                 f"{len(methods)} methods x {len(seeds)} seeds"))
         if paired:
-            console.print(paired_table(paired))
+            console.print(paired_table(paired, headline))
     return ComparisonResult(rows, row_columns, summary, paired, headline, out_dir, run_dirs, figures)
 
 
@@ -253,10 +255,26 @@ def headline_metric(rows: Sequence[dict]) -> str:
     raise ValueError(f"no run evaluated any of {', '.join('global_' + m for m in HEADLINE_METRICS)}")
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof=1; 0.0 for a single value)."""
+def field_range(key: str, headline: str) -> tuple[float, float]:
+    """The values a history field can take, which its intervals are clipped to: an evaluated
+    metric's range (``global_``/``local_`` prefix dropped; accuracy [0, 1], Pearson [-1, 1],
+    loss >= 0), the local-global gap's (the headline's range minus itself), >= 0 for the train
+    loss, divergence, bytes and time; unbounded for a field it does not know."""
+    if key == "local_global_gap":
+        return difference_range(METRIC_RANGES.get(headline, UNBOUNDED))
+    if key in _NON_NEGATIVE_FIELDS:
+        return 0.0, np.inf
+    return METRIC_RANGES.get(key.removeprefix("global_").removeprefix("local_"), UNBOUNDED)
+
+
+def _statistics(name: str, values: Sequence[float], bounds: tuple[float, float]) -> dict[str, float | None]:
+    """``<name>_<statistic>`` for each of _STATISTICS over values [S]: mean, sample std (ddof=1; 0.0
+    for one value), 95% CI half-width and the CI's bounds clipped to ``bounds`` (the last three
+    None for one value)."""
     x = np.asarray(values, dtype=np.float64)
-    return float(x.mean()), float(x.std(ddof=1)) if x.size > 1 else 0.0
+    mean, low, high = mean_interval(x, bounds)
+    statistics = (mean, float(x.std(ddof=1)) if x.size > 1 else 0.0, mean_ci(x)[1], low, high)
+    return {f"{name}_{s}": value for s, value in zip(_STATISTICS, statistics)}
 
 
 def summarise_comparison(histories: dict[tuple[str, int], list[dict]], methods: Sequence[str],
@@ -265,7 +283,9 @@ def summarise_comparison(histories: dict[tuple[str, int], list[dict]], methods: 
 
     "final" is a run's last evaluated round, "best" its maximum over evaluated rounds; ``_mean``,
     ``_std`` and ``_ci95`` are the mean, the sample standard deviation and the half-width of the
-    95% Student-t confidence interval of the mean over seeds (None with one seed). Bytes are
+    95% Student-t confidence interval of the mean over seeds, ``_ci_low`` and ``_ci_high`` that
+    interval's bounds clipped to the metric's range (:func:`field_range`; the last three None
+    with one seed). Bytes are
     per-run totals and divergence the per-run mean over rounds, both averaged over seeds. Gap and epsilon keys are
     present (None where a method lacks them) when any run logged them.
     """
@@ -279,13 +299,12 @@ def summarise_comparison(histories: dict[tuple[str, int], list[dict]], methods: 
             raise ValueError(f"method {method!r}: a run has no round with {key}")
         row: dict[str, Any] = {"method": method, "seeds": len(runs), "rounds": max(len(h) for h in runs)}
         for name, values in _headline_values(evaluated, key).items():
-            row[f"{name}_mean"], row[f"{name}_std"] = _mean_std(values)
-            row[f"{name}_ci95"] = mean_ci(values)[1]
+            row.update(_statistics(name, values, field_range(key, headline)))
         if "local_global_gap" in logged:
             gaps = [e[-1]["local_global_gap"] for e in evaluated if "local_global_gap" in e[-1]]
-            row["final_local_global_gap_mean"], row["final_local_global_gap_std"] = _mean_std(gaps) if gaps else (None, None)
-            row["final_local_global_gap_ci95"] = mean_ci(gaps)[1] if gaps else None
-        row["final_train_loss_mean"] = _mean_std([h[-1]["train_loss"] for h in runs])[0]
+            row.update(_statistics("final_local_global_gap", gaps, field_range("local_global_gap", headline)) if gaps
+                       else {f"final_local_global_gap_{s}": None for s in _STATISTICS})
+        row["final_train_loss_mean"] = float(np.mean([h[-1]["train_loss"] for h in runs]))
         row["total_bytes_up"] = int(np.mean([sum(r["bytes_up"] for r in h) for h in runs]))
         row["total_bytes_down"] = int(np.mean([sum(r["bytes_down"] for r in h) for h in runs]))
         row["mean_divergence"] = float(np.mean([np.mean([r["divergence"] for r in h]) for h in runs]))
@@ -307,26 +326,18 @@ def paired_comparisons(histories: dict[tuple[str, int], list[dict]], methods: Se
                        headline: str) -> list[dict]:
     """Each method after the first against the first, seed by seed (the same seed gives both the
     same data split and initialisation), on the final and the best headline metric:
-    :func:`fedlora_jax.analysis.stats.paired_difference` of (method - reference). Empty for one method."""
+    :func:`fedlora_jax.analysis.stats.paired_difference` of (method - reference), its interval
+    clipped to the range of a difference of the headline metric. Empty for one method."""
     key = f"global_{headline}"
+    bounds = difference_range(field_range(key, headline))
     seeds = sorted({s for (_, s) in histories})
     values = {m: _headline_values([[r for r in histories[(m, s)] if key in r] for s in seeds], key) for m in methods}
     rows = []
     for method in methods[1:]:
         for metric in values[method]:
             rows.append({"method": method, "reference": methods[0], "metric": metric,
-                         **paired_difference(values[method][metric], values[methods[0]][metric])})
+                         **paired_difference(values[method][metric], values[methods[0]][metric], bounds=bounds)})
     return rows
-
-
-def write_csv(rows: Sequence[dict], columns: Sequence[str], path: Path) -> Path:
-    """Writes dict rows as CSV with the given column order; None is written as an empty cell."""
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(columns))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({c: "" if row.get(c) is None else row[c] for c in columns})
-    return path
 
 
 def method_curves(histories: dict[tuple[str, int], list[dict]], method: str, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -344,20 +355,24 @@ def method_curves(histories: dict[tuple[str, int], list[dict]], method: str, key
 
 def plot_comparison(histories: dict[tuple[str, int], list[dict]], methods: Sequence[str], headline: str,
                     out_dir: Path) -> dict[str, Path]:
-    """Writes accuracy.png, gap.png (when local evaluation ran), divergence.png and bytes.png."""
+    """Writes accuracy.png, gap.png (when local evaluation ran), divergence.png and bytes.png; each
+    band is clipped to its field's range (:func:`field_range`)."""
     def curves(key):
         out = {m: method_curves(histories, m, key) for m in methods}
         return {m: c for m, c in out.items() if c[0].size}
 
-    written = {"accuracy": plots.plot_seed_bands(curves(f"global_{headline}"), out_dir / "accuracy.png",
-                                                 ylabel=f"global {headline}", title=f"Global test {headline}")}
+    key = f"global_{headline}"
+    written = {"accuracy": plots.plot_seed_bands(curves(key), out_dir / "accuracy.png", ylabel=f"global {headline}",
+                                                 title=f"Global test {headline}", bounds=field_range(key, headline))}
     gap = curves("local_global_gap")
     if gap:
         written["gap"] = plots.plot_seed_bands(gap, out_dir / "gap.png", ylabel=f"local - global {headline}",
-                                               title=f"Personalisation gap (local - global {headline})")
+                                               title=f"Personalisation gap (local - global {headline})",
+                                               bounds=field_range("local_global_gap", headline))
     written["divergence"] = plots.plot_seed_bands(curves("divergence"), out_dir / "divergence.png",
                                                   ylabel="divergence (mean over LoRA modules)",
-                                                  title="Aggregation divergence", log_y=True)
+                                                  title="Aggregation divergence", log_y=True,
+                                                  bounds=field_range("divergence", headline))
     traffic = {}
     for m in methods:
         rounds, up = method_curves(histories, m, "bytes_up")
@@ -366,148 +381,3 @@ def plot_comparison(histories: dict[tuple[str, int], list[dict]], methods: Seque
     written["bytes"] = plots.plot_cumulative_bytes(traffic, out_dir / "bytes.png",
                                                    title="Communication (mean over seeds)")
     return written
-
-
-def format_bytes(n: float) -> str:
-    """Bytes with a decimal unit, e.g. 1.50 MB."""
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
-
-
-def comparison_table(summary: Sequence[dict], headline: str, title: str = "comparison") -> Table:
-    """A rich table of the comparison summary (mean ± 95% CI half-width over seeds)."""
-    key = f"global_{headline}"
-    table = Table(title=title, caption="mean ± 95% confidence interval over seeds (Student t)")
-    for name, justify in (("method", "left"), ("seeds", "right"), (f"final {headline}", "right"),
-                          (f"best {headline}", "right"), ("local-global gap", "right"), ("bytes up", "right"),
-                          ("bytes down", "right"), ("divergence", "right")):
-        table.add_column(name, justify=justify)
-    eps_keys = [k for k in EPSILON_KEYS if any(f"final_{k}_mean" in row for row in summary)]
-    for k in eps_keys:
-        table.add_column("ε" if k == "epsilon" else "user ε", justify="right")
-
-    def pm(row, name):
-        mean, half = row.get(f"{name}_mean"), row.get(f"{name}_ci95")
-        return "-" if mean is None else f"{mean:.4f}" if half is None else f"{mean:.4f} ± {half:.4f}"
-
-    for row in summary:
-        eps = [f"{row[f'final_{k}_mean']:.3f}" if row.get(f"final_{k}_mean") is not None else "-" for k in eps_keys]
-        table.add_row(row["method"], str(row["seeds"]), pm(row, f"final_{key}"), pm(row, f"best_{key}"),
-                      pm(row, "final_local_global_gap"), format_bytes(row["total_bytes_up"]),
-                      format_bytes(row["total_bytes_down"]), f"{row['mean_divergence']:.3g}", *eps)
-    return table
-
-
-def paired_table(paired: Sequence[dict]) -> Table:
-    """A rich table of :func:`paired_comparisons`: method - reference on the same seeds."""
-    table = Table(title="paired comparison on the same seeds (method - reference)")
-    for name in ("method", "reference", "metric", "pairs", "difference", "95% CI", "p (paired t)", "wins/losses"):
-        table.add_column(name, justify="left" if name in ("method", "reference", "metric") else "right")
-    for row in paired:
-        ci = "-" if row["ci_low"] is None else f"[{row['ci_low']:+.4f}, {row['ci_high']:+.4f}]"
-        p = "-" if row["p_value"] is None else f"{row['p_value']:.3g}"
-        table.add_row(row["method"], row["reference"], row["metric"], str(row["pairs"]),
-                      f"{row['mean_difference']:+.4f}", ci, p, f"{row['wins']}/{row['losses']}")
-    return table
-
-
-def _client_label_counts(labels: np.ndarray, sizes: np.ndarray, num_classes: int) -> np.ndarray:
-    """Label histogram of clients' rows stored client after client: labels [N], sizes [U] -> counts [U, C]."""
-    flat = np.asarray(labels, np.int64)
-    bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    parts = [np.arange(bounds[u], bounds[u + 1]) for u in range(len(sizes))]
-    return label_histogram(flat, parts, num_classes)
-
-
-def data_description(data: FederatedData) -> dict:
-    """Client sizes and (for classification) label histograms of federated data, as plain Python.
-
-    Returns:
-      A dict with name, task, num_clients, num_labels, label_names, train_sizes [U],
-      local_test_sizes [U], global_test_size, total_train, total_local_test, and for
-      classification train_label_counts [U][C], local_test_label_counts [U][C] and
-      global_test_label_counts [C].
-    """
-    train_sizes = np.asarray(data.num_train, dtype=np.int64)
-    test_sizes = np.asarray(data.num_local_test, dtype=np.int64)
-    out: dict[str, Any] = {
-        "name": data.name, "task": data.task, "num_clients": data.num_clients, "num_labels": int(data.num_labels),
-        "label_names": list(data.label_names) if data.label_names is not None else None,
-        "train_sizes": train_sizes.tolist(), "local_test_sizes": test_sizes.tolist(),
-        "global_test_size": int(len(next(iter(data.global_test.values())))),
-        "total_train": int(train_sizes.sum()), "total_local_test": int(test_sizes.sum()),
-    }
-    if data.task == "classification":
-        out["train_label_counts"] = _client_label_counts(data.train["labels"], train_sizes, data.num_labels).tolist()
-        out["local_test_label_counts"] = _client_label_counts(data.local_test["labels"], test_sizes,
-                                                              data.num_labels).tolist()
-        global_labels = np.asarray(data.global_test["labels"], dtype=np.int64)
-        out["global_test_label_counts"] = np.bincount(global_labels, minlength=data.num_labels).tolist()
-    return out
-
-
-def describe_table(info: dict) -> Table:
-    """A rich table of per-client sizes and (classification, up to 12 classes) train label counts."""
-    sizes = np.asarray(info["train_sizes"])
-    table = Table(title=f"{info['name']} ({info['task']}): {info['num_clients']} clients",
-                  caption=f"train sizes: min {sizes.min()}, median {np.median(sizes):g}, max {sizes.max()}")
-    table.add_column("client", justify="right")
-    table.add_column("train", justify="right")
-    table.add_column("local test", justify="right")
-    counts = info.get("train_label_counts")
-    show_classes = counts is not None and info["num_labels"] <= _MAX_TABLE_CLASSES
-    if show_classes:
-        names = info["label_names"] or [str(c) for c in range(info["num_labels"])]
-        for name in names:
-            table.add_column(f"train {name}", justify="right")
-    for u in range(info["num_clients"]):
-        cells = [str(u), str(info["train_sizes"][u]), str(info["local_test_sizes"][u])]
-        table.add_row(*cells, *([str(c) for c in counts[u]] if show_classes else []))
-    totals = np.asarray(counts).sum(axis=0).tolist() if show_classes else []
-    table.add_row("total", str(info["total_train"]), str(info["total_local_test"]), *map(str, totals), style="bold")
-    return table
-
-
-def describe(config: ConfigSource, overrides: Sequence[str] | None = None, heatmap_path: str | Path | None = None,
-             console: Console | None = None, show: bool = True) -> dict:
-    """Builds only the data of a config and reports its clients.
-
-    Prints a table of per-client train and local-test sizes and (classification) per-class train
-    counts, and saves a clients x classes heat map of train label counts to ``heatmap_path``
-    (classification only; for regression and causal LM it says there is no heat map).
-
-    Args:
-      config: a YAML path, a config dict or a Config.
-      overrides: ``key=value`` overrides (ignored when ``config`` is a Config).
-      heatmap_path: PNG path for the label heat map, or None for none.
-      console: where to print (default: stdout).
-      show: print the table and notes.
-
-    Returns:
-      :func:`data_description` of the data, plus ``heatmap``: the PNG path written or None.
-    """
-    c = config if isinstance(config, Config) else load_config(config, list(overrides or []))
-    t0 = time.perf_counter()
-    data = build_data(c)
-    build_s = time.perf_counter() - t0
-    info = data_description(data)
-    info["heatmap"] = None
-    notes = [f"global test set: {info['global_test_size']} examples; data built in {build_s:.1f}s"]
-    if heatmap_path is not None:
-        if data.task == "classification":
-            info["heatmap"] = plots.plot_label_heatmap(
-                np.asarray(info["train_label_counts"]), heatmap_path, class_names=info["label_names"],
-                title=f"{data.name}: training examples per client and class")
-            notes.append(f"label heat map: {info['heatmap']}")
-        else:
-            notes.append(f"no label heat map: task {data.task!r} has no class labels (sizes only)")
-    if show:
-        console = console or Console()
-        console.print(describe_table(info))
-        if info.get("train_label_counts") is not None and info["num_labels"] > _MAX_TABLE_CLASSES:
-            notes.append(f"{info['num_labels']} classes: per-class counts are in the heat map and the returned dict")
-        for note in notes:
-            console.print(note)
-    return info

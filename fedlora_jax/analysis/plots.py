@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from fedlora_jax.analysis.stats import ci_band
+from fedlora_jax.analysis.stats import UNBOUNDED, ci_band, clip_note
 
 # Cells are annotated with their counts only up to this many cells (beyond, text is unreadable).
 _MAX_ANNOTATED_CELLS = 400
@@ -105,34 +106,47 @@ def _legend(axes: Any, title: str | None = None) -> None:
     axes.legend(title=title, fontsize=8, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
-def plot_seed_bands(
+def band_legend_title(seeds: Sequence[int], bounds: tuple[float, float] = UNBOUNDED, mark: str = "band") -> str:
+    """How the means and their intervals (drawn as a ``mark``) are computed, for a legend title:
+    e.g. "mean over 2 seeds; band: 95% t-interval, clipped to [0, 1]", or "mean over 1 seed, no
+    band" when no method has 2 seeds; ``seeds`` are the methods' seed counts."""
+    counts = sorted(set(seeds))
+    over = f"{counts[0]} seed{'s' if counts[0] > 1 else ''}" if len(counts) == 1 else "n seeds (per method)"
+    if counts[-1] < 2:
+        return f"mean over {over}, no {mark}"
+    return f"mean over {over};\n{mark}: 95% t-interval{clip_note(bounds)}"
+
+
+def seed_band_figure(
     curves: Mapping[str, tuple[Any, Any]],
-    path: str | os.PathLike,
     ylabel: str,
     title: str,
     log_y: bool = False,
     xlabel: str = "round",
-) -> Path:
-    """Draws one line per method (the mean over seeds) with a shaded band: the 95% Student-t
-    confidence interval of the mean over seeds (:func:`fedlora_jax.analysis.stats.ci_band`).
+    bounds: tuple[float, float] = UNBOUNDED,
+) -> Figure:
+    """One line per method (the mean over seeds) with a shaded band: the 95% Student-t confidence
+    interval of the mean over seeds clipped to ``bounds`` (:func:`fedlora_jax.analysis.stats.ci_band`),
+    drawn when the method has 2 seeds or more. Legend: "<method> (n=<seeds>)" under
+    :func:`band_legend_title`.
 
     Args:
       curves: method name -> (rounds [R], values [S, R]); NaN marks a round a seed did not reach
         or did not evaluate, and is left out of that round's mean and band.
-      path: output PNG file (parent folders are created).
       ylabel: y axis label.
       title: figure title.
       log_y: logarithmic y axis; when some value is <= 0 (e.g. an exact aggregation with zero
         divergence) a symmetric log axis, linear below the smallest positive value, is used.
       xlabel: x axis label.
+      bounds: (low, high) the values can take, e.g. (0, 1) for an accuracy.
 
     Returns:
-      The path written.
+      The figure (on an Agg canvas).
     """
     if not curves:
-        raise ValueError("plot_seed_bands needs at least one curve")
+        raise ValueError("seed_band_figure needs at least one curve")
     figure, axes = _curve_figure(title, xlabel, ylabel)
-    finite = []
+    finite, seeds = [], []
     for index, (name, (rounds, values)) in enumerate(curves.items()):
         rounds = np.asarray(rounds, dtype=np.float64)
         values = np.atleast_2d(np.asarray(values, dtype=np.float64))
@@ -140,16 +154,31 @@ def plot_seed_bands(
             raise ValueError(f"curve {name!r}: {rounds.shape[0]} rounds but values of shape {values.shape}")
         seen = ~np.all(np.isnan(values), axis=0)
         rounds, values = rounds[seen], values[:, seen]
-        mean, low, high = ci_band(values)
+        mean, low, high = ci_band(values, bounds=bounds)
         style = _line_style(index, len(rounds))
         axes.plot(rounds, mean, label=f"{name} (n={values.shape[0]})", **style)
         if values.shape[0] > 1:
             axes.fill_between(rounds, low, high, color=style["color"], alpha=0.15, linewidth=0)
         finite.append(values[np.isfinite(values)])
+        seeds.append(values.shape[0])
     if log_y:
         _log_scale(axes, np.concatenate(finite))
-    _legend(axes, "mean; band: 95% CI over seeds")
-    return _save(figure, path)
+    _legend(axes, band_legend_title(seeds, bounds))
+    return figure
+
+
+def plot_seed_bands(
+    curves: Mapping[str, tuple[Any, Any]],
+    path: str | os.PathLike,
+    ylabel: str,
+    title: str,
+    log_y: bool = False,
+    xlabel: str = "round",
+    bounds: tuple[float, float] = UNBOUNDED,
+) -> Path:
+    """Draws :func:`seed_band_figure` (the arguments but ``path`` are its own) and saves it as a
+    PNG at ``path`` (parent folders are created); returns the path written."""
+    return _save(seed_band_figure(curves, ylabel, title, log_y=log_y, xlabel=xlabel, bounds=bounds), path)
 
 
 def _log_scale(axes: Any, values: np.ndarray) -> None:
@@ -168,7 +197,7 @@ def plot_module_divergence(
     title: str = "Aggregation divergence per LoRA module",
 ) -> Path:
     """One marker per (method, module): the divergence averaged over rounds, mean over seeds,
-    with its 95% Student-t interval over seeds as an error bar; log y axis.
+    with its 95% Student-t interval over seeds (clipped at 0) as an error bar; log y axis.
 
     Args:
       modules: the LoRA module names [M] in layout order (e.g. ``bert.layers.0.attention.query``);
@@ -195,21 +224,22 @@ def plot_module_divergence(
     axes.grid(True, alpha=0.3)
     x = np.arange(len(modules), dtype=np.float64)
     width = 0.7 / len(values)
-    finite = []
+    finite, seeds = [], []
     for index, (name, per_seed) in enumerate(values.items()):
         per_seed = np.atleast_2d(np.asarray(per_seed, dtype=np.float64))
         if per_seed.shape[1] != len(modules):
             raise ValueError(f"method {name!r}: {len(modules)} modules but values of shape {per_seed.shape}")
-        mean, low, high = ci_band(per_seed)
+        mean, low, high = ci_band(per_seed, bounds=(0.0, np.inf))
         style = _line_style(index, 0)
         offset = x + (index - (len(values) - 1) / 2) * width
         axes.errorbar(offset, mean, yerr=[mean - low, high - mean], fmt=_MARKERS[index % len(_MARKERS)],
                       color=style["color"], markersize=4, capsize=2, linewidth=1,
                       label=f"{name} (n={per_seed.shape[0]})")
         finite.append(per_seed[np.isfinite(per_seed)])
+        seeds.append(per_seed.shape[0])
     axes.set_xticks(x, labels, rotation=90, fontsize=7)
     _log_scale(axes, np.concatenate(finite))
-    _legend(axes, "mean; bar: 95% CI over seeds")
+    _legend(axes, band_legend_title(seeds, (0.0, np.inf), mark="bar"))
     return _save(figure, path)
 
 

@@ -3,23 +3,36 @@
 The functions take numpy arrays, lists or jax arrays. ``accuracy``, ``binary_f1``, ``pearson``
 and ``matthews_corrcoef`` (given ``num_classes``) use only array operations of the input's own
 namespace, so they also run on jax arrays inside ``jax.jit``; with numpy input they return Python
-floats. ``spearman`` and :func:`task_metrics` run on the host. Degenerate inputs follow
-scikit-learn: F1 and MCC are 0 when undefined; Pearson and Spearman are nan for a constant input.
+floats. ``spearman`` (ranks from ``scipy.stats.rankdata``) and :func:`task_metrics` run on the
+host. Degenerate inputs follow scikit-learn: F1 and MCC are 0 when undefined; Pearson and Spearman
+are nan for a constant input. :data:`METRIC_RANGES` holds the values each metric can take.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import stats as scipy_stats
 
 from fedlora_jax.data.text import GLUE_TASKS, extract_gsm8k_answer
 
+# The values each metric can take (a loss has no upper bound); ``compare`` clips intervals to them.
+METRIC_RANGES: dict[str, tuple[float, float]] = {
+    "accuracy": (0.0, 1.0), "f1": (0.0, 1.0), "token_accuracy": (0.0, 1.0),
+    "mcc": (-1.0, 1.0), "pearson": (-1.0, 1.0), "spearman": (-1.0, 1.0),
+    "loss": (0.0, math.inf),
+}
+
 
 def _namespace(*arrays: Any):
+    """numpy or jax.numpy, whichever the inputs live in. The evaluators call the metrics on host
+    numpy arrays, but they are also public pure functions a caller can jit on device arrays, which
+    scipy's counterparts (``scipy.stats.pearsonr``, ...) cannot be: hence array operations both share."""
     if any(isinstance(a, jax.Array) for a in arrays):
         return jnp, [jnp.asarray(a) for a in arrays]
     return np, [np.asarray(a) for a in arrays]
@@ -115,16 +128,18 @@ def average_ranks(values: Any) -> np.ndarray:
     """1-based ranks of an [N] vector; tied values share the average of their ranks.
 
     Returns:
-      [N] float64 ranks (as ``scipy.stats.rankdata(method="average")``).
+      [N] float64 ranks (``scipy.stats.rankdata(method="average")``).
     """
-    values = np.asarray(values)
-    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    first_rank = np.cumsum(counts) - counts + 1  # rank of each distinct value's first copy
-    return (first_rank + (counts - 1) / 2.0)[inverse.reshape(-1)].astype(np.float64)
+    return scipy_stats.rankdata(np.asarray(values), method="average").astype(np.float64)
 
 
 def spearman(predictions: Any, labels: Any) -> float:
-    """Spearman rank correlation of two [N] vectors (ties get average ranks; host only)."""
+    """Spearman rank correlation of two [N] vectors (ties get average ranks; host only).
+
+    The Pearson correlation of the average ranks, which is what ``scipy.stats.spearmanr``
+    returns; through :func:`pearson` a constant input gives nan quietly, without spearmanr's
+    ConstantInputWarning (an untrained regressor often predicts one value).
+    """
     predictions, labels = np.asarray(predictions), np.asarray(labels)
     _check_pair(predictions, labels, "spearman")
     return pearson(average_ranks(predictions), average_ranks(labels))
