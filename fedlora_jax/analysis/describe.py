@@ -16,7 +16,7 @@ from fedlora_jax.analysis import plots
 from fedlora_jax.config import Config, load_config
 from fedlora_jax.data.base import FederatedData
 from fedlora_jax.data.partition import label_histogram
-from fedlora_jax.run.loop import build_data
+from fedlora_jax.run import build_data
 
 # Per-class columns shown in the describe table up to this many classes (the heat map has all).
 _MAX_TABLE_CLASSES = 12

@@ -161,6 +161,11 @@ def build_federation(config: Config, data: FederatedData, trainer: LocalTrainer,
                     cohort_size(config) / data.num_clients if poisson_cohorts else None,
                     uniform_weights=f.client_weights == "uniform")
     user_dp = UserDP(p.user_clip_norm, ledger.user_noise_multiplier) if p.user_level else None
-    server_optimizer = make_server_optimizer(**dict(f.server_optimizer)) if getattr(f, "server_optimizer", None) else None
+    server_optimizer = None
+    if f.server_optimizer is not None:
+        if not method.mean_based:
+            raise ConfigError(f"config key 'federation.server_optimizer' needs a method whose aggregate is the mean "
+                              f"of the uploads (fedit, ffa, rolora), not {method.name!r}")
+        server_optimizer = make_server_optimizer(**f.server_optimizer.model_dump())
     return Federation(trainer, method, layout, cohort, plan.clients_per_chunk, user_dp, folding,
                       keep_client_params=config.eval.local, devices=plan.devices, server_optimizer=server_optimizer)

@@ -46,9 +46,20 @@ class CheckpointMismatch(CheckpointError):
 
 
 def config_digest(config_dict: dict) -> str:
-    """SHA-256 of the config without the keys that do not change the run's numbers."""
-    relevant = {k: v for k, v in config_dict.items() if k not in ("checkpoint", "name")}
+    """SHA-256 of the config without the keys that do not change the run's numbers (the run's
+    name, checkpointing, logging sinks; a server optimiser left at null, so the run directories of
+    earlier versions resume)."""
+    relevant = {k: v for k, v in config_dict.items() if k not in ("checkpoint", "name", "log")}
+    federation = relevant.get("federation")
+    if isinstance(federation, dict) and federation.get("server_optimizer") is None:
+        relevant["federation"] = {k: v for k, v in federation.items() if k != "server_optimizer"}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def path_names(tree) -> list[str]:
+    """Full path names of the leaves of ``tree`` (attributes included: an optax state's ``mu`` and
+    ``nu`` hold the same parameter names), in ``jax.tree.leaves`` order."""
+    return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def _sha256(path: Path) -> str:
@@ -66,6 +77,8 @@ def _flatten(state: ServerState, with_frozen: bool) -> dict[str, np.ndarray]:
                        for n, x in zip(leaf_names(state.frozen), jax.tree.leaves(state.frozen))})
     arrays.update({f"method/{n}": np.asarray(x)
                    for n, x in zip(leaf_names(state.method_state), jax.tree.leaves(state.method_state))})
+    arrays.update({f"optimizer/{n}": np.asarray(x)
+                   for n, x in zip(path_names(state.optimizer_state), jax.tree.leaves(state.optimizer_state))})
     arrays["round"] = np.asarray(state.round)
     arrays["key"] = np.asarray(jax.random.key_data(state.key))
     return arrays
@@ -155,9 +168,9 @@ class Checkpointer:
         if meta["config_digest"] != self.digest:
             raise CheckpointMismatch(f"checkpoint {path} was written by a different config (config.yaml changed)")
 
-        def restore(prefix, tree):
+        def restore(prefix, tree, names=leaf_names):
             leaves = []
-            for name, leaf in zip(leaf_names(tree), jax.tree.leaves(tree)):
+            for name, leaf in zip(names(tree), jax.tree.leaves(tree)):
                 value = arrays.get(f"{prefix}/{name}")
                 if value is None or value.shape != leaf.shape or value.dtype != np.dtype(leaf.dtype):
                     raise CheckpointMismatch(f"checkpoint {path} does not match the model: leaf {prefix}/{name}")
@@ -167,8 +180,9 @@ class Checkpointer:
         params = restore("params", template.params)
         frozen = restore("frozen", template.frozen) if self.with_frozen else template.frozen
         method_state = restore("method", template.method_state)
+        optimizer_state = restore("optimizer", template.optimizer_state, path_names)
         key = jax.random.wrap_key_data(jnp.asarray(arrays["key"]))
-        state = ServerState(params, frozen, jnp.asarray(arrays["round"]), key, method_state)
+        state = ServerState(params, frozen, jnp.asarray(arrays["round"]), key, method_state, optimizer_state)
         return Checkpoint(int(meta["round"]), state, np.asarray(meta["participations"], np.int64),
                           int(meta["rounds_spent"]), path)
 

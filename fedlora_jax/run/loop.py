@@ -28,6 +28,7 @@ from fedlora_jax.run.checkpoint import Checkpointer, config_digest
 from fedlora_jax.run.distributed import is_primary
 from fedlora_jax.run.report import RoundProgress, summarise, summary_table
 from fedlora_jax.run.rundir import RunLog
+from fedlora_jax.run.sinks import check_sinks, open_sinks
 
 
 @dataclasses.dataclass
@@ -54,7 +55,10 @@ def run(config: Config, out_dir: str | Path | None = None, progress: bool = True
     fed, rounds = exp.federation, config.federation.rounds
     primary = is_primary()
     progress = progress and primary
-    log = RunLog(Path(out_dir) if out_dir is not None else None, config, resume, writes=primary)
+    out_path = Path(out_dir) if out_dir is not None else None
+    sinks_wanted = sink_options(config) if primary else {"tensorboard": False, "wandb": None, "mlflow": None}
+    check_sinks(**sinks_wanted, run_dir=out_path)  # before the run directory is written
+    log = RunLog(out_path, config, resume, writes=primary)
     checkpoints = (Checkpointer(log.dir, config_digest(config.to_dict()), config.checkpoint.keep,
                                 fed.method.modifies_base, {"task": exp.data.task, "num_labels": exp.data.num_labels})
                    if log.dir is not None else None)
@@ -68,34 +72,44 @@ def run(config: Config, out_dir: str | Path | None = None, progress: bool = True
     evaluation = exp.evaluation()
     headline = headline_metric(exp.data.task)
     stopped = diverged = None
-    with RoundProgress(console, progress, f"{config.name} [{fed.method.name}]", rounds, len(history), compile_s,
-                       headline) as bar, InterruptFlag() as interrupted:
-        for r in range(len(history), rounds):
-            stopped = budget_stop(exp.ledger, fed, state)
-            if stopped:
-                break
-            state, record, diverged = play_round(exp, compiled, state, shards, evaluation, r, headline)
-            if diverged:
-                break
-            history.append(record)
-            log.round(record)
-            bar.advance(record)
-            if checkpoints and primary and config.checkpoint.every and (r + 1) % config.checkpoint.every == 0:
-                checkpoints.save(state, exp.ledger.participations, exp.ledger.rounds_done)
-            if interrupted():
-                stopped = f"interrupted after round {r + 1}; continue with: fedlora-jax resume {log.dir or 'RUN_DIR'}"
-                break
-    for message, style in ((stopped, "yellow"), (diverged, "red")):
-        if message and primary:
-            console.print(f"[{style}]{message}[/{style}]", soft_wrap=True)
-    if checkpoints and primary:  # the state the run ends with (the last good one after a divergence)
-        checkpoints.save(state, exp.ledger.participations, exp.ledger.rounds_done)
-    summary = summarise(history, headline, compile_s, exp.ledger, stopped, diverged)
-    summary["devices"] = f"{fed.devices} x {jax.default_backend()}"  # the mesh the rounds ran on
-    log.write("summary.json", summary)
+    with open_sinks(**sinks_wanted, run_dir=log.dir, run_name=config.name, config=config.to_dict()) as sinks:
+        with RoundProgress(console, progress, f"{config.name} [{fed.method.name}]", rounds, len(history), compile_s,
+                           headline) as bar, InterruptFlag() as interrupted:
+            for r in range(len(history), rounds):
+                stopped = budget_stop(exp.ledger, fed, state)
+                if stopped:
+                    break
+                state, record, diverged = play_round(exp, compiled, state, shards, evaluation, r, headline)
+                if diverged:
+                    break
+                history.append(record)
+                log.round(record)
+                sinks.round(record)
+                bar.advance(record)
+                if checkpoints and primary and config.checkpoint.every and (r + 1) % config.checkpoint.every == 0:
+                    checkpoints.save(state, exp.ledger.participations, exp.ledger.rounds_done)
+                if interrupted():
+                    stopped = f"interrupted after round {r + 1}; continue with: fedlora-jax resume {log.dir or 'RUN_DIR'}"
+                    break
+        for message, style in ((stopped, "yellow"), (diverged, "red")):
+            if message and primary:
+                console.print(f"[{style}]{message}[/{style}]", soft_wrap=True)
+        if checkpoints and primary:  # the state the run ends with (the last good one after a divergence)
+            checkpoints.save(state, exp.ledger.participations, exp.ledger.rounds_done)
+        summary = summarise(history, headline, compile_s, exp.ledger, stopped, diverged)
+        summary["devices"] = f"{fed.devices} x {jax.default_backend()}"  # the mesh the rounds ran on
+        log.write("summary.json", summary)
+        sinks.summary(summary)
     if progress:
         console.print(summary_table(summary, title=f"{config.name}: {fed.method.name}, {rounds} rounds"))
     return RunResult(history, state, exp, log.dir, compile_s, diverged, interrupted())
+
+
+def sink_options(config: Config) -> dict:
+    """The logging sinks of ``config.log`` as :func:`fedlora_jax.run.sinks.open_sinks` takes them."""
+    c = config.log
+    mlflow = None if c.mlflow is None else {k: v for k, v in c.mlflow.model_dump().items() if v is not None}
+    return {"tensorboard": c.tensorboard, "wandb": c.wandb, "mlflow": mlflow}
 
 
 def play_round(exp: Experiment, compiled, state: ServerState, shards: ClientShards, evaluation: "Evaluation",
