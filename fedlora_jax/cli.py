@@ -97,7 +97,7 @@ def _resume(args) -> int:
 
 
 def _export(args) -> int:
-    from fedlora_jax.hf.peft import export_run
+    from fedlora_jax.run.export import export_run
 
     print(f"PEFT adapter: {export_run(args.run_dir, args.out, clients=args.clients)}")
     return 0

@@ -35,7 +35,8 @@ from fedlora_jax.run.distributed import is_primary
 from fedlora_jax.eval.evaluate import (Evaluator, client_eval_batches, client_rows, eval_batch_count, eval_batches, pad_rows,
                                   score, unbatch, weighted_client_metrics)
 from fedlora_jax.eval.generate import gsm8k_exact_match
-from fedlora_jax.hf.peft import load_adapter
+from fedlora_jax.hf import load_adapter
+from fedlora_jax.run.export import model_type_of
 from fedlora_jax.methods import make_method, streaming_methods
 from fedlora_jax.models.lora import LoRAConfig, inject_lora, split_model
 from fedlora_jax.models.weights import resolve_checkpoint_dir
@@ -223,7 +224,8 @@ def build_experiment(config: Config, data: FederatedData | None = None) -> Exper
     model, adapted = build_model(config, data)
     graphdef, params, frozen = split_model(model)
     if config.model.adapter:
-        params = load_adapter(config.model.adapter, params, config, data.task)
+        params = load_adapter(config.model.adapter, params, model_type_of(config.model), data.task, lora_config(config),
+                              config.model.pooling)
     f, p = config.federation, config.privacy
     ledger = PrivacyLedger.create(p, data.num_train, f.batch_size, f.local_steps, f.rounds, cohort_size(config))
     record_dp = None
