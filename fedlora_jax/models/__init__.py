@@ -1,6 +1,8 @@
-"""Transformer models (NNX), Hugging Face weight loading and LoRA."""
+"""Transformer models (NNX), one folder per family, found through one registry; Hugging Face
+weight loading and LoRA."""
 
 from fedlora_jax.models.bert import BertConfig, BertForSequenceClassification, BertModel
+from fedlora_jax.models.family import Family
 from fedlora_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from fedlora_jax.models.lora import (
     TRAINABLE,
@@ -12,27 +14,36 @@ from fedlora_jax.models.lora import (
     merge_lora,
     split_model,
 )
+from fedlora_jax.models.registry import FAMILIES, TASKS, family_of
 from fedlora_jax.models.weights import (
     create_model,
+    hf_tensor_name,
     load_pretrained,
     model_config_from_pretrained,
+    resolve_checkpoint_dir,
 )
 
 __all__ = [
+    "FAMILIES",
+    "TASKS",
     "TRAINABLE",
     "BertConfig",
     "BertForSequenceClassification",
     "BertModel",
+    "Family",
     "LlamaConfig",
     "LlamaForCausalLM",
     "LoRAConfig",
     "LoRALinear",
     "LoRAParam",
     "create_model",
+    "family_of",
+    "hf_tensor_name",
     "inject_lora",
     "load_pretrained",
     "lora_layers",
     "merge_lora",
     "model_config_from_pretrained",
+    "resolve_checkpoint_dir",
     "split_model",
 ]

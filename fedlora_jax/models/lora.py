@@ -120,7 +120,8 @@ class ClientRouting:
     def linear(self, x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
         """x W_c + b_c on per-example rows: x [C b, d_in], kernel [C, d_in, d_out], bias [C, d_out]."""
         if x.ndim != 2:
-            raise ValueError(f"a per-client linear layer on a shared stream takes per-example rows [C b, d], got {x.shape}")
+            raise ValueError(f"a per-client linear layer on a shared stream takes per-example rows [C b, d], "
+                             f"got {x.shape}")
         out = jnp.einsum("cni,cio->cno", x.reshape(self.clients, -1, x.shape[-1]), kernel)
         if bias is not None:
             out = out + bias[:, None, :]

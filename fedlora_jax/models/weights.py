@@ -5,14 +5,10 @@ one at a time with ``safetensors.safe_open(..., framework="numpy")``; bfloat16 t
 as ``ml_dtypes.bfloat16`` numpy arrays (ml_dtypes, a JAX dependency, registers that dtype with
 numpy once imported) and are cast to the requested dtype.
 
-Naming rules, from an NNX parameter path to a checkpoint tensor name:
-  * checkpoint names lose one leading ``bert.``, ``roberta.`` or ``model.``; legacy LayerNorm
-    ``gamma``/``beta`` read as ``weight``/``bias``;
-  * NNX module paths map to HF module paths (:data:`BERT_MODULE_RULES`; Llama names are HF's);
-  * leaves: Linear ``kernel`` [in, out] <- ``weight`` [out, in] transposed; Embed
-    ``embedding`` and norm ``scale`` <- ``weight``; ``bias`` <- ``bias``;
-  * fused ``qkv_proj`` / ``gate_up_proj`` tensors are split by rows when the separate ones
-    are absent.
+Names: each model_type's row of :data:`fedlora_jax.models.registry.FAMILIES` says how its
+parameters are named in checkpoints (:mod:`fedlora_jax.models.family`); fused projections are
+split by rows when the separate ones are absent. This module knows no family.
+
 Checkpoint tensors no parameter needs are ignored. A task ``head`` missing from the checkpoint
 is freshly initialised (logged); any other missing or mis-shaped tensor raises ``ValueError``.
 """
@@ -35,68 +31,25 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
-from fedlora_jax.models.bert import BertConfig, BertForSequenceClassification, BertModel
-from fedlora_jax.models.llama import LlamaConfig, LlamaForCausalLM
+from fedlora_jax.models.family import Family
+from fedlora_jax.models.registry import builder_of, family_of
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("classification", "regression", "causal_lm", "encoder")
-ENCODER_TYPES = ("bert", "roberta")
-DECODER_TYPES = ("llama", "mistral", "qwen2")
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "vocab*", "merges.txt", "*.model"]
-CHECKPOINT_PREFIXES = ("bert.", "roberta.", "model.")
 HEAD = "head"
-
-# NNX module path (dotted, without the wrapper's ``bert.``) -> HF module path.
-BERT_MODULE_RULES: tuple[tuple[str, str], ...] = (
-    (r"embeddings\.layer_norm", r"embeddings.LayerNorm"),
-    (r"layers\.(\d+)\.attention\.(query|key|value)", r"encoder.layer.\1.attention.self.\2"),
-    (r"layers\.(\d+)\.attention_output", r"encoder.layer.\1.attention.output.dense"),
-    (r"layers\.(\d+)\.attention_norm", r"encoder.layer.\1.attention.output.LayerNorm"),
-    (r"layers\.(\d+)\.intermediate", r"encoder.layer.\1.intermediate.dense"),
-    (r"layers\.(\d+)\.output", r"encoder.layer.\1.output.dense"),
-    (r"layers\.(\d+)\.output_norm", r"encoder.layer.\1.output.LayerNorm"),
-    (r"pooler", r"pooler.dense"),
-    (r"head", r"classifier"),
-    (r"head\.(dense|out_proj)", r"classifier.\1"),
-)
-LEAF_NAMES = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
-# separate projection -> (fused checkpoint projection, index of its row block)
-FUSED_PROJECTIONS = {
-    "q_proj": ("qkv_proj", 0),
-    "k_proj": ("qkv_proj", 1),
-    "v_proj": ("qkv_proj", 2),
-    "gate_proj": ("gate_up_proj", 0),
-    "up_proj": ("gate_up_proj", 1),
-}
 
 
 # ----------------------------------------------------------------------------- model building
 
 
-def _architecture(model_type: str, config: Mapping[str, Any], task: str, num_labels: int, dtype, pooling: str = "cls"):
-    """(model constructor taking rngs, family) for a model_type/task pair."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
-    if model_type in ENCODER_TYPES:
-        bert_config = BertConfig.from_hf({**config, "model_type": model_type})
-        if task == "encoder":
-            return (lambda rngs: BertModel(bert_config, dtype=dtype, param_dtype=dtype, rngs=rngs)), "bert"
-        if task in ("classification", "regression"):
-            labels = 1 if task == "regression" else num_labels
-            return (
-                lambda rngs: BertForSequenceClassification(
-                    bert_config, labels, head=model_type, pooling=pooling, dtype=dtype, param_dtype=dtype, rngs=rngs
-                )
-            ), "bert"
-    elif model_type in DECODER_TYPES:
-        llama_config = LlamaConfig.from_hf({**config, "model_type": model_type})
-        if task == "causal_lm":
-            return (lambda rngs: LlamaForCausalLM(llama_config, dtype=dtype, param_dtype=dtype, rngs=rngs)), "llama"
-    else:
-        raise ValueError(f"unsupported model_type {model_type!r}; supported: {ENCODER_TYPES + DECODER_TYPES}")
-    available = ("encoder", "classification", "regression") if model_type in ENCODER_TYPES else ("causal_lm",)
-    raise ValueError(f"task {task!r} is not available for model_type {model_type!r}; available: {available}")
+def _model_builder(model_type: str, hf_config: Mapping[str, Any], task: str, num_labels: int, dtype,
+                   pooling: str) -> tuple[Family, Any, Callable[[nnx.Rngs], nnx.Module]]:
+    """(registry row, family config, build(rngs) -> model) of a model_type/task pair."""
+    family, build = builder_of(model_type, task)
+    config = family.config_from_hf({**hf_config, "model_type": model_type})
+    labels = 1 if task == "regression" else num_labels
+    return family, config, lambda rngs: build(config, num_labels=labels, pooling=pooling, dtype=dtype, rngs=rngs)
 
 
 def create_model(
@@ -111,17 +64,18 @@ def create_model(
     """Builds a randomly initialised model from a config dict with Hugging Face key names.
 
     Args:
-      model_type: "bert", "roberta", "llama", "mistral" or "qwen2".
+      model_type: a key of :data:`~fedlora_jax.models.registry.FAMILIES` ("bert", "roberta",
+        "llama", "mistral", "qwen2").
       config: HF ``config.json`` keys (vocab_size, hidden_size, num_hidden_layers, ...).
       task: "classification", "regression" (1 output), "encoder" (bert/roberta: hidden states)
-        or "causal_lm" (llama family).
+        or "causal_lm" (llama family); the model_type's row says which it has.
       num_labels: outputs of the classification head.
       seed: initialisation seed.
       dtype: parameter and compute dtype.
       pooling: sequence classification: "cls" (HF's head) or "mean" (see
         :class:`~fedlora_jax.models.bert.BertForSequenceClassification`).
     """
-    build, _ = _architecture(model_type, config, task, num_labels, dtype, pooling)
+    _, _, build = _model_builder(model_type, config, task, num_labels, dtype, pooling)
     return build(nnx.Rngs(seed))
 
 
@@ -163,19 +117,9 @@ def model_config_from_pretrained(path_or_hub_id: str | os.PathLike) -> dict[str,
     return _read_config(resolve_checkpoint_dir(path_or_hub_id))
 
 
-def _normalise_name(name: str) -> str:
-    for prefix in CHECKPOINT_PREFIXES:
-        if name.startswith(prefix):
-            name = name[len(prefix) :]
-            break
-    if "LayerNorm." in name:
-        name = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", name)
-        name = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name)
-    return name
-
-
-def _checkpoint_index(directory: Path) -> dict[str, tuple[Path, str]]:
-    """Normalised tensor name -> (safetensors file, name in that file)."""
+def _checkpoint_index(directory: Path, family: Family) -> dict[str, tuple[Path, str]]:
+    """Tensor name as ``family`` spells it (:meth:`Family.checkpoint_name`) -> (safetensors file,
+    name in that file)."""
     index_file = directory / "model.safetensors.index.json"
     if index_file.is_file():
         weight_map = json.loads(index_file.read_text())["weight_map"]
@@ -188,45 +132,24 @@ def _checkpoint_index(directory: Path) -> dict[str, tuple[Path, str]]:
         for file in files:
             with safe_open(file, framework="numpy") as handle:
                 entries.extend((file, name) for name in handle.keys())  # noqa: SIM118 (safe_open is not iterable)
-    return {_normalise_name(name): (file, name) for file, name in entries}
+    return {family.checkpoint_name(name): (file, name) for file, name in entries}
 
 
 # ----------------------------------------------------------------------------- name mapping
 
 
-def _hf_module_path(module_path: str, family: str) -> str:
-    if family == "llama":
-        return module_path.removeprefix("model.")
-    module_path = module_path.removeprefix("bert.")
-    for pattern, replacement in BERT_MODULE_RULES:
-        if re.fullmatch(pattern, module_path):
-            return re.sub(pattern, replacement, module_path)
-    return module_path
-
-
-def hf_tensor_name(path: tuple, family: str) -> str:
-    """The normalised checkpoint name of an NNX parameter path (e.g. ``("bert", "pooler", "kernel")``)."""
-    *module, leaf = (str(p) for p in path)
-    if leaf not in LEAF_NAMES:
-        raise ValueError(f"no checkpoint naming rule for parameter leaf {leaf!r} at {'.'.join(module)}")
-    return f"{_hf_module_path('.'.join(module), family)}.{LEAF_NAMES[leaf]}"
-
-
-def _fused_block_sizes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Row-block sizes of fused projections, from the HF config (decoders only)."""
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    kv_heads = config.get("num_key_value_heads") or heads
-    inner = config["intermediate_size"]
-    return {"qkv_proj": (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), "gate_up_proj": (inner, inner)}
+def hf_tensor_name(path: tuple, model_type: str) -> str:
+    """The checkpoint name (inside the bare base model) of an NNX parameter path of a
+    ``model_type`` model, e.g. ``("bert", "pooler", "kernel")`` -> ``pooler.dense.weight``."""
+    return family_of(model_type).tensor_name(path)
 
 
 class _TensorSource:
     """Finds and reads checkpoint tensors by normalised name, splitting fused projections."""
 
-    def __init__(self, index: dict[str, tuple[Path, str]], block_sizes: dict[str, tuple[int, ...]], stack):
+    def __init__(self, index: dict[str, tuple[Path, str]], fused: Mapping[str, tuple[str, int, int]], stack):
         self.index = index
-        self.block_sizes = block_sizes
+        self.fused = fused
         self.stack = stack
         self.handles: dict[Path, Any] = {}
 
@@ -241,15 +164,13 @@ class _TensorSource:
         if name in self.index:
             return lambda: self._slice(name)[:]
         match = re.fullmatch(r"(.*)\.(\w+)\.(weight|bias)", name)
-        if match is None or match.group(2) not in FUSED_PROJECTIONS or not self.block_sizes:
+        if match is None or match.group(2) not in self.fused:
             return None
-        fused, block = FUSED_PROJECTIONS[match.group(2)]
+        fused, start, rows = self.fused[match.group(2)]
         fused_name = f"{match.group(1)}.{fused}.{match.group(3)}"
         if fused_name not in self.index:
             return None
-        sizes = self.block_sizes[fused]
-        start = sum(sizes[:block])
-        return lambda: self._slice(fused_name)[start : start + sizes[block]]
+        return lambda: self._slice(fused_name)[start : start + rows]
 
 
 def _checkpoint_shape(shape: tuple[int, ...], leaf: str) -> tuple[int, ...]:
@@ -288,19 +209,18 @@ def load_pretrained(
     """
     directory = resolve_checkpoint_dir(path_or_hub_id)
     config = _read_config(directory)
-    model_type = config.get("model_type")
-    build, family = _architecture(model_type, config, task, num_labels, dtype, pooling)
+    family, family_config, build = _model_builder(config.get("model_type"), config, task, num_labels, dtype, pooling)
     abstract = nnx.eval_shape(lambda: build(nnx.Rngs(seed)))
     graphdef, abstract_state = nnx.split(abstract)
-    index = _checkpoint_index(directory)
-    block_sizes = _fused_block_sizes(config) if family == "llama" else {}
+    index = _checkpoint_index(directory, family)
+    fused = family.fused_projections(family_config) if family.fused_projections else {}
 
     loaded, missing_head = [], []
     with contextlib.ExitStack() as stack:
-        source = _TensorSource(index, block_sizes, stack)
+        source = _TensorSource(index, fused, stack)
         for path, variable in nnx.to_flat_state(abstract_state):
             expected = variable.get_value()
-            name = hf_tensor_name(path, family)
+            name = family.tensor_name(path)
             read = source.find(name)
             if read is None:
                 if HEAD in path:

@@ -12,16 +12,17 @@ import jax.numpy as jnp
 import optax
 
 from fedlora_jax import models
-from fedlora_jax.config import Config, ConfigError, cohort_size
+from fedlora_jax.config import Config, ConfigError, ModelConfig, cohort_size
 from fedlora_jax.data.base import FederatedData
 from fedlora_jax.data.sources import SOURCES, load_federated
 from fedlora_jax.data.synthetic import make_synthetic
 from fedlora_jax.engine import BaseFolding, Cohort, Federation, LocalTrainer, RecordDP, UserDP
 from fedlora_jax.eval.evaluate import Evaluator
 from fedlora_jax.eval.evaluation import Evaluation
-from fedlora_jax.hf.peft import load_adapter
+from fedlora_jax.hf import load_adapter
 from fedlora_jax.methods import make_method
 from fedlora_jax.methods.server_optimizers import make_server_optimizer
+from fedlora_jax.models import model_config_from_pretrained
 from fedlora_jax.models.lora import LoRAConfig, inject_lora, split_model
 from fedlora_jax.params import leaf_names, trainable_layout
 from fedlora_jax.privacy.bookkeeping import unsupported_leaves
@@ -67,6 +68,11 @@ def build_data(config: Config) -> FederatedData:
     if not tokenizer:
         raise ConfigError("config key 'data.tokenizer' is needed when model.pretrained is not set")
     return load_federated(d, tokenizer, config.seed)
+
+
+def model_type_of(model: ModelConfig) -> str:
+    """The transformers model_type of a config's model: its checkpoint's, else ``model.arch``."""
+    return model_config_from_pretrained(model.pretrained)["model_type"] if model.pretrained else model.arch
 
 
 def lora_config(config: Config) -> LoRAConfig:
@@ -129,7 +135,8 @@ def build_experiment(config: Config, data: FederatedData | None = None) -> Exper
     model, adapted = build_model(config, data)
     graphdef, params, frozen = split_model(model)
     if config.model.adapter:
-        params = load_adapter(config.model.adapter, params, config, data.task)
+        params = load_adapter(config.model.adapter, params, model_type_of(config.model), data.task, lora_config(config),
+                              config.model.pooling)
     f, p = config.federation, config.privacy
     ledger = PrivacyLedger.create(p, data.num_train, f.batch_size, f.local_steps, f.rounds, cohort_size(config))
     record_dp = None

@@ -12,6 +12,12 @@ import yaml
 from fedlora_jax.config import Config, ConfigError
 
 
+def check_run_dir(path: Path) -> None:
+    """Raises :class:`ConfigError` unless ``path`` is a run directory (holds its config.yaml)."""
+    if not (Path(path) / "config.yaml").is_file():
+        raise ConfigError(f"{path} is not a run directory (no config.yaml)")
+
+
 class RunLog:
     """The run directory: resolved config, metrics.jsonl, divergence.jsonl, summary.json.
 
@@ -28,8 +34,7 @@ class RunLog:
         if not writes and not resume:
             return
         if resume:
-            if not (out_dir / "config.yaml").is_file():
-                raise ConfigError(f"{out_dir} is not a run directory (no config.yaml)")
+            check_run_dir(out_dir)
             return
         if out_dir.exists() and any(out_dir.iterdir()):
             raise ConfigError(f"run directory {out_dir} already exists and is not empty")

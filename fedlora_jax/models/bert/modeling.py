@@ -18,90 +18,18 @@ task ``head``.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
-from collections.abc import Callable, Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from fedlora_jax.data.packing import Packing
+from fedlora_jax.models.bert import attention as kernels
+from fedlora_jax.models.bert.config import ACTIVATIONS, BertConfig
 from fedlora_jax.models.lora import Linear
 
-def gelu_exact(x: jax.Array) -> jax.Array:
-    """Exact GELU through erf (as torch): cheaper in XLA than ``jax.nn.gelu``'s erfc form."""
-    return 0.5 * x * (1.0 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
-
-
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": gelu_exact,
-    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "relu": jax.nn.relu,
-}
-HEAD_KINDS = ("bert", "roberta")
-
-
-@dataclasses.dataclass(frozen=True)
-class BertConfig:
-    """Hyperparameters of a BERT/RoBERTa encoder, named as in Hugging Face ``config.json``.
-
-    Attributes:
-      roberta_positions: position ids start at ``pad_token_id + 1`` and skip padding tokens
-        (RoBERTa's ``create_position_ids_from_input_ids``); BERT uses 0..L-1.
-    """
-
-    vocab_size: int
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    intermediate_size: int
-    hidden_act: str = "gelu"
-    max_position_embeddings: int = 512
-    type_vocab_size: int = 2
-    layer_norm_eps: float = 1e-12
-    pad_token_id: int = 0
-    initializer_range: float = 0.02
-    roberta_positions: bool = False
-
-    def __post_init__(self):
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; expected one of {sorted(ACTIVATIONS)}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
-            )
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @classmethod
-    def from_hf(cls, hf: Mapping[str, Any]) -> BertConfig:
-        """Builds the config from a Hugging Face ``config.json`` dict (model_type bert or roberta)."""
-        position_type = hf.get("position_embedding_type", "absolute")
-        if position_type != "absolute":
-            raise ValueError(f"unsupported position_embedding_type {position_type!r}; only 'absolute' is implemented")
-        is_roberta = hf.get("model_type") == "roberta"
-        pad = hf.get("pad_token_id")
-        return cls(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            num_hidden_layers=hf["num_hidden_layers"],
-            num_attention_heads=hf["num_attention_heads"],
-            intermediate_size=hf["intermediate_size"],
-            hidden_act=hf.get("hidden_act", "gelu"),
-            max_position_embeddings=hf.get("max_position_embeddings", 512),
-            type_vocab_size=hf.get("type_vocab_size", 2),
-            layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
-            pad_token_id=(1 if is_roberta else 0) if pad is None else pad,
-            initializer_range=hf.get("initializer_range", 0.02),
-            roberta_positions=is_roberta,
-        )
+HEAD_KINDS = ("bert", "roberta")  # the task head of BertForSequenceClassification
 
 
 def roberta_position_ids(input_ids: jax.Array, pad_token_id: int) -> jax.Array:
@@ -118,103 +46,8 @@ def roberta_position_ids(input_ids: jax.Array, pad_token_id: int) -> jax.Array:
     return jnp.cumsum(is_token, axis=1) * is_token + pad_token_id
 
 
-def attention_mask_for(attention_mask: jax.Array, packing=None) -> jax.Array:
-    """Boolean attention mask broadcastable to [B, N, Lq, Lk].
-
-    Padded rows: every query sees the real keys of its row ([B, 1, 1, L]). A packed stream
-    (``packing``, a :class:`fedlora_jax.data.packing.Packing`): a token sees only the tokens of its
-    own example, block-diagonal [1, 1, T, T]; tail tokens see the whole stream (their outputs are
-    never read).
-    """
-    if packing is None:
-        return attention_mask.astype(bool)[:, None, None, :]
-    segments = packing.segment_ids
-    same = (segments[:, :, None] == segments[:, None, :]) | (segments[:, :, None] == 0)
-    return same[:, None]
-
-
-def stream_attention(query: jax.Array, key: jax.Array, value: jax.Array, packing: Packing) -> jax.Array:
-    """Attention inside the examples of an aligned packed stream, one block at a time.
-
-    In an aligned stream (``packing.aligned``) no example crosses a boundary of the blocks of
-    L = ``packing.row_length`` tokens, so the keys a query needs lie in its own block: each block
-    attends to its L keys (what :func:`attention_mask_for`'s block-diagonal mask computes, at
-    L / T of the cost, and the same keys per query as padded rows of length L).
-
-    Args:
-      query, key, value: [1, T, N, D] a packed stream.
-      packing: where the examples are (aligned).
-
-    Returns:
-      [1, T, N, D].
-    """
-    length, block = query.shape[1], packing.row_length
-    num_blocks = -(-length // block)
-
-    def blocks(x):  # [1, T, ...] -> [num_blocks, block, ...]
-        x = jnp.pad(x[0], [(0, num_blocks * block - length)] + [(0, 0)] * (x.ndim - 2))
-        return x.reshape((num_blocks, block) + x.shape[1:])
-
-    segments = blocks(packing.segment_ids)
-    mask = (segments[:, :, None] == segments[:, None, :]) | (segments[:, :, None] == 0)
-    out = padding_attention(blocks(query), blocks(key), blocks(value), mask[:, None])
-    return out.reshape((num_blocks * block,) + out.shape[2:])[None, :length]
-
-
-_MASKED = float(-0.7 * np.finfo(np.float32).max)  # the fill jax.nn.dot_product_attention uses
-
-
-def _attention_core(query, key, value, mask):
-    scale = jnp.float32(1.0 / math.sqrt(query.shape[-1]))
-    logits = jnp.einsum("bqnd,bknd->bnqk", query, key, preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(mask, logits, _MASKED)
-    exp = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-    probs = exp / jnp.sum(exp, axis=-1, keepdims=True)
-    return jnp.einsum("bnqk,bknd->bqnd", probs.astype(value.dtype), value), probs
-
-
-@jax.custom_vjp
-def padding_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array) -> jax.Array:
-    """Bidirectional multi-head attention (softmax in float32).
-
-    The math of ``jax.nn.dot_product_attention``, with a hand-written backward that reuses the
-    saved probabilities and rowsum(dO * O) for the softmax gradient: 7-16% less time per training
-    step on the CPU (docs/performance.md).
-
-    Args:
-      query, key, value: [B, L, N, D].
-      mask: boolean, broadcastable to [B, N, L, L] (see :func:`attention_mask_for`).
-
-    Returns:
-      [B, L, N, D].
-    """
-    return _attention_core(query, key, value, mask)[0]
-
-
-def _attention_forward(query, key, value, mask):
-    out, probs = _attention_core(query, key, value, mask)
-    return out, (query, key, value, probs, out, mask)
-
-
-def _attention_backward(saved, d_out):
-    query, key, value, probs, out, mask = saved
-    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-    scale = jnp.float32(1.0 / math.sqrt(query.shape[-1]))
-    d_out = f32(d_out)
-    d_value = jnp.einsum("bnqk,bqnd->bknd", probs, d_out)
-    d_probs = jnp.einsum("bqnd,bknd->bnqk", d_out, f32(value))
-    delta = jnp.einsum("bqnd,bqnd->bnq", d_out, f32(out))[..., None]  # == rowsum(d_probs * probs)
-    d_logits = jnp.where(mask, probs * (d_probs - delta), 0.0) * scale  # masked logits get no gradient
-    d_query = jnp.einsum("bnqk,bknd->bqnd", d_logits, f32(key))
-    d_key = jnp.einsum("bnqk,bqnd->bknd", d_logits, f32(query))
-    return (d_query.astype(query.dtype), d_key.astype(key.dtype), d_value.astype(value.dtype),
-            np.zeros(mask.shape, jax.dtypes.float0))
-
-
-padding_attention.defvjp(_attention_forward, _attention_backward)
-
-
-def _linear(d_in: int, d_out: int, config: BertConfig, dtype, param_dtype, rngs: nnx.Rngs, kind=nnx.Linear) -> nnx.Linear:
+def _linear(d_in: int, d_out: int, config: BertConfig, dtype, param_dtype, rngs: nnx.Rngs,
+            kind=nnx.Linear) -> nnx.Linear:
     return kind(
         d_in,
         d_out,
@@ -249,7 +82,8 @@ class BertEmbeddings(nnx.Module):
         self.roberta_positions = config.roberta_positions
         self.pad_token_id = config.pad_token_id
 
-    def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+    def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array,
+                 positions: jax.Array | None = None) -> jax.Array:
         """[B, L] ids and token types (and optional [B, L] positions inside each example, for
         packed streams) -> [B, L, H] embeddings."""
         longest = input_ids.shape[1] + (self.pad_token_id + 1 if self.roberta_positions else 0)
@@ -284,12 +118,12 @@ class BertSelfAttention(nnx.Module):
         self.head_dim = config.head_dim
 
     def __call__(self, hidden: jax.Array, mask) -> jax.Array:
-        """[B, L, H] hidden states, boolean mask (:func:`attention_mask_for`) or, for an aligned
-        packed stream, its :class:`Packing` (:func:`stream_attention`) -> [B, L, H] attention
-        output (before projection)."""
+        """[B, L, H] hidden states, boolean mask (:func:`.attention.attention_mask_for`) or, for an
+        aligned packed stream, its :class:`Packing` (:func:`.attention.stream_attention`) -> [B, L, H]
+        attention output (before projection)."""
         batch, length, _ = hidden.shape
         head_shape = (batch, length, self.num_heads, self.head_dim)
-        attend = stream_attention if isinstance(mask, Packing) else padding_attention
+        attend = kernels.stream_attention if isinstance(mask, Packing) else kernels.padding_attention
         out = attend(
             self.query(hidden).reshape(head_shape),
             self.key(hidden).reshape(head_shape),
@@ -304,8 +138,9 @@ class BertSelfAttention(nnx.Module):
         Args:
           hidden: [B, L, H] padded rows or [1, T, H] a packed stream.
           first: [B, H] or [b, H], the first-token states (:func:`first_token_states`).
-          mask: padded rows: the boolean mask of :func:`attention_mask_for` ([B, 1, 1, L]); a
-            packed stream's keys are gathered per example instead, and it is not read.
+          mask: padded rows: the boolean mask of :func:`.attention.attention_mask_for`
+            ([B, 1, 1, L]); a packed stream's keys are gathered per example instead, and it is
+            not read.
           packing: the stream's :class:`Packing` (None for padded rows).
 
         Returns:
@@ -317,7 +152,7 @@ class BertSelfAttention(nnx.Module):
         if packing is not None:  # each example's L key slots gathered from the stream, real ones unmasked
             index, real = packing.example_tokens()  # [b, L]
             key, value, mask = key[0, index], value[0, index], real[:, None, None, :]
-        out = padding_attention(query, key, value, mask)
+        out = kernels.padding_attention(query, key, value, mask)
         return out.reshape(out.shape[0], self.num_heads * self.head_dim)
 
 
@@ -426,7 +261,7 @@ class BertModel(nnx.Module):
         if packing is not None and packing.aligned and input_ids.shape[1] > packing.row_length:
             mask = packing  # attention block by block (stream_attention)
         else:
-            mask = attention_mask_for(attention_mask, packing)
+            mask = kernels.attention_mask_for(attention_mask, packing)
         if not first_tokens_only:
             for layer in self.layers:
                 hidden = layer(hidden, mask)
@@ -525,8 +360,10 @@ class BertForSequenceClassification(nnx.Module):
                 weights = packing.segment_matrix(hidden.dtype)  # [b, T]
                 pooled = (weights @ hidden[0]) / jnp.maximum(packing.lengths, 1)[:, None].astype(hidden.dtype)
             else:
-                mask = jnp.ones(hidden.shape[:2], hidden.dtype) if attention_mask is None else attention_mask.astype(hidden.dtype)
-                pooled = jnp.sum(hidden * mask[..., None], axis=1) / jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1.0)
+                mask = (jnp.ones(hidden.shape[:2], hidden.dtype) if attention_mask is None
+                        else attention_mask.astype(hidden.dtype))
+                counts = jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1.0)
+                pooled = jnp.sum(hidden * mask[..., None], axis=1) / counts
             return self.head(pooled)
         first = self.bert(input_ids, attention_mask, token_type_ids, packing, first_tokens_only=True)
         if self.head_kind == "bert":
