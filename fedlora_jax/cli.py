@@ -1,6 +1,7 @@
 """Command line.
 
-  fedlora-jax run CONFIG.yaml [--set key=value ...] [--out RUN_DIR] [--coordinator HOST:PORT --num-processes N --process-id I]
+  fedlora-jax run CONFIG.yaml [--set key=value ...] [--out RUN_DIR]
+                              [--coordinator HOST:PORT --num-processes N --process-id I]
   fedlora-jax resume RUN_DIR [--quiet] [--coordinator ... --num-processes ... --process-id ...]
   fedlora-jax export RUN_DIR --out DIR [--clients]
   fedlora-jax compare CONFIG.yaml --methods fedit,ffa,fra,flora_na --seeds 0,1,2 [--set ...] [--out DIR]
@@ -57,7 +58,9 @@ def _processes(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group("multi-process runs (every process runs the same command; process 0 writes)")
     group.add_argument("--coordinator", metavar="HOST:PORT",
                        help="process 0's address (default: $JAX_COORDINATOR_ADDRESS; SLURM is detected)")
-    group.add_argument("--num-processes", type=int, metavar="N", help="processes in the run (default: $JAX_NUM_PROCESSES)")
+    group.add_argument(
+        "--num-processes", type=int, metavar="N", help="processes in the run (default: $JAX_NUM_PROCESSES)"
+    )
     group.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1 (default: $JAX_PROCESS_ID)")
 
 
@@ -135,7 +138,7 @@ def _compare(args) -> int:
 
 
 def _describe(args) -> int:
-    from fedlora_jax.analysis.compare import describe
+    from fedlora_jax.analysis.describe import describe
 
     describe(args.config, args.overrides, heatmap_path=args.out)
     return 0

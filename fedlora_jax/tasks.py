@@ -1,4 +1,5 @@
-"""Forward pass, per-example losses and predictions for each task kind.
+"""Task kinds (classification, regression, causal LM) as objects: per-example losses, predictions
+and the headline metric; and the forward pass.
 
 A batch is a dict with ``input_ids`` [b, L], ``attention_mask`` [b, L], optional
 ``token_type_ids`` [b, L], and ``labels``: [b] int (classification), [b] float (regression) or
@@ -34,16 +35,57 @@ def forward(model, batch: dict) -> jax.Array:
     return model(batch["input_ids"], mask, packing=packing)
 
 
-def per_example_loss(logits: jax.Array, batch: dict, task: str) -> jax.Array:
-    """Loss of each example, [b]. Causal LM: mean cross-entropy of the scored targets, i.e. of the
-    output at position t - 1 on token t for every t >= 1 with ``loss_mask[:, t] = 1`` (0 for an
-    example with none)."""
-    logits = logits.astype(jnp.float32)
-    if task == "classification":
-        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
-    if task == "regression":
-        return jnp.square(logits[..., 0] - batch["labels"].astype(jnp.float32))
-    if task == "causal_lm":
+class TaskKind:
+    """What a task kind is to the engine and the evaluators: its per-example loss, its predictions
+    and the metric a run is judged by. One object per kind (:data:`TASK_KINDS`)."""
+
+    name: str = ""
+    headline: str = ""  # the metric a run of this kind is judged by (``global_<headline>`` in its records)
+
+    def outputs(self, num_labels: int) -> int:
+        """Width of the classification/regression head for ``num_labels`` classes (0: a language model head)."""
+        return num_labels
+
+    def loss(self, logits: jax.Array, batch: dict) -> jax.Array:
+        """Loss of each example, [b]."""
+        raise NotImplementedError
+
+    def predictions(self, logits: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+
+class Classification(TaskKind):
+    name, headline = "classification", "accuracy"
+
+    def loss(self, logits, batch):
+        return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["labels"])
+
+    def predictions(self, logits):
+        """Class ids [b]."""
+        return jnp.argmax(logits, axis=-1)
+
+
+class Regression(TaskKind):
+    name, headline = "regression", "pearson"
+
+    def outputs(self, num_labels: int) -> int:
+        return 1
+
+    def loss(self, logits, batch):
+        return jnp.square(logits[..., 0].astype(jnp.float32) - batch["labels"].astype(jnp.float32))
+
+    def predictions(self, logits):
+        """Regression values [b]."""
+        return logits[..., 0].astype(jnp.float32)
+
+
+class CausalLM(TaskKind):
+    name, headline = "causal_lm", "token_accuracy"
+
+    def loss(self, logits, batch):
+        """Mean cross-entropy of the scored targets, i.e. of the output at position t - 1 on token
+        t for every t >= 1 with ``loss_mask[:, t] = 1`` (0 for an example with none)."""
+        logits = logits.astype(jnp.float32)
         packing = batch.get("packing")
         targets = batch["input_ids"][:, 1:]
         token_loss = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], targets)
@@ -57,13 +99,27 @@ def per_example_loss(logits: jax.Array, batch: dict, task: str) -> jax.Array:
         owner = packing.segment_matrix()[:, 1:]  # [b, T-1]: the example of each scored successor
         weights = scored[0].astype(jnp.float32)
         return (owner @ (token_loss[0] * weights)) / jnp.maximum(owner @ weights, 1.0)
-    raise ValueError(f"unknown task {task!r}")
+
+    def predictions(self, logits):
+        """Next-token ids [b, L-1]."""
+        return jnp.argmax(logits[:, :-1], axis=-1)
+
+
+TASK_KINDS: dict[str, TaskKind] = {kind.name: kind for kind in (Classification(), Regression(), CausalLM())}
+
+
+def task_kind(name: str) -> TaskKind:
+    """The task kind called ``name`` (``classification``, ``regression``, ``causal_lm``)."""
+    if name not in TASK_KINDS:
+        raise ValueError(f"unknown task {name!r} (known: {', '.join(TASK_KINDS)})")
+    return TASK_KINDS[name]
+
+
+def per_example_loss(logits: jax.Array, batch: dict, task: str) -> jax.Array:
+    """Loss of each example, [b], of the task kind called ``task`` (:meth:`TaskKind.loss`)."""
+    return task_kind(task).loss(logits, batch)
 
 
 def predictions(logits: jax.Array, task: str) -> jax.Array:
-    """Class ids [b], regression values [b], or next-token ids [b, L-1] for causal LM."""
-    if task == "classification":
-        return jnp.argmax(logits, axis=-1)
-    if task == "regression":
-        return logits[..., 0].astype(jnp.float32)
-    return jnp.argmax(logits[:, :-1], axis=-1)
+    """Class ids [b], regression values [b], or next-token ids [b, L-1] (:meth:`TaskKind.predictions`)."""
+    return task_kind(task).predictions(logits)

@@ -58,7 +58,8 @@ def main() -> None:
     print("| variant | examples per step | compile s | s/round | x non-DP |")
     print("|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['examples_per_step']} | {r['compile_s']:.1f} | {r['round_s']:.2f} | {r['ratio_to_non_dp']:.2f} |")
+        print(f"| {name} | {r['examples_per_step']} | {r['compile_s']:.1f} | {r['round_s']:.2f} | "
+              f"{r['ratio_to_non_dp']:.2f} |")
     print(f"wrote {args.out}")
 
 

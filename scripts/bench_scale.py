@@ -43,7 +43,8 @@ def population_settings(sizes: list[int], cohort: int, chunk: int) -> list[dict]
     for clients in sizes:
         partition = {"scheme": "iid"} if clients <= 10 else {"scheme": "quantity", "sigma": 2.0}
         cohort = min(cohort, clients)
-        out.append({"part": "population", "clients": clients, "cohort": cohort, "chunk": min(chunk, cohort), "overrides": [
+        out.append({"part": "population", "clients": clients, "cohort": cohort,
+                    "chunk": min(chunk, cohort), "overrides": [
             f"model.pretrained={minilm_path()}", f"data.load.dir={SST2}", f"data.num_clients={clients}",
             f"data.partition={json.dumps(partition)}", f"federation.clients_per_round={cohort}",
             f"federation.clients_per_chunk={min(chunk, cohort)}", "federation.rounds=2", "federation.local_steps=2",
@@ -119,11 +120,13 @@ def main() -> None:
                               capture_output=True, text=True)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode or not line:
-            print(f"{setting['part']} {setting['clients']} clients, cohort {setting['cohort']}: failed\n{proc.stderr[-2000:]}")
+            print(f"{setting['part']} {setting['clients']} clients, cohort {setting['cohort']}: failed\n"
+                  f"{proc.stderr[-2000:]}")
             continue
         results.append(json.loads(line[0][len("RESULT "):]))
         r = results[-1]
-        print(f"{r['part']:>15} | {r['clients']:>6} clients | cohort {r['cohort']:>5} | {r['s_per_round']:8.2f} s/round | "
+        print(f"{r['part']:>15} | {r['clients']:>6} clients | cohort {r['cohort']:>5} | "
+              f"{r['s_per_round']:8.2f} s/round | "
               f"{r['client_steps_per_s']:8.1f} client-steps/s | peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

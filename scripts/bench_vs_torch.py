@@ -263,7 +263,8 @@ def main() -> None:
             results.append(bench_setting(workload, setting, torch_fed, torch_data, args))
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()
-    report = {"backend": jax.default_backend(), "jax_devices": jax.device_count(), "device": device, "dtype": args.dtype, "cpu_count": os.cpu_count(),
+    report = {"backend": jax.default_backend(), "jax_devices": jax.device_count(), "device": device,
+              "dtype": args.dtype, "cpu_count": os.cpu_count(),
               "machine": platform.machine(),
               "torch_threads": torch.get_num_threads(), "versions": versions(),
               "settings": {"clients": args.clients, "local_steps": args.local_steps, "batch_size": BATCH_SIZE,
@@ -271,8 +272,10 @@ def main() -> None:
               "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\n{args.clients} clients x {args.local_steps} local steps of batch {BATCH_SIZE}, {args.dtype}; jax {jax.__version__} "
-          f"({jax.device_count()} {jax.default_backend()} device(s)), torch {torch.__version__} ({device}, {torch.get_num_threads()} threads)\n")
+    print(f"\n{args.clients} clients x {args.local_steps} local steps of batch {BATCH_SIZE}, {args.dtype}; "
+          f"jax {jax.__version__} "
+          f"({jax.device_count()} {jax.default_backend()} device(s)), torch {torch.__version__} "
+          f"({device}, {torch.get_num_threads()} threads)\n")
     print("| workload | lengths | fedlora_jax s/round | torch s/round (padded 64) | torch dynamic padding s/round "
           "| speed-up vs padded 64 | speed-up vs dynamic |")
     print("|---|---|---|---|---|---|---|")

@@ -26,7 +26,8 @@ def kill_after_first_checkpoint(run_args: list[str], run_dir: Path, env: dict | 
     try:
         deadline = time.monotonic() + 300
         while not (run_dir / "checkpoints" / "round_000002").exists():
-            assert process.poll() is None, f"the run ended before its first checkpoint:\n{process.stderr.read()[-3000:]}"
+            assert process.poll() is None, (
+                f"the run ended before its first checkpoint:\n{process.stderr.read()[-3000:]}")
             assert time.monotonic() < deadline, "no checkpoint within 300 s"
             time.sleep(0.01)
         process.send_signal(signal.SIGKILL)

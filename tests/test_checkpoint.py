@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # pins the in-process runs (2 CPU devices, see conftest.py) and the in-process resume of the killed
 # run (same config) to the first of them.
 SMALL = ["--set", "federation.rounds=6", "--set", "checkpoint.every=2", "--set", "checkpoint.keep=2",
-         "--set", "eval.every=3", "--set", "federation.clients_per_round=3", "--set", "model.config.num_hidden_layers=1",
+         "--set", "eval.every=3", "--set", "federation.clients_per_round=3",
+         "--set", "model.config.num_hidden_layers=1",
          "--set", "federation.local_steps=2", "--set", "eval.local=false", "--set", "data.test_examples=64",
          "--set", "data.packing=null", "--set", "federation.cpu_devices=null", "--set", "federation.devices=1"]
 

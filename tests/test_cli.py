@@ -47,7 +47,8 @@ def test_diverged_run_stops_with_one_line_and_no_nan_in_metrics(tmp_path, capsys
     records = [json.loads(line, parse_constant=strict) for line in lines]
     assert [r["round"] for r in records] == list(range(1, diverged_round))  # rounds before the non-finite one
     summary = json.loads((out / "summary.json").read_text(), parse_constant=strict)
-    assert summary["rounds"] == diverged_round - 1 and summary["diverged"] == errors[-1].removeprefix("fedlora-jax: error: ")
+    assert (summary["rounds"] == diverged_round - 1
+            and summary["diverged"] == errors[-1].removeprefix("fedlora-jax: error: "))
 
 
 def write_jsonl(path: Path, rows: int) -> Path:
@@ -69,8 +70,10 @@ BAD_INPUTS = {
     "missing data path": (["--set", "data.source=glue", "--set", "data.load={task: sst2, dir: /nonexistent/SST-2}",
                            "--set", "data.tokenizer=TOKENIZER"], "file not found: /nonexistent/SST-2/train.tsv"),
     "more clients than examples": (["--set", "data.source=files", "--set", "data.num_clients=10",
-                                    "--set", "data.load={files: {train: JSONL, validation: JSONL}, text_columns: [text], label_column: label}",
-                                    "--set", "data.tokenizer=TOKENIZER"], "cannot give 10 clients at least 1 example(s) each from 4 examples"),
+                                    "--set", "data.load={files: {train: JSONL, validation: JSONL}, "
+                                             "text_columns: [text], label_column: label}",
+                                    "--set", "data.tokenizer=TOKENIZER"],
+                                   "cannot give 10 clients at least 1 example(s) each from 4 examples"),
     "missing pretrained model": (["--set", "model.pretrained=/nonexistent/model"], "/nonexistent/model"),
     "unknown method": (["--set", "federation.method=fedavgx"], "unknown method 'fedavgx'"),
     "unknown client weights": (["--set", "federation.client_weights=by_size"],

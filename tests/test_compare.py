@@ -207,13 +207,15 @@ def test_module_divergence_matches_the_runs(comparison):
     divergence averaged over each run's rounds (divergence.jsonl), and its 95% CI."""
     _, rows = read_csv(comparison.out_dir / "divergence_modules.csv")
     methods = sorted({m for m, _ in comparison.run_dirs})
-    first = [json.loads(line) for line in (comparison.run_dirs[(methods[0], SEEDS[0])] / "divergence.jsonl").read_text().splitlines()]
+    first = [json.loads(line)
+             for line in (comparison.run_dirs[(methods[0], SEEDS[0])] / "divergence.jsonl").read_text().splitlines()]
     modules = [k for k in first[0] if k != "round"]
     assert modules and len(rows) == len(methods) * len(modules)
     for row in rows:
         per_seed = []
         for seed in SEEDS:
-            records = [json.loads(line) for line in (comparison.run_dirs[(row["method"], seed)] / "divergence.jsonl").read_text().splitlines()]
+            records = [json.loads(line) for line in
+                       (comparison.run_dirs[(row["method"], seed)] / "divergence.jsonl").read_text().splitlines()]
             per_seed.append(np.mean([r[row["module"]] for r in records]))
         mean, half = mean_ci(per_seed)
         assert float(row["divergence_mean"]) == pytest.approx(mean, rel=1e-9)
@@ -378,7 +380,8 @@ def test_table_cells_never_show_a_bound_outside_the_metric_range():
 
 
 def test_paired_interval_is_clipped_to_the_range_of_a_difference():
-    histories = {**accuracy_histories([0.1, 0.9]), **{("r", s): h for (_, s), h in accuracy_histories([0.8, 0.2]).items()}}
+    histories = {**accuracy_histories([0.1, 0.9]),
+                 **{("r", s): h for (_, s), h in accuracy_histories([0.8, 0.2]).items()}}
     rows = paired_comparisons(histories, ["r", "m"], "accuracy")
     final = next(r for r in rows if r["metric"] == "final_global_accuracy")
     assert final["mean_difference"] == pytest.approx(0.0) and (final["ci_low"], final["ci_high"]) == (-1.0, 1.0)

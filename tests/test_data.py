@@ -9,14 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedlora_jax.data import text, tokenise
-from fedlora_jax.data.text import (
-    GLUE_TASKS,
-    extract_gsm8k_answer,
-    load_glue_hub,
-    load_glue_local,
-    load_text_dataset,
-)
+from fedlora_jax.data import gsm8k, text, tokenise
+from fedlora_jax.data.gsm8k import extract_gsm8k_answer
+from fedlora_jax.data.sources import load_text_dataset
+from fedlora_jax.data.text import GLUE_TASKS, load_glue_hub, load_glue_local
 from fedlora_jax.data.tokenise import load_tokenizer, tokenize_prompt_answer, tokenize_texts
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -323,7 +319,7 @@ def test_cache_skips_tokenizer_on_second_call(minilm_dir, tmp_path, monkeypatch)
 def test_prompt_answer_loss_mask_real(minilm_dir, tmp_path):
     from tokenizers import Tokenizer
 
-    gsm = text.load_gsm8k(DATA / "gsm8k" / "test.jsonl")
+    gsm = gsm8k.load_gsm8k(DATA / "gsm8k" / "test.jsonl")
     prompts, answers = gsm.prompts[:6], gsm.answers[:6]
     out = tokenize_prompt_answer(minilm_dir, prompts, answers, max_length=320, eos_token="[SEP]")
     assert set(out) == {"input_ids", "attention_mask", "loss_mask"}

@@ -202,7 +202,8 @@ def test_fedit_aggregate_is_example_weighted_mean():
     start, rows, offsets, counts, keys, mask = cohort_inputs(exp, 3)
     client_params, _ = fed.run_clients(exp.frozen, start, rows, offsets, counts, keys, jnp.int32(0), mask)
     w = counts / counts.sum()
-    new, frozen, divergence = fed.aggregate(client_params, w.astype(jnp.float32), jnp.int32(0), jax.random.key(0), exp.frozen)
+    new, frozen, divergence = fed.aggregate(client_params, w.astype(jnp.float32), jnp.int32(0), jax.random.key(0),
+                                            exp.frozen)
     assert_trees_close(frozen, exp.frozen, atol=0)
     for x, xs in zip(jax.tree.leaves(new), jax.tree.leaves(client_params)):
         np.testing.assert_allclose(x, np.tensordot(np.asarray(w), np.asarray(xs), axes=1), rtol=1e-5, atol=1e-7)

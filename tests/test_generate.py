@@ -16,7 +16,7 @@ from flax import nnx
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from fedlora_jax.config import load_config
-from fedlora_jax.data.text import load_gsm8k
+from fedlora_jax.data.gsm8k import load_gsm8k
 from fedlora_jax.data.tokenise import load_tokenizer
 from fedlora_jax.eval.generate import greedy_generate, gsm8k_exact_match, left_pad_prompts
 from fedlora_jax.models.llama import LlamaConfig, LlamaForCausalLM, positions_from_mask
@@ -327,7 +327,8 @@ def test_answer_only_loss_goes_down_in_short_federated_run(tmp_path, monkeypatch
     def recording_exact_match(graphdef, params, frozen, tokenizer, prompts, references, *args, **kwargs):
         """The run's exact-match scorer, recording what it was given (the scoring itself is
         checked against the rigged model above and recomputed below)."""
-        score, generations = gsm8k_exact_match(graphdef, params, frozen, tokenizer, prompts, references, *args, **kwargs)
+        score, generations = gsm8k_exact_match(graphdef, params, frozen, tokenizer, prompts, references,
+                                               *args, **kwargs)
         calls.append((jax.device_get(params), list(prompts), list(references), score))
         return score, generations
 

@@ -106,7 +106,8 @@ def test_run_kill_resume_export_describe_compare(tmp_path):
     assert compared.stdout.count("comparison directory") == 1
     with open(comparison / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert sorted({(r["method"], r["seed"]) for r in rows}) == [("fedit", "0"), ("fedit", "1"), ("ffa", "0"), ("ffa", "1")]
+    assert sorted({(r["method"], r["seed"]) for r in rows}) == [
+        ("fedit", "0"), ("fedit", "1"), ("ffa", "0"), ("ffa", "1")]
     for method in ("fedit", "ffa"):
         for seed in (0, 1):
             assert len(records(comparison / method / f"seed{seed}")) == 3

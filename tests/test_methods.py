@@ -40,7 +40,9 @@ def ideal_update(exp, out, module):
 
 
 def kernel(exp, frozen, module):
-    return np.asarray(jax.tree.leaves(frozen)[exp.federation.folding.kernels[exp.federation.layout.modules.index(module)]], np.float64)
+    return np.asarray(
+        jax.tree.leaves(frozen)[exp.federation.folding.kernels[exp.federation.layout.modules.index(module)]],
+        np.float64)
 
 
 @pytest.mark.parametrize("method", ["ffa", "rolora"])
@@ -102,7 +104,8 @@ def test_fedsa_keeps_each_clients_b_and_shares_a():
         _, a1 = factors(exp, after.params, m)
         np.testing.assert_allclose(a1, np.einsum("u,uri->ri", w, np.asarray(trained[m.a_index])), atol=1e-6)
     # the round after next starts each client from its own B, not the global one
-    assert any(np.abs(np.asarray(bank)[cohort[0]] - np.asarray(bank)[cohort[1]]).max() > 0 for bank in after.method_state)
+    assert any(np.abs(np.asarray(bank)[cohort[0]] - np.asarray(bank)[cohort[1]]).max() > 0
+               for bank in after.method_state)
     # with a zero learning rate the trained B of each cohort client is exactly its own banked B
     fed = exp.federation
     still = dataclasses.replace(fed, trainer=dataclasses.replace(fed.trainer, schedule=lambda step: 0.0))
@@ -160,7 +163,8 @@ def test_bytes_follow_each_protocol():
         assert e.federation.communication_bytes(e.params, e.frozen, 0) == (k * up, k * down), method
     fedex = tiny_experiment(**{"federation.method": "fedex"})
     kernels = sum(jax.tree.leaves(fedex.frozen)[j].nbytes for j in fedex.federation.folding.kernels)
-    assert fedex.federation.communication_bytes(fedex.params, fedex.frozen, 0)[1] == k * (a_bytes + b_bytes + head + kernels)
+    assert fedex.federation.communication_bytes(fedex.params, fedex.frozen, 0)[1] == k * (
+        a_bytes + b_bytes + head + kernels)
 
 
 def test_unknown_method_and_options_are_rejected():

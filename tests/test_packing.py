@@ -107,7 +107,8 @@ def test_token_buckets_cover_the_step_need(shared):
     assert np.mean(np.array(need) <= buckets[-1]) > 0.999
 
 
-@pytest.mark.parametrize("arch,task,pooling", [  # quick tier: llama (the DP rounds of test_privacy_engine.py book-keep too)
+# quick tier: llama (the DP rounds of test_privacy_engine.py book-keep too)
+@pytest.mark.parametrize("arch,task,pooling", [
     pytest.param("bert", "classification", "cls", marks=pytest.mark.slow),
     pytest.param("bert", "classification", "mean", marks=pytest.mark.slow),
     pytest.param("roberta", "classification", "cls", marks=pytest.mark.slow), ("llama", "causal_lm", "cls"),
@@ -126,7 +127,8 @@ def test_bookkeeping_per_example_gradients_equal_vmap(arch, task, pooling):
 
     reference_losses, reference = jax.vmap(jax.value_and_grad(one_loss), in_axes=(None, 0))(params, rows)
     for batch in (rows, pack(rows, mask, num_tokens=64, aligned=arch != "llama")[0]):
-        losses, grads = jax.jit(per_example_gradients, static_argnums=(0, 5))(graphdef, params, frozen, batch, mask, task)
+        losses, grads = jax.jit(per_example_gradients, static_argnums=(0, 5))(
+            graphdef, params, frozen, batch, mask, task)
         np.testing.assert_allclose(losses * mask, reference_losses * mask, rtol=1e-5, atol=1e-6)
         for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(reference)):
             np.testing.assert_allclose(g * mask.reshape((-1,) + (1,) * (g.ndim - 1)),
@@ -135,7 +137,8 @@ def test_bookkeeping_per_example_gradients_equal_vmap(arch, task, pooling):
 
 
 @pytest.mark.parametrize("arch,pooling", [  # quick: bert cls
-    ("bert", "cls"), pytest.param("bert", "mean", marks=pytest.mark.slow), pytest.param("roberta", "cls", marks=pytest.mark.slow)])
+    ("bert", "cls"), pytest.param("bert", "mean", marks=pytest.mark.slow),
+    pytest.param("roberta", "cls", marks=pytest.mark.slow)])
 def test_shared_stream_gives_each_client_its_own_model(arch, pooling):
     """C clients with different trainable leaves in one stream: each example's logits, loss and
     gradient are those of its own client's model on its own rows (LoRA on every linear layer,
@@ -166,7 +169,8 @@ def test_shared_stream_gives_each_client_its_own_model(arch, pooling):
     assert not np.allclose(own_losses[0], own_losses[1])  # the clients' models differ
 
 
-@pytest.mark.slow  # quick twins: test_shared_stream_gives_each_client_its_own_model, test_bookkeeping_per_example_gradients_equal_vmap
+# quick twins: test_shared_stream_gives_each_client_its_own_model, test_bookkeeping_per_example_gradients_equal_vmap
+@pytest.mark.slow
 def test_shared_stream_bookkeeping_equals_per_client_bookkeeping():
     from fedlora_jax.privacy.bookkeeping import per_example_gradients
 
@@ -312,7 +316,8 @@ def test_packed_evaluation_equals_padded_evaluation():
     for exp in (packed, padded):
         evaluation = exp.evaluation()
         results.append({**evaluation.global_metrics(state),
-                        **{f"local_{k}": v for k, v in evaluation.local_metrics(state.frozen, out.client_params, cohort).items()}})
+                        **{f"local_{k}": v
+                           for k, v in evaluation.local_metrics(state.frozen, out.client_params, cohort).items()}})
     assert results[0].keys() == results[1].keys() and "local_accuracy" in results[0]
     for key in results[0]:
         np.testing.assert_allclose(results[0][key], results[1][key], rtol=1e-5, err_msg=key)
@@ -336,7 +341,8 @@ def test_aligned_streams_attend_in_blocks_with_the_same_result():
     np.testing.assert_allclose(stream_attention(q, k, v, p)[0, real], full[0, real], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("layout", ["padded", pytest.param("stream", marks=pytest.mark.slow), pytest.param("aligned", marks=pytest.mark.slow)])  # quick: padded
+@pytest.mark.parametrize("layout", ["padded", pytest.param("stream", marks=pytest.mark.slow),
+                                    pytest.param("aligned", marks=pytest.mark.slow)])  # quick: padded
 def test_last_layer_for_first_tokens_only_equals_the_full_encoder(layout):
     """A first-token head's encoder runs its last layer on first tokens alone: the same states
     (and gradients) as the full last layer read at each example's first token."""

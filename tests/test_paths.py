@@ -109,7 +109,8 @@ def test_dp_resume_of_a_stopped_run_stops_again_at_once(budget_run, tmp_path):
 # ---------------------------------------------------------------------------------- resume of method state
 
 
-@pytest.mark.parametrize("method", ["fedsa", pytest.param("fedex", marks=pytest.mark.slow), "flora"])  # quick: the B bank, a base
+# quick: the B bank, a base
+@pytest.mark.parametrize("method", ["fedsa", pytest.param("fedex", marks=pytest.mark.slow), "flora"])
 def test_resume_restores_what_the_method_carries(method, tmp_path):
     """FedSA's per-client B banks, and the base FedEx and FLoRA rewrite, go into the checkpoint:
     a run killed after round 2's checkpoint and resumed ends bit for bit as the uninterrupted

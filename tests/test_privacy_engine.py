@@ -42,7 +42,8 @@ def test_dp_noise_is_the_only_difference_and_has_the_calibrated_scale():
     batch = exp.config.federation.batch_size
     expected = np.minimum(batch, exp.data.num_train[np.asarray(clean.cohort)]).astype(np.float64)
     z = [(np.asarray(b, np.float64) - np.asarray(a, np.float64)) * -expected.reshape((-1,) + (1,) * (a.ndim - 1))
-         / (lr * sigma * clip) for a, b in zip(jax.tree.leaves(clean.client_params), jax.tree.leaves(noisy.client_params))]
+         / (lr * sigma * clip)
+         for a, b in zip(jax.tree.leaves(clean.client_params), jax.tree.leaves(noisy.client_params))]
     z = np.concatenate([x.ravel() for x in z])
     assert z.size > 1000
     assert np.std(z) == pytest.approx(1.0, rel=0.05) and abs(np.mean(z)) < 0.05
@@ -140,7 +141,8 @@ def test_user_level_dp_is_the_clipped_noisy_uniform_mean():
 
 def test_user_level_dp_rejects_nonlinear_aggregation():
     with pytest.raises(ValueError, match="user-level DP needs a method that averages uploads"):
-        tiny_experiment(**{"federation.method": "fra", "privacy.user_level": True, "privacy.user_noise_multiplier": 1.0})
+        tiny_experiment(**{"federation.method": "fra", "privacy.user_level": True,
+                           "privacy.user_noise_multiplier": 1.0})
 
 
 def _cohort_draws(federation, draws=4000):
@@ -194,7 +196,8 @@ def test_poisson_cohorts_preview_mask_and_fixed_denominator():
         new, out = round_fn(state, shards)
         cohort, mask = np.asarray(out.cohort), np.asarray(out.cohort_mask)
         np.testing.assert_array_equal(preview, cohort[mask])
-        for g, c, n in zip(jax.tree.leaves(state.params), jax.tree.leaves(out.client_params), jax.tree.leaves(new.params)):
+        for g, c, n in zip(jax.tree.leaves(state.params), jax.tree.leaves(out.client_params),
+                           jax.tree.leaves(new.params)):
             update = (np.asarray(c, np.float64) - np.asarray(g, np.float64))[mask].sum(axis=0) / 3.0
             np.testing.assert_allclose(np.asarray(n), np.asarray(g) + update, atol=1e-6)
         sizes.append(int(mask.sum()))

@@ -118,7 +118,7 @@ def run_recorded(config, out_dir, data=None, evaluate=True) -> Recorded:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Federation, "compile_round", lambda self: _SpyRound(compile_round(self), log))
         if not evaluate:
-            patch.setattr(Experiment, "evaluation", _NoEvaluation)
+            patch.setattr(Experiment, "evaluation", lambda exp: _NoEvaluation(exp))
         run(config, out_dir=out_dir, progress=False, experiment=exp)
     read = lambda name: [json.loads(line) for line in (out_dir / name).read_text().splitlines()]
     recorded = Recorded(exp, read("metrics.jsonl"), read("divergence.jsonl"), log)
@@ -390,7 +390,8 @@ def expected_bytes(name, round_index, cfg) -> tuple[int, int]:
 def test_bytes_match_hand_count(recorded, name):
     rec = recorded(name)
     for r, reported in enumerate(rec.metrics):
-        assert (reported["bytes_up"], reported["bytes_down"]) == expected_bytes(name, r, rec.exp.config), f"round {r + 1}"
+        assert (reported["bytes_up"], reported["bytes_down"]) == expected_bytes(name, r, rec.exp.config), (
+            f"round {r + 1}")
 
 
 def test_hand_count_matches_the_tree(recorded):
@@ -399,8 +400,10 @@ def test_hand_count_matches_the_tree(recorded):
     exp, params = rec.exp, rec.rounds[0].params_before
     hidden, rank = 32, exp.config.lora.rank
     shapes = {k: v.shape for k, v in flat(params).items()}
-    assert shapes == {"bert.layers.0.attention.query.lora_a": (rank, hidden), "bert.layers.0.attention.query.lora_b": (hidden, rank),
-                      "bert.layers.0.attention.value.lora_a": (rank, hidden), "bert.layers.0.attention.value.lora_b": (hidden, rank),
+    assert shapes == {"bert.layers.0.attention.query.lora_a": (rank, hidden),
+                      "bert.layers.0.attention.query.lora_b": (hidden, rank),
+                      "bert.layers.0.attention.value.lora_a": (rank, hidden),
+                      "bert.layers.0.attention.value.lora_b": (hidden, rank),
                       "head.kernel": (hidden, 2), "head.bias": (2,)}
     assert all(v.dtype == np.float32 for v in flat(params).values())
     assert exp.config.model.config["hidden_size"] == hidden
@@ -498,9 +501,10 @@ def test_causal_lm_scores_exactly_the_answer_tokens(tmp_path):
             if not len(subsets[u]):
                 continue
             rows = rows_of(data.local_test, u, subsets[u], data.num_local_test)
-            l, c, n = answer_token_scores(logits_of(exp, client(rnd.client_params, i), rnd.frozen_before, rows), rows)
-            sizes.append(len(l))
-            client_losses.append(l.mean())
+            example_losses, c, n = answer_token_scores(
+                logits_of(exp, client(rnd.client_params, i), rnd.frozen_before, rows), rows)
+            sizes.append(len(example_losses))
+            client_losses.append(example_losses.mean())
             client_accuracy.append(c / n)
         w = np.asarray(sizes) / np.sum(sizes)
         assert_close(reported["local_loss"], w @ client_losses, what=f"round {r + 1} local_loss")

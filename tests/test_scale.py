@@ -126,7 +126,8 @@ def test_streamed_round_memory_does_not_grow_with_the_cohort():
                                  "data.packing": "null", "federation.local_steps": 1})
         fed, shards = exp.federation, device_shards(exp.data)
         state = init_server_state(exp.params, exp.frozen, 0, fed)
-        variants = [("streamed", fed)] + ([("stacked", dataclasses.replace(fed, keep_client_params=True))] if k > 16 else [])
+        variants = [("streamed", fed)] + (
+            [("stacked", dataclasses.replace(fed, keep_client_params=True))] if k > 16 else [])
         for name, f in variants:
             memory = jax.jit(f.round).lower(state, shards).compile().memory_analysis()
             sizes[name, k] = memory.temp_size_in_bytes + memory.output_size_in_bytes
@@ -285,10 +286,12 @@ def test_two_processes_give_the_metrics_of_one(tmp_path, capsys):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
     procs = [subprocess.Popen([sys.executable, "-m", "fedlora_jax", "run", str(path), "--out", str(tmp_path / "two"),
                                "--quiet", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                               "--process-id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               "--process-id", str(i)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
     outputs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-3000:] for _, err in outputs]
@@ -306,7 +309,8 @@ def test_two_processes_give_the_metrics_of_one(tmp_path, capsys):
     from safetensors.numpy import load_file
 
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["round_000001", "round_000002"]
-    one_state, two_state = (load_file(tmp_path / run / "checkpoints/round_000002/state.safetensors") for run in ("one", "two"))
+    one_state, two_state = (load_file(tmp_path / run / "checkpoints/round_000002/state.safetensors")
+                            for run in ("one", "two"))
     assert one_state.keys() == two_state.keys()
     for name in one_state:
         np.testing.assert_allclose(two_state[name], one_state[name], atol=1e-5, err_msg=name)

@@ -33,16 +33,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from fedlora_jax.analysis import plots
-from fedlora_jax.analysis.describe import describe  # noqa: F401  (re-exported: the CLI imports it from here)
 from fedlora_jax.analysis.stats import UNBOUNDED, difference_range, mean_ci, mean_interval, paired_difference
 from fedlora_jax.analysis.tables import EPSILON_KEYS, comparison_table, paired_table, write_csv
 from fedlora_jax.config import Config, load_config
 from fedlora_jax.eval.metrics import METRIC_RANGES
 from fedlora_jax.methods import make_method
 from fedlora_jax.run import build_data, build_experiment, run
+from fedlora_jax.tasks import TASK_KINDS
 
-# Headline metrics in order of preference: classification, regression, causal LM.
-HEADLINE_METRICS = ("accuracy", "pearson", "token_accuracy")
+# Headline metrics in order of preference: classification, regression, causal LM (each task kind's).
+HEADLINE_METRICS = tuple(kind.headline for kind in TASK_KINDS.values())
 # results.csv starts with these columns; the other history fields follow in sorted order.
 LEADING_COLUMNS = ("method", "seed", "round", "train_loss", "divergence", "wall_s", "bytes_up", "bytes_down")
 # summary.csv's statistics over seeds of each headline value (columns <value>_<statistic>).
@@ -140,8 +140,14 @@ def run_comparison(config: ConfigSource, methods: Sequence[str], seeds: Sequence
 
     histories: dict[tuple[str, int], list[dict]] = {}
     run_dirs: dict[tuple[str, int], Path] = {}
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
-               TimeElapsedColumn(), TimeRemainingColumn()]
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
     with Progress(*columns, console=console, disable=not progress) as bar:
         task = bar.add_task(f"compare {configs[(methods[0], seeds[0])].name}", total=len(configs), status="")
         for seed in seeds:

@@ -79,8 +79,13 @@ def describe_table(info: dict) -> Table:
     return table
 
 
-def describe(config: str | Path | dict | Config, overrides: Sequence[str] | None = None, heatmap_path: str | Path | None = None,
-             console: Console | None = None, show: bool = True) -> dict:
+def describe(
+    config: str | Path | dict | Config,
+    overrides: Sequence[str] | None = None,
+    heatmap_path: str | Path | None = None,
+    console: Console | None = None,
+    show: bool = True,
+) -> dict:
     """Builds only the data of a config and reports its clients.
 
     Prints a table of per-client train and local-test sizes and (classification) per-class train

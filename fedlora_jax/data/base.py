@@ -75,8 +75,10 @@ class FederatedData:
                                      ("local_test", self.local_test, self.num_local_test)):
             rows = {len(v) for v in arrays.values()}
             if rows and rows != {int(np.sum(counts))}:
-                raise ValueError(f"FederatedData.{what}: arrays hold {sorted(rows)} rows but the clients' counts sum to "
-                                 f"{int(np.sum(counts))} (rows are stored once, client after client)")
+                raise ValueError(
+                    f"FederatedData.{what}: arrays hold {sorted(rows)} rows but the clients' counts sum to "
+                    f"{int(np.sum(counts))} (rows are stored once, client after client)"
+                )
 
     @property
     def num_clients(self) -> int:

@@ -243,11 +243,15 @@ def eval_stream_length(attention_mask: np.ndarray, examples_per_batch: int, mult
     """Stream length for packed evaluation batches of up to ``examples_per_batch`` examples: the
     mean need of a full batch, at least one longest row (host-side)."""
     lengths = row_lengths(attention_mask)
-    need = max(float(lengths.mean()) * examples_per_batch if lengths.size else 0.0, float(attention_mask.shape[-1]), 1.0)
+    need = max(
+        float(lengths.mean()) * examples_per_batch if lengths.size else 0.0, float(attention_mask.shape[-1]), 1.0
+    )
     return multiple * math.ceil(need / multiple)
 
 
-def pack_groups(attention_mask: np.ndarray, examples_per_batch: int, num_tokens: int, aligned: bool = True) -> np.ndarray:
+def pack_groups(
+    attention_mask: np.ndarray, examples_per_batch: int, num_tokens: int, aligned: bool = True
+) -> np.ndarray:
     """Which rows :func:`pack_examples` puts in each stream (host-side, nothing packed):
     index [nb, examples_per_batch] int64 of rows in order, -1 for empty slots."""
     lengths = row_lengths(attention_mask)
@@ -258,7 +262,9 @@ def pack_groups(attention_mask: np.ndarray, examples_per_batch: int, num_tokens:
     groups, current, fill = [], [], []  # fill: tokens used in each block of the current stream
     for i, n in enumerate(lengths):
         j = next((k for k, used in enumerate(fill) if used + n <= capacity), len(fill))
-        if current and (len(current) == examples_per_batch or capacity * j + n + (fill[j] if j < len(fill) else 0) > num_tokens):
+        if current and (
+            len(current) == examples_per_batch or capacity * j + n + (fill[j] if j < len(fill) else 0) > num_tokens
+        ):
             groups.append(current)
             current, fill, j = [], [], 0
         if j == len(fill):
@@ -272,7 +278,9 @@ def pack_groups(attention_mask: np.ndarray, examples_per_batch: int, num_tokens:
     return index
 
 
-def pack_examples(arrays: dict, examples_per_batch: int, num_tokens: int, aligned: bool = True) -> tuple[dict, np.ndarray]:
+def pack_examples(
+    arrays: dict, examples_per_batch: int, num_tokens: int, aligned: bool = True
+) -> tuple[dict, np.ndarray]:
     """Packs a fixed set of right-padded rows (a test set) into batches of one stream each (host-side).
 
     Examples are taken in order; a batch closes when the next example would overflow

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -17,7 +18,8 @@ import dataclasses
 
 from fedlora_jax.data.base import FederatedData, GenerationTask, federate
 from fedlora_jax.data.partition import partition, split_local_test
-from fedlora_jax.data.text import GLUE_TASKS, GSM8KSplit, TextSplit, load_text_dataset
+from fedlora_jax.data.gsm8k import GSM8KSplit, load_gsm8k
+from fedlora_jax.data.text import GLUE_TASKS, TextSplit, glue_task, load_files, load_glue_hub, load_glue_local
 from fedlora_jax.data.tokenise import tokenize_prompt_answer, tokenize_texts
 
 SOURCES = ("synthetic", "glue", "files", "gsm8k")
@@ -110,3 +112,61 @@ def load_federated(settings, tokenizer, seed: int) -> FederatedData:
         generation = GenerationTask(test.prompts, test.final_answers, str(tokenizer), eos_token)
         data = dataclasses.replace(data, generation=generation)
     return data
+
+
+def load_text_dataset(source: Mapping[str, Any]) -> dict[str, TextSplit | GSM8KSplit]:
+    """Reads the data set a config's ``source`` dict describes (see the module docstring).
+
+    Args:
+      source: ``{"kind": "glue" | "files" | "gsm8k", ...}``. ``glue`` takes ``task`` and one of
+        ``dir`` (the task folder), ``root`` (the GLUE folder holding task folders) or
+        ``hub: True``, and optionally ``splits``. ``files`` takes ``files`` (split -> path),
+        ``text_columns``, ``label_column`` and optionally ``format``, ``label_names``,
+        ``label_map``, ``regression``. ``gsm8k`` takes ``files`` (split -> path) and optionally
+        ``prompt_template``, ``answer_prefix``.
+
+    Returns:
+      split name -> TextSplit (``glue``, ``files``) or GSM8KSplit (``gsm8k``).
+    """
+    options = dict(source)
+    kind = options.pop("kind", None)
+    allowed = {
+        "glue": {"task", "dir", "root", "hub", "splits"},
+        "files": {"files", "text_columns", "label_column", "format", "label_names", "label_map",
+                  "regression"},
+        "gsm8k": {"files", "prompt_template", "answer_prefix"},
+    }
+    if kind not in allowed:
+        raise ValueError(f"unknown data source kind {kind!r} (known: {', '.join(allowed)})")
+    unknown = set(options) - allowed[kind]
+    if unknown:
+        raise ValueError(
+            f"{kind} source: unknown option(s) {', '.join(sorted(unknown))} "
+            f"(allowed: {', '.join(sorted(allowed[kind]))})"
+        )
+    if kind == "glue":
+        if "task" not in options:
+            raise ValueError("glue source needs 'task'")
+        task, splits = options["task"], options.get("splits")
+        places = [k for k in ("dir", "root", "hub") if options.get(k)]
+        if len(places) != 1:
+            raise ValueError("glue source needs exactly one of 'dir', 'root' or 'hub: true'")
+        if places[0] == "hub":
+            return load_glue_hub(task, splits)
+        directory = options.get("dir") or Path(options["root"]) / glue_task(task).folder
+        return load_glue_local(task, directory, splits)
+    for key in ("files",) + (("text_columns", "label_column") if kind == "files" else ()):
+        if key not in options:
+            raise ValueError(f"{kind} source needs {key!r}")
+    if kind == "files":
+        return load_files(
+            options["files"],
+            options["text_columns"],
+            options["label_column"],
+            options.get("format"),
+            options.get("label_names"),
+            options.get("label_map"),
+            options.get("regression", False),
+        )
+    extra = {k: options[k] for k in ("prompt_template", "answer_prefix") if k in options}
+    return {split: load_gsm8k(path, **extra) for split, path in options["files"].items()}

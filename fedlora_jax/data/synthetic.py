@@ -51,7 +51,10 @@ def make_synthetic(
     """Generates the synthetic federated task (deterministic in ``seed``)."""
     group = (vocab_size - FIRST_CONTENT) // (4 * num_labels)
     if group < 2:
-        raise ValueError(f"vocab_size {vocab_size} is too small for {num_labels} labels (need >= {FIRST_CONTENT + 8 * num_labels + 1})")
+        raise ValueError(
+            f"vocab_size {vocab_size} is too small for {num_labels} labels "
+            f"(need >= {FIRST_CONTENT + 8 * num_labels + 1})"
+        )
     if seq_len < signal_tokens + 2:
         raise ValueError(f"seq_len {seq_len} must be >= signal_tokens + 2 = {signal_tokens + 2}")
     rng = np.random.default_rng(seed)

@@ -1,7 +1,7 @@
 """Text data sources, read on the host into plain Python lists and numpy label arrays.
 
 Three kinds of source, each described by a small config dict and read by
-:func:`load_text_dataset`:
+:func:`fedlora_jax.data.sources.load_text_dataset`:
 
 * ``{"kind": "glue", "task": "sst2", "dir": ".../SST-2"}`` reads a GLUE task from a local folder
   in the original GLUE layout (``train.tsv``, ``dev.tsv``; MNLI ``dev_matched.tsv`` and
@@ -11,7 +11,8 @@ Three kinds of source, each described by a small config dict and read by
 * ``{"kind": "files", "files": {"train": "a.jsonl", "validation": "b.jsonl"}, "text_columns":
   ["text"], "label_column": "label"}`` reads generic JSON-lines, CSV, TSV or parquet files.
 * ``{"kind": "gsm8k", "files": {"train": ".../train.jsonl", "test": ".../test.jsonl"}}`` reads
-  GSM8K question/answer JSON lines into prompts, full answers and final numeric answers.
+  GSM8K question/answer JSON lines into prompts, full answers and final numeric answers
+  (:mod:`fedlora_jax.data.gsm8k`).
 
 Split names follow the Hugging Face hub (``train``, ``validation``, ``validation_matched``,
 ``validation_mismatched``, ``test``) for local and hub sources alike, so configs do not change
@@ -24,7 +25,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -57,32 +57,6 @@ class TextSplit:
 
     def __len__(self) -> int:
         return len(self.texts_a)
-
-
-@dataclasses.dataclass(frozen=True)
-class GSM8KSplit:
-    """One split of GSM8K, ready for prompt/answer tokenisation.
-
-    Attributes:
-      prompts: N formatted prompts (the question inside the prompt template).
-      answers: N full target texts: ``answer_prefix`` + the worked solution ending in
-        ``#### <number>``.
-      final_answers: N final numeric answers as strings, commas removed (``"1000"``).
-    """
-
-    prompts: list[str]
-    answers: list[str]
-    final_answers: list[str]
-
-    def __post_init__(self):
-        if not len(self.prompts) == len(self.answers) == len(self.final_answers):
-            raise ValueError(
-                f"GSM8K split lengths differ: {len(self.prompts)} prompts, "
-                f"{len(self.answers)} answers, {len(self.final_answers)} final answers"
-            )
-
-    def __len__(self) -> int:
-        return len(self.prompts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -411,110 +385,3 @@ def load_files(
         )
         out[split] = TextSplit(texts[0], texts[1] if len(texts) > 1 else None, labels)
     return out
-
-
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def extract_gsm8k_answer(text: str) -> str | None:
-    """Returns the number after the last ``####`` in a GSM8K answer, commas removed.
-
-    Args:
-      text: a GSM8K solution (or a model generation in the same format).
-
-    Returns:
-      The number as a string (``"#### 1,000"`` -> ``"1000"``), or None if the text has no
-      ``####`` followed by a number.
-    """
-    if "####" not in text:
-        return None
-    match = _NUMBER.search(text.rsplit("####", 1)[1])
-    return match.group(0).replace(",", "") if match else None
-
-
-def load_gsm8k(
-    path: str | Path,
-    prompt_template: str = "Question: {question}\nAnswer:",
-    answer_prefix: str = " ",
-) -> GSM8KSplit:
-    """Reads a GSM8K JSON-lines file (``{"question": ..., "answer": "... #### 42"}`` per line).
-
-    Args:
-      path: the file.
-      prompt_template: format string with a ``{question}`` field.
-      answer_prefix: text put before every answer (a space, so the answer's first word tokenises
-        as it would inside running text after the prompt).
-
-    Returns:
-      GSM8KSplit of prompts, answer_prefix + answers, and final numeric answers.
-    """
-    header, rows = read_table(path, "jsonl")
-    where = str(path)
-    questions = _column(header, rows, "question", where)
-    answers = _column(header, rows, "answer", where)
-    final = []
-    for i, answer in enumerate(answers):
-        number = extract_gsm8k_answer(answer)
-        if number is None:
-            raise ValueError(f"{where}: row {i}: answer has no '#### <number>' ending")
-        final.append(number)
-    prompts = [prompt_template.format(question=q) for q in questions]
-    return GSM8KSplit(prompts, [answer_prefix + a for a in answers], final)
-
-
-def load_text_dataset(source: Mapping[str, Any]) -> dict[str, TextSplit | GSM8KSplit]:
-    """Reads the data set a config's ``source`` dict describes (see the module docstring).
-
-    Args:
-      source: ``{"kind": "glue" | "files" | "gsm8k", ...}``. ``glue`` takes ``task`` and one of
-        ``dir`` (the task folder), ``root`` (the GLUE folder holding task folders) or
-        ``hub: True``, and optionally ``splits``. ``files`` takes ``files`` (split -> path),
-        ``text_columns``, ``label_column`` and optionally ``format``, ``label_names``,
-        ``label_map``, ``regression``. ``gsm8k`` takes ``files`` (split -> path) and optionally
-        ``prompt_template``, ``answer_prefix``.
-
-    Returns:
-      split name -> TextSplit (``glue``, ``files``) or GSM8KSplit (``gsm8k``).
-    """
-    options = dict(source)
-    kind = options.pop("kind", None)
-    allowed = {
-        "glue": {"task", "dir", "root", "hub", "splits"},
-        "files": {"files", "text_columns", "label_column", "format", "label_names", "label_map",
-                  "regression"},
-        "gsm8k": {"files", "prompt_template", "answer_prefix"},
-    }
-    if kind not in allowed:
-        raise ValueError(f"unknown data source kind {kind!r} (known: {', '.join(allowed)})")
-    unknown = set(options) - allowed[kind]
-    if unknown:
-        raise ValueError(
-            f"{kind} source: unknown option(s) {', '.join(sorted(unknown))} "
-            f"(allowed: {', '.join(sorted(allowed[kind]))})"
-        )
-    if kind == "glue":
-        if "task" not in options:
-            raise ValueError("glue source needs 'task'")
-        task, splits = options["task"], options.get("splits")
-        places = [k for k in ("dir", "root", "hub") if options.get(k)]
-        if len(places) != 1:
-            raise ValueError("glue source needs exactly one of 'dir', 'root' or 'hub: true'")
-        if places[0] == "hub":
-            return load_glue_hub(task, splits)
-        directory = options.get("dir") or Path(options["root"]) / glue_task(task).folder
-        return load_glue_local(task, directory, splits)
-    for key in ("files",) + (("text_columns", "label_column") if kind == "files" else ()):
-        if key not in options:
-            raise ValueError(f"{kind} source needs {key!r}")
-    if kind == "files":
-        return load_files(
-            options["files"],
-            options["text_columns"],
-            options["label_column"],
-            options.get("format"),
-            options.get("label_names"),
-            options.get("label_map"),
-            options.get("regression", False),
-        )
-    extra = {k: options[k] for k in ("prompt_template", "answer_prefix") if k in options}
-    return {split: load_gsm8k(path, **extra) for split, path in options["files"].items()}

@@ -50,7 +50,9 @@ class Federation:
 
     def __post_init__(self):
         if self.user_dp is not None and not self.method.mean_based:
-            raise ValueError(f"user-level DP needs a method that averages uploads (fedit, ffa, rolora), not {self.method.name!r}")
+            raise ValueError(
+                f"user-level DP needs a method that averages uploads (fedit, ffa, rolora), not {self.method.name!r}"
+            )
         if self.server_optimizer is not None and not self.method.mean_based:
             raise ValueError(f"a server optimiser needs a method that averages uploads (fedit, ffa, rolora), "
                              f"not {self.method.name!r}")

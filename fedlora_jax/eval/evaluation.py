@@ -13,6 +13,7 @@ from fedlora_jax.data.base import FederatedData, offsets_of
 from fedlora_jax.eval.evaluate import (Evaluator, client_eval_batches, client_rows, eval_batch_count, eval_batches,
                                        pad_rows, score, unbatch, weighted_client_metrics)
 from fedlora_jax.eval.generate import gsm8k_exact_match
+from fedlora_jax.tasks import task_kind
 
 
 class Evaluation:
@@ -44,7 +45,10 @@ class Evaluation:
 
     def global_metrics(self, state) -> dict:
         preds, losses = jax.device_get(self.global_fn(state.params, state.frozen, self.global_batches))
-        preds, losses = unbatch(preds, self.global_index, self.global_n), unbatch(losses, self.global_index, self.global_n)
+        preds, losses = (
+            unbatch(preds, self.global_index, self.global_n),
+            unbatch(losses, self.global_index, self.global_n),
+        )
         valid = np.ones(self.global_n, bool)
         out = score(self.data.name, self.data.task, preds, losses, self.global_arrays, valid)
         generation, cfg = self.data.generation, self.settings
@@ -110,4 +114,4 @@ def local_subsets(data: FederatedData, limit: int | None, seed: int) -> tuple[di
 
 def headline_metric(task: str) -> str:
     """The metric a run of this task kind is judged by."""
-    return {"causal_lm": "token_accuracy", "regression": "pearson"}.get(task, "accuracy")
+    return task_kind(task).headline

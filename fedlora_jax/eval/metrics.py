@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats as scipy_stats
 
-from fedlora_jax.data.text import GLUE_TASKS, extract_gsm8k_answer
+from fedlora_jax.data.gsm8k import extract_gsm8k_answer
+from fedlora_jax.data.text import GLUE_TASKS
 
 # The values each metric can take (a loss has no upper bound); ``compare`` clips intervals to them.
 METRIC_RANGES: dict[str, tuple[float, float]] = {

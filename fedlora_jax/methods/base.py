@@ -220,8 +220,10 @@ def options_for(name: str, options: dict | None) -> dict:
     options = dict(options or {})
     keyed = [k for k in options if _is_method_key(k)]
     if keyed and len(keyed) != len(options):
-        raise ValueError("federation.method_options mixes per-method sections "
-                         f"({', '.join(keyed)}) with plain options ({', '.join(k for k in options if not _is_method_key(k))})")
+        raise ValueError(
+            "federation.method_options mixes per-method sections "
+            f"({', '.join(keyed)}) with plain options ({', '.join(k for k in options if not _is_method_key(k))})"
+        )
     if keyed:
         section = options.get(name) or {}
         if not isinstance(section, dict):
@@ -257,7 +259,9 @@ def make_method(name: str, options: dict | None = None, lora_rank: int = 8) -> M
     allowed = [p for p, v in params.items() if p != "rank" and v.kind is not inspect.Parameter.VAR_KEYWORD]
     unknown = sorted(set(options) - set(allowed)) if not takes_any else sorted({"rank"} & set(options))
     if unknown:
-        raise ValueError(f"method {name!r}: unknown option(s) {', '.join(unknown)} (allowed: {', '.join(allowed) or 'none'})")
+        raise ValueError(
+            f"method {name!r}: unknown option(s) {', '.join(unknown)} (allowed: {', '.join(allowed) or 'none'})"
+        )
     missing = [p for p, v in params.items() if p != "rank" and p not in options and v.default is inspect.Parameter.empty
                and v.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
     if missing:

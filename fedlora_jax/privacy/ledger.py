@@ -162,12 +162,16 @@ class PrivacyLedger:
         after[cohort] += 1
         record = self.record_epsilon(after)
         if self.target_epsilon is not None and record > self.target_epsilon * (1 + 1e-9):
-            raise BudgetExceeded(f"privacy budget: round {self.rounds_done + 1} would raise record-level epsilon to "
-                                 f"{record:.4f} > target {self.target_epsilon} (delta {self.delta}); stopping before it")
+            raise BudgetExceeded(
+                f"privacy budget: round {self.rounds_done + 1} would raise record-level epsilon to "
+                f"{record:.4f} > target {self.target_epsilon} (delta {self.delta}); stopping before it"
+            )
         user = self.user_epsilon(self.rounds_done + 1)
         if self.user_target_epsilon is not None and user > self.user_target_epsilon * (1 + 1e-9):
-            raise BudgetExceeded(f"privacy budget: round {self.rounds_done + 1} would raise user-level epsilon to "
-                                 f"{user:.4f} > target {self.user_target_epsilon} (delta {self.delta}); stopping before it")
+            raise BudgetExceeded(
+                f"privacy budget: round {self.rounds_done + 1} would raise user-level epsilon to "
+                f"{user:.4f} > target {self.user_target_epsilon} (delta {self.delta}); stopping before it"
+            )
 
     def commit(self, cohort: np.ndarray) -> dict:
         """Records a finished round with the clients that took part; returns the metrics to log:

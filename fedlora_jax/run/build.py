@@ -27,6 +27,7 @@ from fedlora_jax.models.lora import LoRAConfig, inject_lora, split_model
 from fedlora_jax.params import leaf_names, trainable_layout
 from fedlora_jax.privacy.bookkeeping import unsupported_leaves
 from fedlora_jax.privacy.ledger import PrivacyLedger
+from fedlora_jax.tasks import task_kind
 from fedlora_jax.run.plan import Plan, check_cohort_fits, make_plan, split_cpu_cores
 
 
@@ -55,8 +56,10 @@ def build_data(config: Config) -> FederatedData:
     d = config.data
     if d.source == "synthetic":
         if d.partition != {"scheme": "iid"}:
-            raise ConfigError("config key 'data.partition' does not apply to data.source=synthetic, which draws its "
-                              "own split (data.examples_per_client, data.label_skew_alpha); remove it or use a real source")
+            raise ConfigError(
+                "config key 'data.partition' does not apply to data.source=synthetic, which draws its "
+                "own split (data.examples_per_client, data.label_skew_alpha); remove it or use a real source"
+            )
         return make_synthetic(
             num_clients=d.num_clients, examples_per_client=tuple(d.examples_per_client), vocab_size=d.vocab_size,
             seq_len=d.seq_len, num_labels=d.num_labels, label_skew_alpha=d.label_skew_alpha,
@@ -84,7 +87,7 @@ def build_model(config: Config, data: FederatedData):
     """The model with LoRA injected; returns (model, adapted module paths)."""
     m = config.model
     dtype = jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32
-    num_labels = 1 if data.task == "regression" else data.num_labels
+    num_labels = task_kind(data.task).outputs(data.num_labels)
     kwargs = {"pooling": m.pooling} if data.task != "causal_lm" else {}
     if m.pretrained:
         model = models.load_pretrained(m.pretrained, task=data.task, num_labels=num_labels, dtype=dtype,
@@ -145,10 +148,20 @@ def build_experiment(config: Config, data: FederatedData | None = None) -> Exper
                              ledger.record_buffer)
     routable = not unsupported_leaves(graphdef, params, frozen)  # every trainable leaf in a LoRA layer or linear head
     plan = make_plan(config, data, record_dp, routable, getattr(model, "aligned_packing", False))
-    trainer = LocalTrainer(graphdef, data.task, make_optimizer(config.optim),
-                           make_schedule(config.optim, f.rounds * f.local_steps), f.local_steps, f.batch_size, record_dp,
-                           plan.token_buckets, plan.bookkeeping, plan.shared_stream, plan.aligned_streams,
-                           int(data.num_train.max()))
+    trainer = LocalTrainer(
+        graphdef,
+        data.task,
+        make_optimizer(config.optim),
+        make_schedule(config.optim, f.rounds * f.local_steps),
+        f.local_steps,
+        f.batch_size,
+        record_dp,
+        plan.token_buckets,
+        plan.bookkeeping,
+        plan.shared_stream,
+        plan.aligned_streams,
+        int(data.num_train.max()),
+    )
     federation = build_federation(config, data, trainer, params, frozen, ledger, plan)
     check_cohort_fits(federation, params)
     evaluator = Evaluator(graphdef, data.task, config.eval.batch_size, plan.eval_tokens, plan.local_eval_tokens)

@@ -31,7 +31,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                          "(--coordinator HOST:PORT --num-processes N --process-id I, or JAX_COORDINATOR_ADDRESS, "
                          "JAX_NUM_PROCESSES, JAX_PROCESS_ID)")
     if all(given) and not (num_processes >= 1 and 0 <= process_id < num_processes):
-        raise ValueError(f"--process-id must be in 0..{num_processes - 1} for {num_processes} processes, got {process_id}")
+        raise ValueError(
+            f"--process-id must be in 0..{num_processes - 1} for {num_processes} processes, got {process_id}"
+        )
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes all-reduce over gloo
     jax.distributed.initialize(coordinator, num_processes, process_id)
     return True

@@ -89,7 +89,9 @@ def run(config: Config, out_dir: str | Path | None = None, progress: bool = True
                 if checkpoints and primary and config.checkpoint.every and (r + 1) % config.checkpoint.every == 0:
                     checkpoints.save(state, exp.ledger.participations, exp.ledger.rounds_done)
                 if interrupted():
-                    stopped = f"interrupted after round {r + 1}; continue with: fedlora-jax resume {log.dir or 'RUN_DIR'}"
+                    stopped = (
+                        f"interrupted after round {r + 1}; continue with: fedlora-jax resume {log.dir or 'RUN_DIR'}"
+                    )
                     break
         for message, style in ((stopped, "yellow"), (diverged, "red")):
             if message and primary:
@@ -176,8 +178,14 @@ def round_record(exp: Experiment, state: ServerState, out, r: int, train_loss: f
     fed, taking_part = exp.federation, np.asarray(out.cohort_mask)
     bytes_up, bytes_down = fed.communication_bytes(state.params, state.frozen, r, int(taking_part.sum()))
     divergence = np.asarray(out.divergence)
-    record = {"round": r + 1, "train_loss": train_loss, "divergence": float(divergence.mean()) if divergence.size else 0.0,
-              "wall_s": wall_s, "bytes_up": bytes_up, "bytes_down": bytes_down}
+    record = {
+        "round": r + 1,
+        "train_loss": train_loss,
+        "divergence": float(divergence.mean()) if divergence.size else 0.0,
+        "wall_s": wall_s,
+        "bytes_up": bytes_up,
+        "bytes_down": bytes_down,
+    }
     if fed.client_sampling_rate is not None:
         record.update(cohort_size=int(taking_part.sum()), cohort_overflow=bool(out.cohort_overflow))
     record.update(privacy)

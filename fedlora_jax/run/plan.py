@@ -85,7 +85,15 @@ def step_token_buckets(data: FederatedData, batch_size: int, record_dp: RecordDP
     lengths = np.split(row_lengths(mask), np.cumsum(data.num_train)[:-1])
     poisson = record_dp is not None and record_dp.poisson
     rates = np.minimum(1.0, batch_size / np.maximum(data.num_train, 1)) if poisson else None
-    return token_buckets(lengths, step_rows(batch_size, record_dp), min(group, data.num_clients), mask.shape[-1], rates, shared=shared, aligned=aligned)
+    return token_buckets(
+        lengths,
+        step_rows(batch_size, record_dp),
+        min(group, data.num_clients),
+        mask.shape[-1],
+        rates,
+        shared=shared,
+        aligned=aligned,
+    )
 
 
 CPU_CHUNK_TOKENS = 2048  # tokens per local step of a vmapped group of clients on a CPU (docs/performance.md)
@@ -105,8 +113,9 @@ def clients_per_chunk(config: Config, data: FederatedData, packs: bool, record_d
 
     On accelerators ``auto`` trains the whole cohort at once. On a CPU it vmaps groups of about
     :data:`CPU_CHUNK_TOKENS` tokens per local step (:func:`step_tokens` each), each device's
-    ``share`` of the cohort (the clients it trains) split into that many even chunks: wider groups spill the step's working set out
-    of cache (W1, 8 clients of 16 x 64 tokens: 1.2-1.35x faster in pairs than all 8 at once).
+    ``share`` of the cohort (the clients it trains) split into that many even chunks: wider groups
+    spill the step's working set out of cache (W1, 8 clients of 16 x 64 tokens: 1.2-1.35x faster in
+    pairs than all 8 at once).
     """
     chunk = config.federation.clients_per_chunk
     if chunk != "auto":
@@ -176,8 +185,10 @@ def split_cpu_cores(config: Config, data: FederatedData) -> None:
     except RuntimeError:  # JAX has started: its device count is fixed
         started = len(jax.devices("cpu"))
         if explicit and started != wanted:
-            raise ConfigError(f"config key 'federation.cpu_devices' is {wanted} but JAX already started with {started} "
-                              f"CPU device(s) in this process; set it before anything else uses JAX, or to auto") from None
+            raise ConfigError(
+                f"config key 'federation.cpu_devices' is {wanted} but JAX already started with {started} "
+                f"CPU device(s) in this process; set it before anything else uses JAX, or to auto"
+            ) from None
 
 
 def mesh_devices(wanted: int | None) -> int:
