@@ -126,14 +126,14 @@ def test_streamed_round_memory_does_not_grow_with_the_cohort():
                                  "data.packing": "null", "federation.local_steps": 1})
         fed, shards = exp.federation, device_shards(exp.data)
         state = init_server_state(exp.params, exp.frozen, 0, fed)
-        variants = [("streamed", fed)] + (
-            [("stacked", dataclasses.replace(fed, keep_client_params=True))] if k > 16 else [])
+        variants = [("streamed", fed), ("stacked", dataclasses.replace(fed, keep_client_params=True))]
         for name, f in variants:
             memory = jax.jit(f.round).lower(state, shards).compile().memory_analysis()
             sizes[name, k] = memory.temp_size_in_bytes + memory.output_size_in_bytes
     per_client = int(sum(x.nbytes for x in jax.tree.leaves(exp.params)))
     assert sizes["streamed", 128] <= 1.1 * sizes["streamed", 16]
-    assert sizes["stacked", 128] >= sizes["streamed", 128] + 128 * per_client  # the stack the streamed round avoids
+    # the stacked round grows by every added client's trained state: the stack the streamed round avoids
+    assert sizes["stacked", 128] - sizes["stacked", 16] >= (128 - 16) * per_client
 
 
 def test_a_stacking_method_whose_cohort_cannot_fit_is_refused_with_one_line(monkeypatch):
