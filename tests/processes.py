@@ -1,4 +1,5 @@
-"""Fresh `fedlora-jax` processes in tests: a user's environment, and a run killed mid-way."""
+"""Fresh `fedlora-jax` processes in tests: a user's environment, and a run killed mid-way; and
+Ctrl-C pressed in an in-process run."""
 
 import os
 import signal
@@ -35,3 +36,17 @@ def kill_after_first_checkpoint(run_args: list[str], run_dir: Path, env: dict | 
         process.wait()
         process.stderr.close()
     assert process.returncode == -signal.SIGKILL
+
+
+def press_ctrl_c_in_round(monkeypatch, round_number: int) -> None:
+    """Makes in-process runs send themselves SIGINT (Ctrl-C) once round ``round_number`` is shown."""
+    from fedlora_jax.run.report import RoundProgress
+
+    advance = RoundProgress.advance
+
+    def advance_then_press(self, record):
+        advance(self, record)
+        if record["round"] == round_number:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(RoundProgress, "advance", advance_then_press)

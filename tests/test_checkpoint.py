@@ -3,17 +3,14 @@ field but timings) and bit-identical final parameters as an uninterrupted run; C
 the current round with a checkpoint; a corrupt newest checkpoint falls back to the previous one;
 a changed config is refused with one line."""
 
-import os
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
 import yaml
 
-from fedlora_jax.run.report import RoundProgress
 from fedlora_jax.cli import main
-from processes import kill_after_first_checkpoint
+from processes import kill_after_first_checkpoint, press_ctrl_c_in_round
 from rundirs import assert_same_run, metrics_without_timings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,14 +53,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(reference, tmp_path, ca
 
 def test_ctrl_c_stops_after_the_round_with_a_checkpoint(reference, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    advance = RoundProgress.advance
-
-    def press_ctrl_c_in_round_3(self, record):
-        advance(self, record)
-        if record["round"] == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(RoundProgress, "advance", press_ctrl_c_in_round_3)
+    press_ctrl_c_in_round(monkeypatch, 3)
     assert main(["run", str(ROOT / "configs/quickstart.yaml"), "--out", str(out), "--quiet", *SMALL]) == 130
     assert "interrupted after round 3; continue with: fedlora-jax resume" in capsys.readouterr().err
     assert metrics_without_timings(out) == metrics_without_timings(reference)[:3]

@@ -13,7 +13,6 @@ from fedlora_jax.data.base import FederatedData, offsets_of
 from fedlora_jax.eval.evaluate import (Evaluator, client_eval_batches, client_rows, eval_batch_count, eval_batches,
                                        pad_rows, score, unbatch, weighted_client_metrics)
 from fedlora_jax.eval.generate import gsm8k_exact_match
-from fedlora_jax.tasks import task_kind
 
 
 class Evaluation:
@@ -110,8 +109,3 @@ def local_subsets(data: FederatedData, limit: int | None, seed: int) -> tuple[di
             for u, n in enumerate(counts) if n]
     order = np.concatenate(rows) if rows else np.zeros(0, np.int64)
     return {k: v[order] for k, v in data.local_test.items()}, np.asarray(kept)
-
-
-def headline_metric(task: str) -> str:
-    """The metric a run of this task kind is judged by."""
-    return task_kind(task).headline

@@ -20,7 +20,7 @@ from rich.console import Console
 
 from fedlora_jax.config import Config, ConfigError
 from fedlora_jax.engine import ClientShards, Federation, ServerState, device_shards, init_server_state
-from fedlora_jax.eval.evaluation import Evaluation, headline_metric
+from fedlora_jax.eval.evaluation import Evaluation
 from fedlora_jax.params import leaf_names
 from fedlora_jax.privacy.ledger import BudgetExceeded, PrivacyLedger
 from fedlora_jax.run.build import Experiment, build_experiment
@@ -29,6 +29,7 @@ from fedlora_jax.run.distributed import is_primary
 from fedlora_jax.run.report import RoundProgress, summarise, summary_table
 from fedlora_jax.run.rundir import RunLog
 from fedlora_jax.run.sinks import check_sinks, open_sinks
+from fedlora_jax.tasks import task_kind
 
 
 @dataclasses.dataclass
@@ -70,7 +71,7 @@ def run(config: Config, out_dir: str | Path | None = None, progress: bool = True
         state = fed.replicated(state)
     compiled, compile_s = compile_round(fed, state, shards)
     evaluation = exp.evaluation()
-    headline = headline_metric(exp.data.task)
+    headline = task_kind(exp.data.task).headline
     stopped = diverged = None
     with open_sinks(**sinks_wanted, run_dir=log.dir, run_name=config.name, config=config.to_dict()) as sinks:
         with RoundProgress(console, progress, f"{config.name} [{fed.method.name}]", rounds, len(history), compile_s,
