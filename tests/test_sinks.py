@@ -5,6 +5,7 @@ import json
 import math
 import struct
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -161,6 +162,8 @@ def wandb_records(path):
             position += block - position % block
             continue
         _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        if position + 7 + length > len(data):  # a chunk still being written
+            break
         pending += data[position + 7:position + 7 + length]
         position += 7 + length
         if kind in (1, 4):  # a full record, or the last chunk of one
@@ -170,13 +173,24 @@ def wandb_records(path):
             yield record
 
 
+def finished_wandb_records(path, timeout_s: float = 60.0) -> list:
+    """The records of a wandb run file once its ``exit`` record is there: wandb's service process
+    writes the file after ``run.finish()`` returns (on a loaded machine, seen not yet written)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = list(wandb_records(path))
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.05)
+
+
 def test_wandb_offline_run_stores_each_round_at_its_step_and_the_summary(tmp_path, monkeypatch):
     for variable in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(variable, str(tmp_path / variable))
     monkeypatch.setenv("WANDB_SILENT", "true")
     run_dir = run_sinks(tmp_path, wandb={"project": "sinks-test", "mode": "offline"})
     (run_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
-    records = list(wandb_records(run_file))
+    records = finished_wandb_records(run_file)
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert (run.display_name, run.project) == ("tiny-fedit", "sinks-test")
     assert {item.key: json.loads(item.value_json) for item in run.config.update if item.key != "_wandb"} == CONFIG
