@@ -35,12 +35,23 @@ class ModelConfig(Section):
     hidden states, for checkpoints trained for mean pooling such as sentence-transformers).
     ``adapter``: a PEFT LoRA adapter directory (e.g. one ``fedlora-jax export`` wrote) whose
     factors, and head when it saved one, the run starts from instead of a fresh LoRA init; its
-    rank, alpha, rsLoRA and adapted modules must match the ``lora`` section."""
+    rank, alpha, rsLoRA and adapted modules must match the ``lora`` section.
+    ``dtype``: the frozen base's storage and compute dtype. With ``bfloat16`` the LoRA factors, the
+    task head, the optimiser state, aggregation and DP-SGD stay float32, and normalisation, softmax
+    and the loss run in float32 (mixed precision).
+    ``remat``: rematerialisation (gradient checkpointing) of each transformer layer: null keeps
+    every activation for the backward pass; ``layer`` keeps only each layer's input and recomputes
+    the rest; ``layer_dots`` keeps the layer's matmul outputs too (less recomputation, more memory).
+    ``quantize``: weight-only quantization of the frozen base's linear layers and embeddings
+    (``int8``: per output channel; ``nf4``: 4-bit NormalFloat in blocks of 64 with double-quantized
+    scales, as QLoRA), dequantized inside each matmul; LoRA and the head stay float32."""
 
     arch: str = "bert"
     pretrained: str | None = None
     config: dict = {}
     dtype: one_of("float32", "bfloat16") = "float32"
+    remat: one_of(None, "layer", "layer_dots") = None
+    quantize: one_of(None, "int8", "nf4") = None
     pooling: one_of("cls", "mean") = "cls"
     adapter: str | None = None
 
@@ -134,6 +145,11 @@ class FederationConfig(Section):
     about 2,048 tokens per local step (:func:`fedlora_jax.run.plan.clients_per_chunk`).
     ``devices``: devices the cohort's client axis is sharded over (null = all of them, of every process);
     a cohort that does not divide by it is padded with empty slots.
+    ``model_devices``: devices each client's model is split over (the frozen base's weights sharded
+    over a second ``model`` mesh axis, tensor-parallel; docs/scale.md); the cohort's clients span
+    the rest (``devices`` = clients x model_devices).
+    ``memory_fraction``: the share of an accelerator's memory ``clients_per_chunk: auto`` plans a
+    round to fill (from the compiled round's own memory analysis; ``fedlora-jax describe --plan``).
     ``cpu_devices``: on a CPU, how many devices JAX splits the host's cores into, so that the mesh
     trains shares of the cohort side by side (null: JAX's own count, one device unless set
     elsewhere). ``auto`` (the default): one per
@@ -157,6 +173,8 @@ class FederationConfig(Section):
     batch_size: Count = 16
     clients_per_chunk: CountOrAuto = "auto"
     devices: OptionalCount = None
+    model_devices: Count = 1
+    memory_fraction: bounded(float, gt=0, le=1) = 0.8
     cpu_devices: CountOrAuto = "auto"
     client_weights: one_of("examples", "uniform") = "examples"
     method: str = "fedit"

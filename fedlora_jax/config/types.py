@@ -53,15 +53,18 @@ Float = Annotated[float, BeforeValidator(_number_from_text)]
 
 
 def bounded(kind: type, *, gt: float | None = None, ge: float | None = None, lt: float | None = None,
-            nullable: bool = False) -> Any:
+            le: float | None = None, nullable: bool = False) -> Any:
     """``kind`` (int or float) with a lower bound (``gt`` or ``ge``) and optionally an upper one
-    (``lt``), checked by pydantic; the rule reads "> 0", ">= 1", "in [0, 1)" or "in (0, 1)",
-    with " or null" when ``nullable``."""
+    (``lt`` or ``le``), checked by pydantic; the rule reads "> 0", ">= 1", "in [0, 1)", "in (0, 1)"
+    or "in (0, 1]", with " or null" when ``nullable``."""
     low = f"({gt:g}" if gt is not None else f"[{ge:g}"
-    rule = f"in {low}, {lt:g})" if lt is not None else (f"> {gt:g}" if gt is not None else f">= {ge:g}")
+    if lt is not None or le is not None:
+        rule = f"in {low}, {lt:g})" if lt is not None else f"in {low}, {le:g}]"
+    else:
+        rule = f"> {gt:g}" if gt is not None else f">= {ge:g}"
     base = Float if kind is float else kind
     tp = base | None if nullable else base
-    return Annotated[tp, Field(gt=gt, ge=ge, lt=lt), _must_be(rule + (" or null" if nullable else ""))]
+    return Annotated[tp, Field(gt=gt, ge=ge, lt=lt, le=le), _must_be(rule + (" or null" if nullable else ""))]
 
 
 def one_of(*choices: str | None) -> Any:
