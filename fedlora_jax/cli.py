@@ -5,7 +5,7 @@
   fedlora-jax resume RUN_DIR [--quiet] [--coordinator ... --num-processes ... --process-id ...]
   fedlora-jax export RUN_DIR --out DIR [--clients]
   fedlora-jax compare CONFIG.yaml --methods fedit,ffa,fra,flora_na --seeds 0,1,2 [--set ...] [--out DIR]
-  fedlora-jax describe CONFIG.yaml [--set ...] [--out HEATMAP.png]
+  fedlora-jax describe CONFIG.yaml [--set ...] [--out HEATMAP.png] [--plan]
 
 Bad input prints one line ``fedlora-jax: error: ...`` and exits with status 2. A run whose loss or
 parameters go non-finite stops after that round, keeps what it logged before, prints one such
@@ -42,7 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--methods", required=True, help="comma-separated method names, e.g. fedit,ffa,fra,flora_na")
     compare.add_argument("--seeds", default="0", help="comma-separated integer seeds (default: 0)")
     compare.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
-    add("describe", "print per-client sizes and label histograms", "PNG path for the client x label heat map")
+    describe = add("describe", "print per-client sizes and label histograms",
+                   "PNG path for the client x label heat map")
+    describe.add_argument("--plan", action="store_true",
+                          help="also print the round's memory plan per device (compiles the round)")
     resume = sub.add_parser("resume", help="continue a run from its newest checkpoint")
     resume.add_argument("run_dir", help="the run directory (holds config.yaml and checkpoints/)")
     resume.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
@@ -140,7 +143,7 @@ def _compare(args) -> int:
 def _describe(args) -> int:
     from fedlora_jax.analysis.describe import describe
 
-    describe(args.config, args.overrides, heatmap_path=args.out)
+    describe(args.config, args.overrides, heatmap_path=args.out, plan=args.plan)
     return 0
 
 

@@ -35,6 +35,9 @@ def forward(model, batch: dict) -> jax.Array:
     return model(batch["input_ids"], mask, packing=packing)
 
 
+LOGIT_BLOCK = 128  # tokens whose logits a blockwise causal-LM loss holds at once
+
+
 class TaskKind:
     """What a task kind is to the engine and the evaluators: its per-example loss, its predictions
     and the metric a run is judged by. One object per kind (:data:`TASK_KINDS`)."""
@@ -85,10 +88,24 @@ class CausalLM(TaskKind):
     def loss(self, logits, batch):
         """Mean cross-entropy of the scored targets, i.e. of the output at position t - 1 on token
         t for every t >= 1 with ``loss_mask[:, t] = 1`` (0 for an example with none)."""
-        logits = logits.astype(jnp.float32)
+        token_loss = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32),
+                                                                     batch["input_ids"][:, 1:])
+        return self.scored_mean(token_loss, batch)
+
+    def loss_from_hidden(self, hidden: jax.Array, weight: jax.Array, batch: dict,
+                         block: int = LOGIT_BLOCK) -> jax.Array:
+        """:meth:`loss` from the final hidden states [b, L, H] and the output matrix ``weight``
+        [H, V]: the logits are computed and differentiated ``block`` tokens at a time
+        (:func:`blockwise_cross_entropy`), so no [L, V] logits are held."""
+        targets = batch["input_ids"][:, 1:]
+        h = hidden[:, :-1]
+        token_loss = blockwise_cross_entropy(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), block)
+        return self.scored_mean(token_loss.reshape(targets.shape), batch)
+
+    def scored_mean(self, token_loss: jax.Array, batch: dict) -> jax.Array:
+        """Per-example mean of the next-token losses [b, L-1] over the scored targets."""
         packing = batch.get("packing")
         targets = batch["input_ids"][:, 1:]
-        token_loss = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], targets)
         if packing is None:
             scored = batch.get("loss_mask", batch["attention_mask"])[:, 1:].astype(jnp.float32)
             return jnp.sum(token_loss * scored, axis=-1) / jnp.maximum(jnp.sum(scored, axis=-1), 1.0)
@@ -103,6 +120,46 @@ class CausalLM(TaskKind):
     def predictions(self, logits):
         """Next-token ids [b, L-1]."""
         return jnp.argmax(logits[:, :-1], axis=-1)
+
+
+def blockwise_cross_entropy(hidden: jax.Array, weight: jax.Array, targets: jax.Array, block: int) -> jax.Array:
+    """Cross-entropy of each token's logits ``hidden @ weight`` against its target, ``block``
+    tokens at a time under ``jax.checkpoint``: the forward keeps no logits and the backward
+    recomputes one block's [block, V] at a time.
+
+    Args:
+      hidden: [T, H] final hidden states.
+      weight: [H, V] output matrix.
+      targets: [T] int token ids.
+      block: tokens per block (T is padded to a multiple).
+
+    Returns:
+      [T] float32 losses.
+    """
+    length = hidden.shape[0]
+    pad = -length % block
+    blocks = lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape((-1, block) + x.shape[1:])
+
+    @jax.checkpoint
+    def one(args):
+        h, t = args
+        logits = (h @ weight).astype(jnp.float32)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, t)
+
+    return jax.lax.map(one, (blocks(hidden), blocks(targets))).reshape(-1)[:length]
+
+
+def model_losses(model, batch: dict, task: str) -> jax.Array:
+    """Per-example training losses [b] of ``model`` on ``batch``. A language model that
+    rematerialises (``model.remat`` set) and exposes its output matrix (``output_weight()``)
+    scores from its hidden states blockwise (:meth:`CausalLM.loss_from_hidden`); otherwise the
+    loss of the full logits (:func:`forward`)."""
+    kind = task_kind(task)
+    weight = model.output_weight() if isinstance(kind, CausalLM) and getattr(model, "remat", None) else None
+    if weight is None:
+        return kind.loss(forward(model, batch), batch)
+    hidden = model.hidden_states(batch["input_ids"], batch.get("attention_mask"), packing=batch.get("packing"))
+    return kind.loss_from_hidden(hidden, weight, batch)
 
 
 TASK_KINDS: dict[str, TaskKind] = {kind.name: kind for kind in (Classification(), Regression(), CausalLM())}

@@ -56,7 +56,7 @@ def compiled_round(config_path: Path | dict, overrides: list[str]):
     shards = fed.replicated(device_shards(exp.data))  # placed on the mesh as runs place them
     state = init_server_state(exp.params, exp.frozen, config.seed, fed)  # placed as runs place it
     t0 = time.perf_counter()
-    compiled = fed.compile_round(donate=False).lower(state, shards).compile()
+    compiled = fed.compile_round(donate=False, template=state).lower(state, shards).compile()
     compile_s = time.perf_counter() - t0
     return config, exp, (lambda: jax.block_until_ready(compiled(state, shards))), compile_s
 

@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
@@ -262,35 +261,6 @@ def test_a_client_without_rows_built_in_code_weighs_nothing(packing):
     for index in indices:
         want = np.tensordot(weights, np.asarray(trained[index], np.float64)[others], axes=1)
         np.testing.assert_allclose(np.asarray(aggregated[index]), want, atol=1e-6)
-
-
-# ---------------------------------------------------------------------------------- bfloat16
-
-
-def test_bfloat16_round():
-    """model.dtype=bfloat16 is the parameter and compute dtype of the whole model
-    (simulate.build_model -> models.create_model): the frozen base, the LoRA factors (they take
-    their layer's kernel dtype), the head and the local optimiser's state are bfloat16. Two rounds
-    run with finite losses and metrics, the factors move, and every dtype stays as it was."""
-    config = tiny_config(**{"model.dtype": "bfloat16", "federation.rounds": 2, "federation.local_steps": 2,
-                            "data.test_examples": 32, "eval.local": False})
-    exp = build_experiment(config)
-    floats = lambda tree: [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
-    assert floats(exp.frozen) and all(x.dtype == jnp.bfloat16 for x in floats(exp.frozen))
-    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(exp.params))
-    opt_state = jax.eval_shape(exp.federation.trainer.optimizer.init, exp.params)
-    assert floats(opt_state) and all(x.dtype == jnp.bfloat16 for x in floats(opt_state))
-    before = jax.device_get(exp.params)
-    result = run(config, None, progress=False, experiment=exp)
-    assert len(result.history) == 2
-    for record in result.history:
-        assert all(np.isfinite(record[k]) for k in ("train_loss", "global_loss", "global_accuracy", "divergence"))
-    after = result.state
-    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(after.params))
-    assert all(x.dtype == jnp.bfloat16 for x in floats(after.frozen))
-    moved = [not np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
-             for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after.params))]
-    assert all(moved)
 
 
 # ---------------------------------------------------------------------------------- non-ASCII text

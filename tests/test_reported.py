@@ -116,7 +116,8 @@ def run_recorded(config, out_dir, data=None, evaluate=True) -> Recorded:
     log: list[RoundRecord] = []
     compile_round = Federation.compile_round
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(Federation, "compile_round", lambda self: _SpyRound(compile_round(self), log))
+        patch.setattr(Federation, "compile_round",
+                      lambda self, **options: _SpyRound(compile_round(self, **options), log))
         if not evaluate:
             patch.setattr(Experiment, "evaluation", lambda exp: _NoEvaluation(exp))
         run(config, out_dir=out_dir, progress=False, experiment=exp)

@@ -3,11 +3,13 @@ histograms as a table and a clients x classes heat map)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 from rich.console import Console
 from rich.table import Table
@@ -16,7 +18,9 @@ from fedlora_jax.analysis import plots
 from fedlora_jax.config import Config, load_config
 from fedlora_jax.data.base import FederatedData
 from fedlora_jax.data.partition import label_histogram
-from fedlora_jax.run import build_data
+from fedlora_jax.run import build_data, build_experiment
+from fedlora_jax.run.memory import MemoryPlan, memory_plan
+from fedlora_jax.run.plan import memory_available
 
 # Per-class columns shown in the describe table up to this many classes (the heat map has all).
 _MAX_TABLE_CLASSES = 12
@@ -85,6 +89,7 @@ def describe(
     heatmap_path: str | Path | None = None,
     console: Console | None = None,
     show: bool = True,
+    plan: bool = False,
 ) -> dict:
     """Builds only the data of a config and reports its clients.
 
@@ -98,6 +103,8 @@ def describe(
       heatmap_path: PNG path for the label heat map, or None for none.
       console: where to print (default: stdout).
       show: print the table and notes.
+      plan: also build the experiment and print its memory plan per device (:func:`plan_table`),
+        from the compiled round's memory analysis; returned under ``memory_plan``.
 
     Returns:
       :func:`data_description` of the data, plus ``heatmap``: the PNG path written or None.
@@ -117,11 +124,49 @@ def describe(
             notes.append(f"label heat map: {info['heatmap']}")
         else:
             notes.append(f"no label heat map: task {data.task!r} has no class labels (sizes only)")
+    tables = [describe_table(info)]
+    if plan:
+        exp = build_experiment(c, data)
+        budget = int(c.federation.memory_fraction * memory_available())
+        memory = memory_plan(exp.federation, exp.params, exp.frozen, data, exp.plan.share, budget, c.model.remat)
+        info["memory_plan"] = dataclasses.asdict(memory)
+        tables.append(plan_table(memory, exp, c))
     if show:
         console = console or Console()
-        console.print(describe_table(info))
+        for table in tables:
+            console.print(table)
         if info.get("train_label_counts") is not None and info["num_labels"] > _MAX_TABLE_CLASSES:
             notes.append(f"{info['num_labels']} classes: per-class counts are in the heat map and the returned dict")
         for note in notes:
             console.print(note)
     return info
+
+
+def _gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.3f} GiB"
+
+
+def plan_table(memory: MemoryPlan, exp, config: Config) -> Table:
+    """The memory plan of a run per device, as ``describe --plan`` prints it."""
+    fed, m = exp.federation, config.model
+    table = Table(title=f"memory per device: {fed.devices} {jax.default_backend()} device(s) = "
+                        f"{fed.devices // fed.model_devices} client group(s) x {fed.model_devices} model device(s); "
+                        f"dtype {m.dtype}, remat {m.remat}, quantize {m.quantize} (from the compiled round)")
+    table.add_column("what")
+    table.add_column("bytes", justify="right")
+    per_token = lambda n: None if n is None else n // max(memory.tokens_per_client, 1)
+    rows = [
+        ("frozen base (this device's share)", _gib(memory.base)),
+        ("fixed: base, state, client rows, outputs, stacked uploads", _gib(memory.fixed)),
+        (f"per client in a chunk (remat {m.remat})", _gib(memory.per_client)),
+        ("per client, no remat / remat layer", f"{_gib(memory.per_client_plain)} / {_gib(memory.per_client_remat)}"),
+        (f"activations per token ({memory.tokens_per_client} tokens per client step), no remat / remat layer",
+         f"{per_token(memory.per_client_plain)} B / {per_token(memory.per_client_remat)} B"),
+        (f"budget (federation.memory_fraction {config.federation.memory_fraction} of the device)", _gib(memory.budget)),
+        (f"largest chunk that fits (of a share of {exp.plan.share} clients)", str(memory.chunk)),
+        (f"peak at that chunk / at the run's chunk ({fed.clients_per_chunk or exp.plan.share})",
+         f"{_gib(memory.peak(max(memory.chunk, 1)))} / {_gib(memory.peak(fed.clients_per_chunk or exp.plan.share))}"),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    return table

@@ -39,9 +39,10 @@ class ModelConfig(Section):
     ``dtype``: the frozen base's storage and compute dtype. With ``bfloat16`` the LoRA factors, the
     task head, the optimiser state, aggregation and DP-SGD stay float32, and normalisation, softmax
     and the loss run in float32 (mixed precision).
-    ``remat``: rematerialisation (gradient checkpointing) of each transformer layer: null keeps
-    every activation for the backward pass; ``layer`` keeps only each layer's input and recomputes
-    the rest; ``layer_dots`` keeps the layer's matmul outputs too (less recomputation, more memory).
+    ``remat``: rematerialisation (gradient checkpointing): null keeps every activation for the
+    backward pass; ``layer`` keeps only each transformer layer's input and recomputes the rest
+    there (and a language model scores its logits in blocks of tokens), trading one more forward
+    pass of the layers for their activation memory.
     ``quantize``: weight-only quantization of the frozen base's linear layers and embeddings
     (``int8``: per output channel; ``nf4``: 4-bit NormalFloat in blocks of 64 with double-quantized
     scales, as QLoRA), dequantized inside each matmul; LoRA and the head stay float32."""
@@ -50,7 +51,7 @@ class ModelConfig(Section):
     pretrained: str | None = None
     config: dict = {}
     dtype: one_of("float32", "bfloat16") = "float32"
-    remat: one_of(None, "layer", "layer_dots") = None
+    remat: one_of(None, "layer") = None
     quantize: one_of(None, "int8", "nf4") = None
     pooling: one_of("cls", "mean") = "cls"
     adapter: str | None = None

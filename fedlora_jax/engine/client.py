@@ -23,7 +23,7 @@ from fedlora_jax.data.packing import example_starts, pack
 from fedlora_jax.privacy import poisson_sample, private_gradient, shuffled_batch
 from fedlora_jax.privacy.bookkeeping import per_example_gradients
 from fedlora_jax.privacy.dpsgd import privatize
-from fedlora_jax.tasks import forward, per_example_loss
+from fedlora_jax.tasks import model_losses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +80,7 @@ class LocalTrainer:
     def loss(self, params, frozen, batch: dict, mask: jax.Array) -> jax.Array:
         """Masked mean of per-example losses."""
         model = nnx.merge(self.graphdef, params, frozen)
-        losses = per_example_loss(forward(model, batch), batch, self.task)
+        losses = model_losses(model, batch, self.task)
         return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
@@ -204,7 +204,7 @@ def _shared_gradients(trainer: LocalTrainer, frozen, params, batch: dict, masks,
     if dp is None:
         def total(params):
             model = nnx.merge(trainer.graphdef, params, frozen)
-            losses = per_example_loss(forward(model, batch), batch, trainer.task).reshape(clients, rows)
+            losses = model_losses(model, batch, trainer.task).reshape(clients, rows)
             client_losses = jnp.sum(losses * masks, axis=1) / jnp.maximum(jnp.sum(masks, axis=1), 1.0)
             return jnp.sum(client_losses), client_losses
 

@@ -32,7 +32,9 @@ class Federation:
 
     ``clients_per_chunk``: clients vmapped together (None: the whole share of a device at once).
     ``keep_client_params``: the round returns the cohort's trained states (local evaluation needs them).
-    ``devices``: devices (of every process) the cohort's client axis is sharded over.
+    ``devices``: devices (of every process) the round runs on; ``model_devices`` of them hold
+    each client's model (the frozen base split over the mesh's ``model`` axis), so the cohort's
+    client axis is sharded over ``devices // model_devices`` groups.
     ``server_optimizer``: an optax transform of the round's pseudo-gradient (global - aggregate;
     FedAvgM, FedAdam, FedYogi), or None for plain averaging.
     """
@@ -46,6 +48,7 @@ class Federation:
     folding: BaseFolding = BaseFolding()
     keep_client_params: bool = True
     devices: int = 1
+    model_devices: int = 1
     server_optimizer: optax.GradientTransformation | None = None
 
     def __post_init__(self):
@@ -64,14 +67,6 @@ class Federation:
         return self.cohort.size
 
     @property
-    def num_clients(self) -> int:
-        return self.cohort.num_clients
-
-    @property
-    def client_sampling_rate(self) -> float | None:
-        return self.cohort.sampling_rate
-
-    @property
     def expected_cohort(self) -> float:
         return self.cohort.expected_size
 
@@ -88,23 +83,41 @@ class Federation:
 
     @property
     def mesh(self) -> jax.sharding.Mesh:
-        return sharding.clients_mesh(self.devices)
+        return sharding.make_mesh(self.devices, self.model_devices)
 
     @property
     def everywhere(self) -> jax.sharding.NamedSharding:
-        return sharding.everywhere(self.devices)
+        return sharding.everywhere(self.mesh)
 
     def replicated(self, tree):
         """``tree`` placed whole on every device of the mesh; unchanged on one device."""
-        return sharding.replicate(tree, self.devices)
+        return sharding.replicate(tree, self.mesh)
 
-    def init_state(self, params, frozen, seed: int) -> ServerState:
-        """Round 0's state (the method's and the server optimiser's initial states), placed as the
-        round takes it (whole on every device of the mesh)."""
+    def base_shardings(self, frozen):
+        """Where each frozen leaf lives (:func:`fedlora_jax.engine.sharding.base_shardings`)."""
+        return sharding.base_shardings(frozen, self.mesh, self.model_devices)
+
+    def state_shardings(self, state: ServerState) -> ServerState:
+        """Shardings of a server state (a prefix tree of it): the frozen base split as
+        :meth:`base_shardings` says, everything else whole on every device."""
+        everywhere = self.everywhere
+        return ServerState(everywhere, self.base_shardings(state.frozen), everywhere, everywhere, everywhere,
+                           everywhere)
+
+    def placed(self, state: ServerState) -> ServerState:
+        """``state`` placed as the round takes it; unchanged on one device."""
+        return state if self.devices <= 1 else sharding.place(state, self.state_shardings(state))
+
+    def initial_state(self, params, frozen, seed: int) -> ServerState:
+        """Round 0's state (the method's and the server optimiser's initial states), not placed."""
         method_state = self.method.init_state(params, self.layout, self.cohort.num_clients)
         optimizer_state = () if self.server_optimizer is None else init_server_optimizer(self.server_optimizer, params)
-        return self.replicated(ServerState(params, frozen, jnp.zeros((), jnp.int32), jax.random.key(seed),
-                                           method_state, optimizer_state))
+        return ServerState(params, frozen, jnp.zeros((), jnp.int32), jax.random.key(seed), method_state,
+                           optimizer_state)
+
+    def init_state(self, params, frozen, seed: int) -> ServerState:
+        """Round 0's state placed as the round takes it (:meth:`placed`)."""
+        return self.placed(self.initial_state(params, frozen, seed))
 
     # -- the cohort ------------------------------------------------------------------------------
 
@@ -204,7 +217,7 @@ class Federation:
                 return self.stream_totals(state, rows, *per_client, mask)
 
             totals, stats = sharding.shard_clients(stream, (cohort, offsets, counts, keys, weights),
-                                                   (state, rows, mask), reduced=True, devices=self.devices)
+                                                   (state, rows, mask), reduced=True, mesh=self.mesh)
             params, frozen, divergence = finalise(self.method, self.layout, self.folding, totals, state.params,
                                                   frozen, state.round, server_key)
         else:
@@ -217,7 +230,7 @@ class Federation:
 
             client_params, stats = sharding.shard_clients(train, (start, offsets, counts, keys),
                                                           (frozen, rows, state.round, mask), reduced=False,
-                                                          devices=self.devices)
+                                                          mesh=self.mesh)
             if self.user_dp is None:
                 params, frozen, divergence = self.aggregate(client_params, weights, state.round, server_key, frozen,
                                                             state.params)
@@ -252,14 +265,19 @@ class Federation:
                             keep(new_state.optimizer_state, old_state.optimizer_state))
         return finite, state
 
-    def compile_round(self, donate: bool = True):
+    def compile_round(self, donate: bool = True, template: ServerState | None = None):
         """The jitted round; the server state's buffers are donated (unless not ``donate``). On
-        several devices its inputs and outputs are replicated (arrays not yet placed are placed so),
-        so every process can read them (and the next round's state)."""
+        several devices its inputs and outputs are placed as :meth:`state_shardings` says (whole
+        on every device but a split base; ``template``: a state of the round's structure, needed
+        then), so every process can read the next round's state and the outputs."""
         donated = (0,) if donate else ()
         if self.devices <= 1:
             return jax.jit(self.round, donate_argnums=donated)
-        return jax.jit(self.round, donate_argnums=donated, in_shardings=self.everywhere, out_shardings=self.everywhere)
+        if self.model_devices > 1 and template is None:
+            raise ValueError("compile_round needs a template state to place a base split over model devices")
+        state = self.everywhere if self.model_devices <= 1 else self.state_shardings(template)
+        shardings = (state, self.everywhere)
+        return jax.jit(self.round, donate_argnums=donated, in_shardings=shardings, out_shardings=shardings)
 
     def communication_bytes(self, params, frozen, round_index: int, clients: int | None = None) -> tuple[int, int]:
         """Exact (bytes_up, bytes_down) of one round over the ``clients`` that took part (default K)."""

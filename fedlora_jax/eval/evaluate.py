@@ -128,18 +128,21 @@ class Evaluator:
     def compile(self, mesh: jax.sharding.Mesh | None = None):
         """(global_fn, local_fn): jitted predict, and predict vmapped over client states and batches.
 
-        On a ``mesh`` of several devices each device predicts its share of the batch axis (global
-        batches [nb, ...], local batches [K, nb, ...]; nb must divide by the device count), with
-        the states replicated; the outputs are gathered to every device, so every process of a
-        multi-process run can read them."""
+        On a ``mesh`` of several devices each client group (the ``clients`` axis) predicts its share
+        of the batch axis (global batches [nb, ...], local batches [K, nb, ...]; nb must divide by
+        the group count), with the states replicated (the frozen base split over ``model``); the
+        outputs are gathered to every device, so every process of a multi-process run can read
+        them."""
         local = jax.vmap(self.predict, in_axes=(0, None, 0))
         if mesh is None or mesh.size == 1:
             return jax.jit(self.predict), jax.jit(local)
         spec = jax.sharding.PartitionSpec
-        global_fn = jax.shard_map(self.predict, mesh=mesh, in_specs=(spec(), spec(), spec(*mesh.axis_names)),
-                                  out_specs=spec(*mesh.axis_names))
-        local_fn = jax.shard_map(local, mesh=mesh, in_specs=(spec(), spec(), spec(None, *mesh.axis_names)),
-                                 out_specs=spec(None, *mesh.axis_names))
+        # over a ``model`` axis the frozen base stays split: the map is manual over ``clients`` only
+        axes = ("clients",)
+        global_fn = jax.shard_map(self.predict, mesh=mesh, in_specs=(spec(), spec(), spec(axes)),
+                                  out_specs=spec(axes), axis_names=set(axes))
+        local_fn = jax.shard_map(local, mesh=mesh, in_specs=(spec(), spec(), spec(None, axes)),
+                                 out_specs=spec(None, axes), axis_names=set(axes))
         everywhere = jax.sharding.NamedSharding(mesh, spec())
         return jax.jit(global_fn, out_shardings=everywhere), jax.jit(local_fn, out_shardings=everywhere)
 

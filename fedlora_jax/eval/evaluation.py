@@ -24,7 +24,7 @@ class Evaluation:
     """
 
     def __init__(self, evaluator: Evaluator, data: FederatedData, settings, seed: int, mesh=None):
-        ev, devices = evaluator, (mesh.size if mesh is not None else 1)
+        ev, devices = evaluator, (mesh.shape["clients"] if mesh is not None else 1)  # the batch axis' groups
         self.evaluator, self.data, self.settings = evaluator, data, settings
         self.global_fn, self.local_fn = ev.compile(mesh)
         self.global_arrays = data.global_test

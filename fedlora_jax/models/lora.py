@@ -162,20 +162,23 @@ class LoRALinear(nnx.Module):
         self.bias = base.bias
         self.scaling = float(scaling)
         bound = 1.0 / math.sqrt(d_in)  # HF PEFT: kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(d_in), +)
-        dtype = base.kernel[...].dtype
-        self.lora_a = LoRAParam(jax.random.uniform(key, (rank, d_in), dtype, -bound, bound))
-        self.lora_b = LoRAParam(jnp.zeros((d_out, rank), dtype))
+        self.lora_a = LoRAParam(jax.random.uniform(key, (rank, d_in), jnp.float32, -bound, bound))
+        self.lora_b = LoRAParam(jnp.zeros((d_out, rank), jnp.float32))
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """[..., d_in] -> [..., d_out] in x's dtype; the low-rank path runs in the factors' dtype
+        (float32) whatever the base's (bfloat16 under mixed precision)."""
         y = x @ self.kernel[...]
         if self.bias is not None:
             y = y + self.bias[...]
+        a, b = self.lora_a[...], self.lora_b[...]
+        wide = x.astype(a.dtype)
         routing = self.__dict__.get("routing")
         if routing is None:
-            delta = (x @ self.lora_a[...].T) @ self.lora_b[...].T
+            delta = (wide @ a.T) @ b.T
         else:
-            delta = routing.low_rank(x, self.lora_a[...], self.lora_b[...])
-        return y + _tapped(self, x, self.scaling * delta)
+            delta = routing.low_rank(wide, a, b)
+        return y + _tapped(self, x, self.scaling * delta).astype(y.dtype)
 
 
 def _path_name(path: tuple) -> str:
@@ -235,6 +238,20 @@ def merge_lora(model: nnx.Module) -> None:
         delta = layer.scaling * (layer.lora_b[...] @ layer.lora_a[...])
         layer.kernel[...] = layer.kernel[...] + delta.T.astype(layer.kernel.dtype)
         layer.lora_b[...] = jnp.zeros_like(layer.lora_b[...])
+
+
+def float32_trainable(model: nnx.Module) -> None:
+    """Mixed precision: keeps the trainable state in float32 whatever the base's dtype. The task
+    head's parameters are cast to float32 and it computes in float32 (it reads the base's
+    bfloat16 features); LoRA factors are float32 from :func:`inject_lora` on."""
+    for path, module in nnx.iter_graph(model):
+        if not (isinstance(module, nnx.Module) and "head" in path):
+            continue
+        if hasattr(module, "dtype"):
+            module.dtype = jnp.float32
+        for name, value in vars(module).items():
+            if isinstance(value, nnx.Param) and not isinstance(value, LoRAParam):
+                value.set_value(value.get_value().astype(jnp.float32))
 
 
 def split_model(model: nnx.Module):

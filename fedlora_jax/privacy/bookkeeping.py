@@ -28,7 +28,7 @@ from flax import nnx
 
 from fedlora_jax.models.lora import Linear, LoRALinear, Tap, attach_tap
 from fedlora_jax.params import leaf_names
-from fedlora_jax.tasks import forward, per_example_loss
+from fedlora_jax.tasks import model_losses
 
 
 def _tappable_layers(model) -> dict[str, nnx.Module]:
@@ -92,7 +92,7 @@ def per_example_gradients(graphdef, params, frozen, batch: dict, example_mask: j
         taps = {name: Tap(None if zeros is None else zeros[name]) for name in layers}
         for name, layer in layers.items():
             attach_tap(layer, taps[name])
-        losses = per_example_loss(forward(model, batch), batch, task)
+        losses = model_losses(model, batch, task)
         return losses, layers, taps
 
     def outputs():

@@ -23,12 +23,14 @@ from fedlora_jax.hf import load_adapter
 from fedlora_jax.methods import make_method
 from fedlora_jax.methods.server_optimizers import make_server_optimizer
 from fedlora_jax.models import model_config_from_pretrained
-from fedlora_jax.models.lora import LoRAConfig, inject_lora, split_model
+from fedlora_jax.models.lora import LoRAConfig, float32_trainable, inject_lora, split_model
+from fedlora_jax.models.remat import set_remat
 from fedlora_jax.params import leaf_names, trainable_layout
 from fedlora_jax.privacy.bookkeeping import unsupported_leaves
 from fedlora_jax.privacy.ledger import PrivacyLedger
 from fedlora_jax.tasks import task_kind
-from fedlora_jax.run.plan import Plan, check_cohort_fits, make_plan, split_cpu_cores
+from fedlora_jax.run.memory import planned_chunk
+from fedlora_jax.run.plan import Plan, check_cohort_fits, make_plan, memory_available, split_cpu_cores
 
 
 @dataclasses.dataclass
@@ -84,7 +86,8 @@ def lora_config(config: Config) -> LoRAConfig:
 
 
 def build_model(config: Config, data: FederatedData):
-    """The model with LoRA injected; returns (model, adapted module paths)."""
+    """The model with LoRA injected (the base in ``model.dtype``, the trainable state in float32,
+    layers rematerialised as ``model.remat`` says); returns (model, adapted module paths)."""
     m = config.model
     dtype = jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32
     num_labels = task_kind(data.task).outputs(data.num_labels)
@@ -96,6 +99,8 @@ def build_model(config: Config, data: FederatedData):
         model = models.create_model(m.arch, dict(m.config), task=data.task, num_labels=num_labels,
                                     seed=config.seed, dtype=dtype, **kwargs)
     adapted = inject_lora(model, lora_config(config), jax.random.key(config.seed + 1))
+    float32_trainable(model)
+    set_remat(model, m.remat)
     return model, adapted
 
 
@@ -163,6 +168,11 @@ def build_experiment(config: Config, data: FederatedData | None = None) -> Exper
         int(data.num_train.max()),
     )
     federation = build_federation(config, data, trainer, params, frozen, ledger, plan)
+    if f.clients_per_chunk == "auto" and jax.default_backend() != "cpu":  # planned from the compiled round
+        chunk = planned_chunk(federation, params, frozen, data, plan.share,
+                              int(f.memory_fraction * memory_available()), config.model.remat)
+        federation = dataclasses.replace(federation, clients_per_chunk=chunk)
+        plan = dataclasses.replace(plan, clients_per_chunk=chunk)
     check_cohort_fits(federation, params)
     evaluator = Evaluator(graphdef, data.task, config.eval.batch_size, plan.eval_tokens, plan.local_eval_tokens)
     return Experiment(config, data, graphdef, params, frozen, federation, evaluator, adapted, ledger, plan)
@@ -188,4 +198,5 @@ def build_federation(config: Config, data: FederatedData, trainer: LocalTrainer,
                               f"of the uploads (fedit, ffa, rolora), not {method.name!r}")
         server_optimizer = make_server_optimizer(**f.server_optimizer.model_dump())
     return Federation(trainer, method, layout, cohort, plan.clients_per_chunk, user_dp, folding,
-                      keep_client_params=config.eval.local, devices=plan.devices, server_optimizer=server_optimizer)
+                      keep_client_params=config.eval.local, devices=plan.devices, model_devices=plan.model_devices,
+                      server_optimizer=server_optimizer)

@@ -119,7 +119,10 @@ class Checkpointer:
         tmp = self.dir / f".tmp-{final.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_file(_flatten(jax.device_get(state), self.with_frozen), str(tmp / "state.safetensors"))
+        # the frozen base is read only when the run changes it (split over model devices of other
+        # processes, it would not be readable here)
+        kept = state if self.with_frozen else state._replace(frozen=())
+        save_file(_flatten(jax.device_get(kept), self.with_frozen), str(tmp / "state.safetensors"))
         meta = {"format": FORMAT, "round": int(state.round), "config_digest": self.digest,
                 "participations": np.asarray(participations).tolist(), "rounds_spent": rounds_spent, **self.info,
                 "state_sha256": _sha256(tmp / "state.safetensors")}

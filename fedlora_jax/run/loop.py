@@ -68,7 +68,7 @@ def run(config: Config, out_dir: str | Path | None = None, progress: bool = True
     history: list[dict] = []
     if resume:
         state, history = restore(checkpoints, state, exp.ledger, log, console if primary else Console(quiet=True))
-        state = fed.replicated(state)
+        state = fed.placed(state)
     compiled, compile_s = compile_round(fed, state, shards)
     evaluation = exp.evaluation()
     headline = task_kind(exp.data.task).headline
@@ -144,7 +144,7 @@ def play_round(exp: Experiment, compiled, state: ServerState, shards: ClientShar
 def compile_round(fed: Federation, state: ServerState, shards: ClientShards):
     """(the compiled round, seconds it took to compile)."""
     t0 = time.perf_counter()
-    compiled = fed.compile_round().lower(state, shards).compile()
+    compiled = fed.compile_round(template=state).lower(state, shards).compile()
     return compiled, time.perf_counter() - t0
 
 
@@ -187,7 +187,7 @@ def round_record(exp: Experiment, state: ServerState, out, r: int, train_loss: f
         "bytes_up": bytes_up,
         "bytes_down": bytes_down,
     }
-    if fed.client_sampling_rate is not None:
+    if fed.cohort.sampling_rate is not None:
         record.update(cohort_size=int(taking_part.sum()), cohort_overflow=bool(out.cohort_overflow))
     record.update(privacy)
     dp = fed.trainer.dp

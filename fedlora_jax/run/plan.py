@@ -16,7 +16,7 @@ from fedlora_jax.config import Config, ConfigError, cohort_size
 from fedlora_jax.data.base import FederatedData
 from fedlora_jax.data.packing import eval_stream_length, row_lengths, token_buckets
 from fedlora_jax.engine import Federation, RecordDP
-from fedlora_jax.methods import streaming_methods
+from fedlora_jax.methods import make_method, streaming_methods
 from fedlora_jax.models.weights import resolve_checkpoint_dir
 from fedlora_jax.params import leaf_bytes
 
@@ -25,8 +25,10 @@ from fedlora_jax.params import leaf_bytes
 class Plan:
     """How a run lays out its work.
 
-    devices: devices (of every process) the cohort's client axis is sharded over.
-    share: clients each device trains (the cohort padded to a multiple of ``devices``).
+    devices: devices (of every process) the round runs on.
+    model_devices: devices each client's model is split over (the mesh's ``model`` axis); the
+      cohort's client axis is sharded over ``devices // model_devices`` groups.
+    share: clients each group trains (the cohort padded to a multiple of the groups).
     clients_per_chunk: clients vmapped together (None: each device's whole share at once).
     token_buckets: packed stream lengths of the local steps (empty: padded rows).
     shared_stream: the clients of a chunk share one packed stream (encoders).
@@ -37,6 +39,7 @@ class Plan:
     """
 
     devices: int
+    model_devices: int
     share: int
     clients_per_chunk: int | None
     token_buckets: tuple[int, ...]
@@ -56,7 +59,9 @@ def make_plan(config: Config, data: FederatedData, record_dp: RecordDP | None, r
     bookkeeping = record_dp is not None and routable
     packs = config.data.packing == "auto" and (record_dp is None or bookkeeping)
     devices = mesh_devices(f.devices)
-    share = -(-cohort_size(config) // devices)  # clients each device trains (the cohort padded to a multiple)
+    check_model_devices(devices, f.model_devices, config)
+    groups = devices // f.model_devices
+    share = -(-cohort_size(config) // groups)  # clients each group trains (the cohort padded to a multiple)
     chunk = clients_per_chunk(config, data, packs, record_dp, share)
     group = min(chunk or share, data.num_clients)  # clients vmapped together
     # encoders share one stream between the group's clients; decoders (token-level heads, T x T attention) do not
@@ -66,8 +71,8 @@ def make_plan(config: Config, data: FederatedData, record_dp: RecordDP | None, r
     if config.data.packing == "auto" and data.task != "causal_lm":  # causal LM scores padded token rows
         eval_tokens = eval_stream_length(data.global_test["attention_mask"], config.eval.batch_size)
         local_tokens = eval_stream_length(data.local_test["attention_mask"], config.eval.batch_size)
-    return Plan(devices, share, chunk, buckets, shared and bool(buckets), aligned, bookkeeping, eval_tokens,
-                local_tokens)
+    return Plan(devices, f.model_devices, share, chunk, buckets, shared and bool(buckets), aligned, bookkeeping,
+                eval_tokens, local_tokens)
 
 
 def step_rows(batch_size: int, record_dp: RecordDP | None) -> int:
@@ -111,7 +116,8 @@ def clients_per_chunk(config: Config, data: FederatedData, packs: bool, record_d
                       share: int) -> int | None:
     """``federation.clients_per_chunk`` with ``auto`` resolved.
 
-    On accelerators ``auto`` trains the whole cohort at once. On a CPU it vmaps groups of about
+    On accelerators ``auto`` is planned from the compiled round's memory once the federation
+    exists (:func:`fedlora_jax.run.memory.planned_chunk`); here it stays None. On a CPU it vmaps groups of about
     :data:`CPU_CHUNK_TOKENS` tokens per local step (:func:`step_tokens` each), each device's
     ``share`` of the cohort (the clients it trains) split into that many even chunks: wider groups
     spill the step's working set out of cache (W1, 8 clients of 16 x 64 tokens: 1.2-1.35x faster in
@@ -202,6 +208,24 @@ def mesh_devices(wanted: int | None) -> int:
         raise ConfigError(f"config key 'federation.devices' is {wanted} but a run of {jax.process_count()} processes "
                           f"shards its clients over all {available} devices; set it to null")
     return available if wanted is None else wanted
+
+
+def check_model_devices(devices: int, model_devices: int, config: Config) -> None:
+    """Refuses a ``model`` axis that does not divide the mesh, or (several processes) that would
+    span processes or split a base the method rewrites."""
+    if devices % model_devices:
+        raise ConfigError(f"config key 'federation.model_devices' is {model_devices}, which does not divide the "
+                          f"{devices} device(s) of the mesh (devices = client groups x model devices)")
+    local = jax.local_device_count()
+    method = config.federation.method
+    if (jax.process_count() > 1 and model_devices > 1
+            and make_method(method, config.federation.method_options, lora_rank=config.lora.rank).modifies_base):
+        raise ConfigError(f"config key 'federation.model_devices' is {model_devices}, but method {method!r} rewrites "
+                          "the frozen base, which a multi-process run cannot checkpoint while it is split over "
+                          "devices; set it to 1 or run in one process")
+    if jax.process_count() > 1 and local % model_devices:
+        raise ConfigError(f"config key 'federation.model_devices' is {model_devices}, which does not divide the "
+                          f"{local} device(s) of each process: a model group must not span processes")
 
 
 def memory_available() -> int:

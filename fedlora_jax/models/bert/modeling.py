@@ -28,6 +28,7 @@ from fedlora_jax.data.packing import Packing
 from fedlora_jax.models.bert import attention as kernels
 from fedlora_jax.models.bert.config import ACTIVATIONS, BertConfig
 from fedlora_jax.models.lora import Linear
+from fedlora_jax.models.remat import run_layer
 
 HEAD_KINDS = ("bert", "roberta")  # the task head of BertForSequenceClassification
 
@@ -227,6 +228,7 @@ class BertModel(nnx.Module):
         )
         hidden = config.hidden_size
         self.pooler = _linear(hidden, hidden, config, dtype, param_dtype, rngs) if add_pooler else None
+        self.remat: str | None = None  # the layers' rematerialisation policy (fedlora_jax.models.remat)
 
     def __call__(
         self,
@@ -264,12 +266,12 @@ class BertModel(nnx.Module):
             mask = kernels.attention_mask_for(attention_mask, packing)
         if not first_tokens_only:
             for layer in self.layers:
-                hidden = layer(hidden, mask)
+                hidden = run_layer(layer, self.remat, hidden, mask)
             return hidden
         if not self.layers:
             return first_token_states(hidden, packing)
         for layer in self.layers[:-1]:
-            hidden = layer(hidden, mask)
+            hidden = run_layer(layer, self.remat, hidden, mask)
         return self.layers[-1].first_tokens(hidden, mask, packing)
 
     def pool(self, first: jax.Array) -> jax.Array:

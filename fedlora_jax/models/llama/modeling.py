@@ -26,6 +26,7 @@ from flax import nnx
 from fedlora_jax.models.llama.attention import (KVCache, apply_rotary, causal_mask, grouped_attention,
                                                 positions_from_mask, rope_inverse_frequencies, rotary_cos_sin)
 from fedlora_jax.models.llama.config import ACTIVATIONS, LlamaConfig
+from fedlora_jax.models.remat import run_layer
 
 
 class RMSNorm(nnx.Module):
@@ -165,7 +166,8 @@ class LlamaDecoderLayer(nnx.Module):
 
 
 class LlamaModel(nnx.Module):
-    """Token embeddings + decoder layers + final RMSNorm."""
+    """Token embeddings + decoder layers + final RMSNorm. ``remat``: the layers' rematerialisation
+    policy (:mod:`fedlora_jax.models.remat`; None: keep every activation)."""
 
     def __init__(self, config: LlamaConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = config
@@ -184,6 +186,7 @@ class LlamaModel(nnx.Module):
             ]
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
+        self.remat: str | None = None
 
     def __call__(
         self, input_ids: jax.Array, attention_mask: jax.Array, position_ids: jax.Array | None = None, packing=None
@@ -215,7 +218,7 @@ class LlamaModel(nnx.Module):
             }
         hidden = self.embed_tokens(input_ids)
         for layer in self.layers:
-            hidden = layer(hidden, cos, sin, masks[layer.sliding_window])
+            hidden = run_layer(layer, self.remat, hidden, cos, sin, masks[layer.sliding_window])
         return self.norm(hidden)
 
     def cached(
@@ -272,6 +275,7 @@ class LlamaForCausalLM(nnx.Module):
             self.lm_head = None
         else:
             self.lm_head = _linear(config.hidden_size, config.vocab_size, False, config, dtype, param_dtype, rngs)
+        self.remat: str | None = None  # with a policy, training scores its logits blockwise (tasks.model_losses)
 
     def __call__(
         self,
@@ -293,6 +297,22 @@ class LlamaForCausalLM(nnx.Module):
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         return self._logits(self.model(input_ids, attention_mask, position_ids, packing))
+
+    def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                      position_ids: jax.Array | None = None, packing=None) -> jax.Array:
+        """The final (normed) hidden states [B, L, H] that :meth:`__call__` turns into logits."""
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        return self.model(input_ids, attention_mask, position_ids, packing)
+
+    def output_weight(self) -> jax.Array | None:
+        """The output matrix [H, V] of the logits (the tied embeddings' transpose, or the frozen
+        ``lm_head`` kernel); None when ``lm_head`` carries an adapter."""
+        if self.lm_head is None:
+            return self.model.embed_tokens.embedding[...].T
+        if not isinstance(self.lm_head, nnx.Linear):
+            return None
+        return self.lm_head.kernel[...]
 
     def _logits(self, hidden: jax.Array) -> jax.Array:
         """[..., H] final hidden states -> [..., V] logits."""
