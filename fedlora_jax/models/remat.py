@@ -22,9 +22,11 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from fedlora_jax.models.lora import ClientRouting, route_clients
+from fedlora_jax.models.quantize import QuantizedArray
 
 REMAT_POLICIES = ("layer",)
 
@@ -61,30 +63,45 @@ def _recomputed_bwd(fn, saved, gradient):
 recomputed.defvjp(_recomputed_fwd, _recomputed_bwd)
 
 
+def _tied(tree, hidden: jax.Array):
+    """``tree``'s floating leaves plus a zero that depends on ``hidden``: what is computed from them
+    (a quantized weight's dequantization) cannot be scheduled before the layer's input exists."""
+    tie = hidden.reshape(-1)[0] * 0
+    floating = lambda x: jnp.issubdtype(x.dtype, jnp.floating)
+    return jax.tree.map(lambda x: x + tie.astype(x.dtype) if floating(x) else x, tree)
+
+
 def run_layer(layer: nnx.Module, policy: str | None, hidden: jax.Array, *args) -> jax.Array:
     """``layer(hidden, *args)``, rematerialised (:func:`recomputed`) when ``policy`` is set.
 
     The layer's state (frozen weights and LoRA factors) and ``args`` (masks, rotary tables,
     packing) are explicit inputs of the recomputed function, so their gradients flow. Per-client
     routing (:func:`fedlora_jax.models.lora.route_clients`) is carried across by its token-client
-    ids.
+    ids. A quantized weight (:class:`fedlora_jax.models.quantize.QuantizedArray` leaves) is
+    dequantized only once the layer's input exists (:func:`_tied`), so one layer's float weights
+    are alive at a time rather than the whole base's.
     """
     modules = [m for _, m in nnx.iter_graph(layer) if isinstance(m, nnx.Module)]
-    if policy is None or any("tap" in m.__dict__ for m in modules):
+    quantized = any(isinstance(v, QuantizedArray) for _, v in nnx.iter_graph(layer))
+    if (policy is None and not quantized) or any("tap" in m.__dict__ for m in modules):
         return layer(hidden, *args)
     routing = next((m.__dict__["routing"] for m in modules if "routing" in m.__dict__), None)
     for m in modules:
         m.__dict__.pop("routing", None)
-    graphdef, state = nnx.split(layer)
+    graphdef, codes, state = nnx.split(layer, QuantizedArray, ...)
     clients = None if routing is None else routing.clients
 
-    def apply(h, state, args, token_clients):
-        rebuilt = nnx.merge(graphdef, state)
+    def apply(h, codes, state, args, token_clients):
+        rebuilt = nnx.merge(graphdef, _tied(codes, h), state)
         if token_clients is not None:
             route_clients(rebuilt, ClientRouting(token_clients, clients))
         return rebuilt(h, *args)
 
-    out = recomputed(apply, hidden, state, args, None if routing is None else routing.token_clients)
+    token_clients = None if routing is None else routing.token_clients
+    if policy is None:
+        out = apply(hidden, codes, state, args, token_clients)
+    else:
+        out = recomputed(apply, hidden, codes, state, args, token_clients)
     if routing is not None:
         route_clients(layer, routing)
     return out

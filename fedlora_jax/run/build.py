@@ -24,6 +24,7 @@ from fedlora_jax.methods import make_method
 from fedlora_jax.methods.server_optimizers import make_server_optimizer
 from fedlora_jax.models import model_config_from_pretrained
 from fedlora_jax.models.lora import LoRAConfig, float32_trainable, inject_lora, split_model
+from fedlora_jax.models.quantize import quantize_base
 from fedlora_jax.models.remat import set_remat
 from fedlora_jax.params import leaf_names, trainable_layout
 from fedlora_jax.privacy.bookkeeping import unsupported_leaves
@@ -85,9 +86,11 @@ def lora_config(config: Config) -> LoRAConfig:
     return LoRAConfig(rank=c.rank, alpha=c.alpha, targets=tuple(c.targets) if c.targets else None, rslora=c.rslora)
 
 
-def build_model(config: Config, data: FederatedData):
+def build_model(config: Config, data: FederatedData, quantize: bool = True):
     """The model with LoRA injected (the base in ``model.dtype``, the trainable state in float32,
-    layers rematerialised as ``model.remat`` says); returns (model, adapted module paths)."""
+    layers rematerialised as ``model.remat`` says), its frozen base quantized as ``model.quantize``
+    says (unless ``quantize`` is False: the float base it would quantize); returns (model, adapted
+    module paths)."""
     m = config.model
     dtype = jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32
     num_labels = task_kind(data.task).outputs(data.num_labels)
@@ -101,6 +104,8 @@ def build_model(config: Config, data: FederatedData):
     adapted = inject_lora(model, lora_config(config), jax.random.key(config.seed + 1))
     float32_trainable(model)
     set_remat(model, m.remat)
+    if quantize and m.quantize:
+        quantize_base(model, m.quantize)
     return model, adapted
 
 
@@ -183,9 +188,14 @@ def build_federation(config: Config, data: FederatedData, trainer: LocalTrainer,
     """The federation of ``config``: its method, cohort, user-level DP, server optimiser and layout."""
     f, p = config.federation, config.privacy
     method = make_method(f.method, f.method_options, lora_rank=config.lora.rank)
+    if config.model.quantize and method.modifies_base:
+        raise ConfigError(f"config key 'model.quantize' ({config.model.quantize}) keeps the base frozen and quantized, "
+                          f"but method {method.name!r} folds its updates into the base; set model.quantize: null "
+                          f"or use a method that leaves the base alone")
     layout = trainable_layout(params)
     frozen_index = {name: i for i, name in enumerate(leaf_names(frozen))}
-    folding = BaseFolding(tuple(frozen_index[m.name + ".kernel"] for m in layout.modules), lora_config(config).scaling)
+    kernels = tuple(frozen_index[m.name + ".kernel"] for m in layout.modules) if method.modifies_base else ()
+    folding = BaseFolding(kernels, lora_config(config).scaling)
     poisson_cohorts = p.user_level and p.client_sampling == "poisson"
     cohort = Cohort(ledger.cohort_slots, data.num_clients,
                     cohort_size(config) / data.num_clients if poisson_cohorts else None,

@@ -9,7 +9,8 @@
 * ``OUT/base/`` (config.json + model.safetensors), a transformers checkpoint of the base, when
   the run's base is not a published checkpoint: a randomly initialised model, or a base the
   method rewrote (FedEx's residual, FLoRA's merged products). ``base_model_name_or_path`` points
-  at it (relative to OUT) or at ``model.pretrained``;
+  at it (relative to OUT) or at ``model.pretrained``. A run on a quantized base
+  (``model.quantize``) exports the float base it quantized: its adapter is for that base;
 * with ``clients=True``, for methods whose clients keep part of their model (FedSA),
   ``OUT/clients/<u>/``: client u's adapter (FedSA: shared A, its own B), the model client u
   starts its next round from.
@@ -67,7 +68,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, clients: bool = False) 
     if meta is None:
         raise ConfigError(f"run directory {run_dir} has no checkpoint to export")
     task = TaskInfo(meta["task"], meta["num_labels"])
-    _, params, frozen = split_model(build_model(config, task)[0])
+    # the float base, also of a run that trained on it quantized: the adapter is for the float base
+    _, params, frozen = split_model(build_model(config, task, quantize=False)[0])
     found = checkpoints.latest(template_state(params, frozen, method, config.data.num_clients), lambda message: None)
     if found is None:
         raise ConfigError(f"run directory {run_dir} has no readable checkpoint to export")
