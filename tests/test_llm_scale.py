@@ -288,3 +288,33 @@ def test_describe_plan_prints_the_memory_plan(tmp_path, capsys):
     for text in ("memory per device", "remat layer", "frozen base", "per client in a chunk",
                  "activations per token", "largest chunk that fits"):
         assert text in out
+
+
+def test_a_quantized_base_with_remat_dequantizes_one_layer_at_a_time():
+    """Four vmapped clients' loss gradients over an int8 base with remat: the frozen state taken
+    as an argument is about a quarter of the float one, and the temporaries exceed the float
+    base's (remat too) by less than a third of the float base (one layer and the output matrix
+    dequantized at a time, shared by the clients), not by a copy of the base per client."""
+    from fedlora_jax.models.quantize import quantize_base
+
+    config = {**LLAMA, "num_hidden_layers": 6, "hidden_size": 64, "intermediate_size": 256, "vocab_size": 256}
+    measured = {}
+    for scheme in (None, "int8"):
+        model = create_model("llama", config, task="causal_lm")
+        inject_lora(model, LoRAConfig(rank=4, alpha=8), jax.random.key(0))
+        set_remat(model, "layer")
+        if scheme:
+            quantize_base(model, scheme)
+        graphdef, params, frozen = split_model(model)
+        batch = batch_of("causal_lm", 4, 64, config["vocab_size"])
+
+        def grads(params, frozen):
+            loss = lambda p: jnp.mean(model_losses(nnx.merge(graphdef, p, frozen), batch, "causal_lm"))
+            return jax.vmap(jax.grad(loss))(params)
+
+        stacked = jax.tree.map(lambda x: jnp.stack([x] * 4), params)
+        memory = jax.jit(grads).lower(stacked, frozen).compile().memory_analysis()
+        measured[scheme] = (int(leaf_bytes(frozen).sum()), memory.temp_size_in_bytes)
+    (float_base, float_temp), (int8_base, int8_temp) = measured[None], measured["int8"]
+    assert int8_base <= 0.3 * float_base
+    assert int8_temp <= float_temp + float_base / 3, measured

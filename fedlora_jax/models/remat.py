@@ -23,6 +23,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import custom_batching
 from flax import nnx
 
 from fedlora_jax.models.lora import ClientRouting, route_clients
@@ -63,10 +64,22 @@ def _recomputed_bwd(fn, saved, gradient):
 recomputed.defvjp(_recomputed_fwd, _recomputed_bwd)
 
 
+@custom_batching.custom_vmap
+def _zero_of(x: jax.Array) -> jax.Array:
+    """A scalar zero computed from ``x``; unbatched under ``vmap`` (a zero of the whole batch)."""
+    return x.reshape(-1)[0] * 0
+
+
+@_zero_of.def_vmap
+def _zero_of_batched(axis_size, in_batched, x):
+    return x.reshape(-1)[0] * 0, False
+
+
 def _tied(tree, hidden: jax.Array):
     """``tree``'s floating leaves plus a zero that depends on ``hidden``: what is computed from them
-    (a quantized weight's dequantization) cannot be scheduled before the layer's input exists."""
-    tie = hidden.reshape(-1)[0] * 0
+    (a quantized weight's dequantization) cannot be scheduled before the layer's input exists. The
+    zero is unbatched over vmapped clients, so the shared weights stay shared."""
+    tie = _zero_of(jax.lax.stop_gradient(hidden))
     floating = lambda x: jnp.issubdtype(x.dtype, jnp.floating)
     return jax.tree.map(lambda x: x + tie.astype(x.dtype) if floating(x) else x, tree)
 
