@@ -172,12 +172,12 @@ class LoRALinear(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...]
         a, b = self.lora_a[...], self.lora_b[...]
-        wide = x.astype(a.dtype)
         routing = self.__dict__.get("routing")
-        if routing is None:
-            delta = (wide @ a.T) @ b.T
+        if routing is None:  # x [..., d_in] (bfloat16 or float32) against the float32 A: no float32 copy of x
+            down = jax.lax.dot_general(x, a, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=a.dtype)
+            delta = down @ b.T
         else:
-            delta = routing.low_rank(wide, a, b)
+            delta = routing.low_rank(x.astype(a.dtype), a, b)
         return y + _tapped(self, x, self.scaling * delta).astype(y.dtype)
 
 

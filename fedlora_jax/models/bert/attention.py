@@ -91,14 +91,15 @@ def padding_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: 
 
 def _attention_forward(query, key, value, mask):
     out, probs = _attention_core(query, key, value, mask)
-    return out, (query, key, value, probs, out, mask)
+    # kept in the activations' dtype (bfloat16 under mixed precision), widened again when used
+    return out, (query, key, value, probs.astype(value.dtype), out, mask)
 
 
 def _attention_backward(saved, d_out):
     query, key, value, probs, out, mask = saved
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
     scale = jnp.float32(1.0 / math.sqrt(query.shape[-1]))
-    d_out = f32(d_out)
+    d_out, probs = f32(d_out), f32(probs)
     d_value = jnp.einsum("bnqk,bqnd->bknd", probs, d_out)
     d_probs = jnp.einsum("bqnd,bknd->bnqk", d_out, f32(value))
     delta = jnp.einsum("bqnd,bqnd->bnq", d_out, f32(out))[..., None]  # == rowsum(d_probs * probs)
