@@ -318,3 +318,44 @@ def test_a_quantized_base_with_remat_dequantizes_one_layer_at_a_time():
     (float_base, float_temp), (int8_base, int8_temp) = measured[None], measured["int8"]
     assert int8_base <= 0.3 * float_base
     assert int8_temp <= float_temp + float_base / 3, measured
+
+
+@pytest.mark.slow
+def test_two_processes_with_a_split_base_give_the_metrics_of_one_device(tmp_path):
+    """`fedlora-jax run` in two CPU processes of 2 devices each, federation.model_devices=2 (each
+    process one client group whose base is split over its 2 devices, a checkpoint every round):
+    the metrics and final checkpoint of a one-device run (1e-5)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    config = tiny_config(**WIDER, **{"federation.model_devices": 2, "checkpoint.every": 1}).to_dict()
+    path = tmp_path / "split.yaml"
+    path.write_text(yaml.safe_dump(config))
+    one = tmp_path / "one.yaml"
+    one.write_text(yaml.safe_dump({**config, "federation": {**config["federation"], "model_devices": 1,
+                                                              "devices": 1}}))
+    assert main(["run", str(one), "--out", str(tmp_path / "one"), "--quiet"]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, "-m", "fedlora_jax", "run", str(path), "--out", str(tmp_path / "two"),
+                               "--quiet", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                               "--process-id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+             for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-3000:] for _, err in outputs]
+    a, b = metrics_without_timings(tmp_path / "two"), metrics_without_timings(tmp_path / "one")
+    assert len(a) == len(b) == 2
+    for x, y in zip(a, b):
+        for key in y:
+            np.testing.assert_allclose(x[key], y[key], atol=1e-5, err_msg=key)
+    got, want = final_state(tmp_path / "two"), final_state(tmp_path / "one")
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], atol=1e-5, err_msg=name)
