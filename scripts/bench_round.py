@@ -11,12 +11,14 @@ compilation (median of --repeats rounds) and client-steps per second; writes JSO
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
@@ -47,9 +49,24 @@ def cohort_overrides(cohort: int, chunk: int | None = None) -> list[str]:
     return out + ([f"federation.clients_per_chunk={chunk}"] if chunk else [])
 
 
-def compiled_round(config_path: Path | dict, overrides: list[str]):
-    """(config, experiment, zero-argument function running one compiled round to completion,
-    compile seconds) of the engine's jitted round."""
+@dataclasses.dataclass
+class EngineRound:
+    """The engine's jitted round, compiled for one config: ``run_once()`` runs it to completion (from
+    the same initial state every time)."""
+
+    config: Any
+    exp: Any
+    compiled: Any
+    state: Any
+    shards: Any
+    compile_s: float
+
+    def run_once(self):
+        return jax.block_until_ready(self.compiled(self.state, self.shards))
+
+
+def compile_engine_round(config_path: Path | dict, overrides: list[str]) -> EngineRound:
+    """Builds the experiment of ``config_path`` + ``overrides`` and compiles its round (not donating)."""
     config = load_config(config_path, overrides)
     exp = build_experiment(config)
     fed = exp.federation
@@ -57,8 +74,14 @@ def compiled_round(config_path: Path | dict, overrides: list[str]):
     state = init_server_state(exp.params, exp.frozen, config.seed, fed)  # placed as runs place it
     t0 = time.perf_counter()
     compiled = fed.compile_round(donate=False, template=state).lower(state, shards).compile()
-    compile_s = time.perf_counter() - t0
-    return config, exp, (lambda: jax.block_until_ready(compiled(state, shards))), compile_s
+    return EngineRound(config, exp, compiled, state, shards, time.perf_counter() - t0)
+
+
+def compiled_round(config_path: Path | dict, overrides: list[str]):
+    """(config, experiment, zero-argument function running one compiled round to completion,
+    compile seconds) of the engine's jitted round."""
+    built = compile_engine_round(config_path, overrides)
+    return built.config, built.exp, built.run_once, built.compile_s
 
 
 def bench_engine_round(config_path: Path | dict, overrides: list[str], repeats: int):
