@@ -24,9 +24,9 @@
 # 64 then 16 clients per round (all in every round), each with padded256 and real lengths, 2 timed pairs
 # each, in one process (one checkpoint, one PyTorch model; XLA reuses its GEMM autotuning).
 # fedlora_jax runs model.dtype=bfloat16 (base in bf16; LoRA, optimiser and aggregation in f32) with
-# model.remat=layer and federation.clients_per_chunk=$W2_CHUNK (default 16: 16 clients x 8 rows x 256
-# tokens per step fill an H200; set W2_CHUNK=auto once the engine plans chunks from memory, or lower it
-# if remat is not in the engine yet). The peer keeps its base in bf16 under torch.autocast(bfloat16)
+# model.remat=layer and federation.clients_per_chunk=$W2_CHUNK (default auto: the largest chunk whose
+# compiled round fits federation.memory_fraction of the device, planned from XLA's memory analysis;
+# a number fixes it). The peer keeps its base in bf16 under torch.autocast(bfloat16)
 # with f32 LoRA and AdamW, no gradient checkpointing. W2_CHECK=1 first checks parity (one local step on
 # the same batch and state from both sides: about three more 1B compiles). Reported per setting:
 # s/round (medians), real tokens trained per second, model FLOPs utilisation against 989e12 FLOP/s (an
@@ -86,7 +86,7 @@ run_w2() {
   local dir=${OUT:-runs/gpu}
   python3 scripts/bench_vs_torch.py --workloads w2 --w2-model "$preset" \
     --w2-checkpoint "/tmp/fedlora_w2_${preset}_bfloat16" --lengths "${W2_LENGTHS:-padded256,real}" \
-    --clients "${W2_CLIENTS:-64,16}" --dtype bfloat16 --remat layer --clients-per-chunk "${W2_CHUNK:-16}" --pairs 2 \
+    --clients "${W2_CLIENTS:-64,16}" --dtype bfloat16 --remat layer --clients-per-chunk "${W2_CHUNK:-auto}" --pairs 2 \
     --peak-flops "${W2_PEAK_FLOPS:-989e12}" --model "$GPU_DIR/minilm" --gsm8k "$GPU_DIR/gsm8k" \
     --out "$dir/w2_${preset}_bfloat16.json" $check $quick || status=1
 }
