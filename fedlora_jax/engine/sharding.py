@@ -81,6 +81,13 @@ def replicate(tree, mesh: jax.sharding.Mesh):
     return place(tree, everywhere(mesh))
 
 
+def map_shardings(fn, tree, shardings):
+    """``fn(leaf, sharding)`` over ``tree``, each leaf with its sharding from ``shardings`` (one
+    sharding, or a prefix tree of shardings, e.g. :meth:`Federation.state_shardings`)."""
+    is_sharding = lambda x: isinstance(x, jax.sharding.Sharding)
+    return jax.tree.map(lambda s, sub: jax.tree.map(lambda x: fn(x, s), sub), shardings, tree, is_leaf=is_sharding)
+
+
 def place(tree, shardings):
     """``tree`` put on devices as ``shardings`` (one sharding, or a prefix tree of shardings) says,
     from host values: devices of other processes cannot take a device array."""
@@ -90,8 +97,7 @@ def place(tree, shardings):
             return jax.random.wrap_key_data(put(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
         return jax.device_put(np.asarray(x), sharding)
 
-    is_sharding = lambda x: isinstance(x, jax.sharding.Sharding)
-    return jax.tree.map(lambda s, sub: jax.tree.map(lambda x: put(x, s), sub), shardings, tree, is_leaf=is_sharding)
+    return map_shardings(put, tree, shardings)
 
 
 def shard_clients(train, per_client: tuple, shared: tuple, reduced: bool, mesh: jax.sharding.Mesh):

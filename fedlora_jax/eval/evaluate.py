@@ -15,6 +15,7 @@ from flax import nnx
 
 from fedlora_jax.eval import metrics as task_metrics_lib
 from fedlora_jax.data.packing import pack_examples, pack_groups
+from fedlora_jax.engine import sharding
 from fedlora_jax.tasks import forward, per_example_loss, predictions
 
 
@@ -143,7 +144,7 @@ class Evaluator:
                                   out_specs=spec(axes), axis_names=set(axes))
         local_fn = jax.shard_map(local, mesh=mesh, in_specs=(spec(), spec(), spec(None, axes)),
                                  out_specs=spec(None, axes), axis_names=set(axes))
-        everywhere = jax.sharding.NamedSharding(mesh, spec())
+        everywhere = sharding.everywhere(mesh)
         return jax.jit(global_fn, out_shardings=everywhere), jax.jit(local_fn, out_shardings=everywhere)
 
 

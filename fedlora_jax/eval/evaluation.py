@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedlora_jax.data.base import FederatedData, offsets_of
+from fedlora_jax.engine.sharding import client_groups
 from fedlora_jax.eval.evaluate import (Evaluator, client_eval_batches, client_rows, eval_batch_count, eval_batches,
                                        pad_rows, score, unbatch, weighted_client_metrics)
 from fedlora_jax.eval.generate import gsm8k_exact_match
@@ -24,7 +25,7 @@ class Evaluation:
     """
 
     def __init__(self, evaluator: Evaluator, data: FederatedData, settings, seed: int, mesh=None):
-        ev, devices = evaluator, (mesh.shape["clients"] if mesh is not None else 1)  # the batch axis' groups
+        ev, devices = evaluator, (client_groups(mesh) if mesh is not None else 1)  # the batch axis' groups
         self.evaluator, self.data, self.settings = evaluator, data, settings
         self.global_fn, self.local_fn = ev.compile(mesh)
         self.global_arrays = data.global_test

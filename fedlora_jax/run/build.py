@@ -192,6 +192,10 @@ def build_federation(config: Config, data: FederatedData, trainer: LocalTrainer,
         raise ConfigError(f"config key 'model.quantize' ({config.model.quantize}) keeps the base frozen and quantized, "
                           f"but method {method.name!r} folds its updates into the base; set model.quantize: null "
                           f"or use a method that leaves the base alone")
+    if f.model_devices > 1 and jax.process_count() > 1 and method.modifies_base:
+        raise ConfigError(f"config key 'federation.model_devices' is {f.model_devices}, but method {method.name!r} "
+                          "rewrites the frozen base, which a multi-process run cannot checkpoint while it is split "
+                          "over devices; set it to 1 or run in one process")
     layout = trainable_layout(params)
     frozen_index = {name: i for i, name in enumerate(leaf_names(frozen))}
     kernels = tuple(frozen_index[m.name + ".kernel"] for m in layout.modules) if method.modifies_base else ()

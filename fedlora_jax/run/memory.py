@@ -17,11 +17,12 @@ import dataclasses
 
 import jax
 import numpy as np
+from flax import nnx
 
 from fedlora_jax.config import ConfigError
 from fedlora_jax.engine import Federation, device_shards
+from fedlora_jax.engine.sharding import map_shardings
 from fedlora_jax.models.remat import set_remat
-from fedlora_jax.params import leaf_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,12 +46,9 @@ def abstract_inputs(federation: Federation, params, frozen, data):
     shards = jax.eval_shape(lambda: device_shards(data))
     if federation.devices <= 1:
         return state, shards
-    def structs(tree, shardings):  # shapes carrying the shardings of a prefix tree
-        return jax.tree.map(lambda s, sub: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                                        sub),
-                            shardings, tree, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-
-    return structs(state, federation.state_shardings(state)), structs(shards, federation.everywhere)
+    struct = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+    return (map_shardings(struct, state, federation.state_shardings(state)),
+            map_shardings(struct, shards, federation.everywhere))
 
 
 def round_memory(federation: Federation, params, frozen, data) -> RoundMemory:
@@ -64,8 +62,6 @@ def round_memory(federation: Federation, params, frozen, data) -> RoundMemory:
 
 def with_remat(federation: Federation, params, frozen, policy: str | None) -> Federation:
     """``federation`` whose clients' model runs with remat ``policy`` (a new graphdef)."""
-    from flax import nnx
-
     model = nnx.merge(federation.trainer.graphdef, params, frozen)
     set_remat(model, policy)
     trainer = dataclasses.replace(federation.trainer, graphdef=nnx.graphdef(model))
@@ -113,8 +109,6 @@ def step_tokens(federation: Federation, data) -> int:
 
 def base_bytes(federation: Federation, frozen) -> int:
     """Bytes of the frozen base on one device (its shards over the ``model`` axis)."""
-    if federation.devices <= 1:
-        return int(leaf_bytes(frozen).sum())
     shardings = jax.tree.leaves(federation.base_shardings(frozen))
     return int(sum(np.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
                    for x, s in zip(jax.tree.leaves(frozen), shardings)))

@@ -16,7 +16,7 @@ from fedlora_jax.config import Config, ConfigError, cohort_size
 from fedlora_jax.data.base import FederatedData
 from fedlora_jax.data.packing import eval_stream_length, row_lengths, token_buckets
 from fedlora_jax.engine import Federation, RecordDP
-from fedlora_jax.methods import make_method, streaming_methods
+from fedlora_jax.methods import streaming_methods
 from fedlora_jax.models.weights import resolve_checkpoint_dir
 from fedlora_jax.params import leaf_bytes
 
@@ -59,7 +59,7 @@ def make_plan(config: Config, data: FederatedData, record_dp: RecordDP | None, r
     bookkeeping = record_dp is not None and routable
     packs = config.data.packing == "auto" and (record_dp is None or bookkeeping)
     devices = mesh_devices(f.devices)
-    check_model_devices(devices, f.model_devices, config)
+    check_model_devices(devices, f.model_devices)
     groups = devices // f.model_devices
     share = -(-cohort_size(config) // groups)  # clients each group trains (the cohort padded to a multiple)
     chunk = clients_per_chunk(config, data, packs, record_dp, share)
@@ -210,19 +210,13 @@ def mesh_devices(wanted: int | None) -> int:
     return available if wanted is None else wanted
 
 
-def check_model_devices(devices: int, model_devices: int, config: Config) -> None:
+def check_model_devices(devices: int, model_devices: int) -> None:
     """Refuses a ``model`` axis that does not divide the mesh, or (several processes) that would
-    span processes or split a base the method rewrites."""
+    span processes."""
     if devices % model_devices:
         raise ConfigError(f"config key 'federation.model_devices' is {model_devices}, which does not divide the "
                           f"{devices} device(s) of the mesh (devices = client groups x model devices)")
     local = jax.local_device_count()
-    method = config.federation.method
-    if (jax.process_count() > 1 and model_devices > 1
-            and make_method(method, config.federation.method_options, lora_rank=config.lora.rank).modifies_base):
-        raise ConfigError(f"config key 'federation.model_devices' is {model_devices}, but method {method!r} rewrites "
-                          "the frozen base, which a multi-process run cannot checkpoint while it is split over "
-                          "devices; set it to 1 or run in one process")
     if jax.process_count() > 1 and local % model_devices:
         raise ConfigError(f"config key 'federation.model_devices' is {model_devices}, which does not divide the "
                           f"{local} device(s) of each process: a model group must not span processes")
