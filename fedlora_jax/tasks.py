@@ -26,13 +26,18 @@ def forward(model, batch: dict) -> jax.Array:
     [b, num_labels] per example, or [1, T, V] over the stream for causal LM. A stream shared by
     several clients (``packing.clients`` > 1) takes trainable leaves with a leading client axis.
     """
-    packing = batch.get("packing")
-    if packing is not None and packing.clients > 1:
-        route_clients(model, ClientRouting(packing.token_clients(), packing.clients))
-    mask = batch.get("attention_mask")
+    _route(model, batch)
+    packing, mask = batch.get("packing"), batch.get("attention_mask")
     if "token_type_ids" in batch:
         return model(batch["input_ids"], mask, batch["token_type_ids"], packing=packing)
     return model(batch["input_ids"], mask, packing=packing)
+
+
+def _route(model, batch: dict) -> None:
+    """Points the trainable layers at each stream token's client when a packed stream is shared."""
+    packing = batch.get("packing")
+    if packing is not None and packing.clients > 1:
+        route_clients(model, ClientRouting(packing.token_clients(), packing.clients))
 
 
 LOGIT_BLOCK = 128  # tokens whose logits a blockwise causal-LM loss holds at once
@@ -93,14 +98,35 @@ class CausalLM(TaskKind):
         return self.scored_mean(token_loss, batch)
 
     def loss_from_hidden(self, hidden: jax.Array, weight: jax.Array, batch: dict,
-                         block: int = LOGIT_BLOCK) -> jax.Array:
+                         block: int | None = LOGIT_BLOCK) -> jax.Array:
         """:meth:`loss` from the final hidden states [b, L, H] and the output matrix ``weight``
-        [H, V]: the logits are computed and differentiated ``block`` tokens at a time
-        (:func:`blockwise_cross_entropy`), so no [L, V] logits are held."""
+        [H, V]. With ``block`` the logits are computed and differentiated ``block`` tokens at a
+        time (:func:`blockwise_cross_entropy`), so no [L, V] logits are held. A packed stream
+        listing its scored positions (``packing.score_index``) takes logits at those only."""
+        packing = batch.get("packing")
+        if packing is not None and packing.score_index is not None:
+            return self._scored_loss(hidden, weight, batch, block)
         targets = batch["input_ids"][:, 1:]
         h = hidden[:, :-1]
         token_loss = blockwise_cross_entropy(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), block)
         return self.scored_mean(token_loss.reshape(targets.shape), batch)
+
+    def _scored_loss(self, hidden: jax.Array, weight: jax.Array, batch: dict, block: int | None) -> jax.Array:
+        """Per-example losses [b] of a packed stream [1, T, H] from its S listed scored positions."""
+        packing = batch["packing"]
+        index = packing.score_index  # [S], then T - 1 (never scored)
+        length = hidden.shape[1]
+        targets = batch["input_ids"][0, jnp.minimum(index + 1, length - 1)]
+        picked = hidden[0, index]  # [S, H]
+        if block is None:
+            token_loss = optax.softmax_cross_entropy_with_integer_labels((picked @ weight).astype(jnp.float32), targets)
+        else:
+            token_loss = blockwise_cross_entropy(picked, weight, targets, block)
+        scored = packing.scored_next(batch.get("loss_mask"))[index].astype(jnp.float32)
+        owner = packing.segment_ids[0, index] - 1  # the example of each scored position
+        sums = jax.ops.segment_sum(token_loss * scored, owner, packing.num_examples)
+        counts = jax.ops.segment_sum(scored, owner, packing.num_examples)
+        return sums / jnp.maximum(counts, 1.0)
 
     def scored_mean(self, token_loss: jax.Array, batch: dict) -> jax.Array:
         """Per-example mean of the next-token losses [b, L-1] over the scored targets."""
@@ -150,16 +176,21 @@ def blockwise_cross_entropy(hidden: jax.Array, weight: jax.Array, targets: jax.A
 
 
 def model_losses(model, batch: dict, task: str) -> jax.Array:
-    """Per-example training losses [b] of ``model`` on ``batch``. A language model that
-    rematerialises (``model.remat`` set) and exposes its output matrix (``output_weight()``)
-    scores from its hidden states blockwise (:meth:`CausalLM.loss_from_hidden`); otherwise the
-    loss of the full logits (:func:`forward`)."""
+    """Per-example training losses [b] of ``model`` on ``batch``. A language model that exposes its
+    output matrix (``output_weight()``) scores from its hidden states
+    (:meth:`CausalLM.loss_from_hidden`) when that saves work: a packed stream listing its scored
+    positions takes logits at those only, and a model that rematerialises (``model.remat`` set)
+    takes them blockwise; otherwise the loss of the full logits (:func:`forward`)."""
     kind = task_kind(task)
-    weight = model.output_weight() if isinstance(kind, CausalLM) and getattr(model, "remat", None) else None
+    packing = batch.get("packing")
+    remat = getattr(model, "remat", None)
+    scored_only = packing is not None and packing.score_index is not None
+    weight = model.output_weight() if isinstance(kind, CausalLM) and (remat or scored_only) else None
     if weight is None:
         return kind.loss(forward(model, batch), batch)
-    hidden = model.hidden_states(batch["input_ids"], batch.get("attention_mask"), packing=batch.get("packing"))
-    return kind.loss_from_hidden(hidden, weight, batch)
+    _route(model, batch)
+    hidden = model.hidden_states(batch["input_ids"], batch.get("attention_mask"), packing=packing)
+    return kind.loss_from_hidden(hidden, weight, batch, LOGIT_BLOCK if remat else None)
 
 
 TASK_KINDS: dict[str, TaskKind] = {kind.name: kind for kind in (Classification(), Regression(), CausalLM())}

@@ -57,6 +57,15 @@ def assert_metrics_close(got: list[dict], want: list[dict], atol: float) -> None
             np.testing.assert_allclose(a[key], b[key], atol=atol, rtol=0, err_msg=f"round {b['round']}: {key}")
 
 
+def test_packed_streams_scoring_answers_only_give_the_metrics_of_padded_rows(runs, overrides):
+    """The default run packs each client's step into a stream attended block by block and takes
+    logits at the answer tokens only (score buckets planned); padded rows give the same metrics."""
+    trainer = build_experiment(load_config(CONFIG, overrides + ["federation.devices=1"])).federation.trainer
+    assert trainer.token_buckets and len(trainer.score_buckets) == len(trainer.token_buckets)
+    assert all(0 < s < t for s, t in zip(trainer.score_buckets, trainer.token_buckets))
+    assert_metrics_close(runs(), runs("data.packing=null"), 1e-4)
+
+
 def test_remat_gives_the_metrics_of_the_plain_run(runs):
     assert_metrics_close(runs("model.remat=layer"), runs(), 1e-4)
 

@@ -10,7 +10,7 @@ from flax import nnx
 
 from fedlora_jax.data.packing import pack, token_buckets
 from fedlora_jax.models import create_model
-from fedlora_jax.models.lora import LoRAConfig, inject_lora, split_model
+from fedlora_jax.models.lora import LoRAConfig, LoRALinear, inject_lora, split_model
 from fedlora_jax.tasks import forward, per_example_loss
 
 BERT = {"vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -97,7 +97,8 @@ def test_packed_loss_and_gradient_equal_padded(arch, task, pooling):
 def test_token_buckets_cover_the_step_need(shared):
     rng = np.random.default_rng(0)
     lengths = [rng.integers(2, 40, size=n) for n in rng.integers(50, 200, size=10)]
-    buckets = token_buckets(lengths, rows_per_step=16, clients_per_step=4, max_length=64, multiple=32, shared=shared)
+    buckets, _ = token_buckets(lengths, rows_per_step=16, clients_per_step=4, max_length=64, multiple=32,
+                               shared=shared)
     padded = 16 * 64 * (4 if shared else 1)
     assert buckets == tuple(sorted(set(buckets))) and all(b % 32 == 0 and b < padded for b in buckets)
     # the largest bucket holds at least 99.9% of simulated steps: the largest client, or the clients' sum when shared
@@ -283,9 +284,9 @@ def test_round_compiles_once_with_one_packed_shape_per_bucket(monkeypatch):
 
     traced = []
 
-    def counting_pack(rows, mask, num_tokens, clients=1, aligned=False):
+    def counting_pack(rows, mask, num_tokens, clients=1, aligned=False, score_tokens=0):
         traced.append(num_tokens)
-        return pack(rows, mask, num_tokens, clients, aligned)
+        return pack(rows, mask, num_tokens, clients, aligned, score_tokens)
 
     monkeypatch.setattr(client, "pack", counting_pack)
     round_traces = count_round_traces(monkeypatch)
@@ -397,3 +398,79 @@ def test_eval_batch_count_is_the_number_of_batches_eval_batches_builds():
         arrays = {"input_ids": mask * 7, "attention_mask": mask}
         for num_tokens in (None, 32, 64):
             assert eval_batch_count(mask, 8, num_tokens) == eval_batches(arrays, 8, num_tokens)[1].shape[0]
+
+
+@pytest.mark.parametrize("sliding_window", [None, 5])
+def test_decoder_stream_windows_equal_attention_over_the_whole_stream(sliding_window):
+    """Block-by-block attention of a packed decoder stream (StreamWindows) gives the real tokens
+    what the whole-stream causal, same-example mask gives, forward and backward."""
+    from fedlora_jax.models.llama.attention import causal_mask, grouped_attention, stream_block, stream_windows
+
+    rows = _rows("causal_lm", b=10, length=12, seed=3)
+    packed, fits = pack(rows, jnp.ones(10), num_tokens=112)
+    p = packed["packing"]
+    block = stream_block(p.row_length, 112)
+    assert bool(fits) and block is not None and block < p.row_length  # windows of several blocks
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(1, 112, heads, 8)), jnp.float32) for heads in (4, 2, 2))
+    real = (p.segment_ids[0] > 0)[None, :, None, None]
+    weights = jnp.asarray(rng.normal(size=(1, 112, 4, 8)), jnp.float32) * real
+
+    def whole(q, k, v):
+        same = (p.segment_ids[:, :, None] == p.segment_ids[:, None, :]) & (p.segment_ids[:, None, :] > 0)
+        mask = causal_mask(p.positions, p.positions, jnp.ones_like(p.segment_ids), sliding_window) & same[:, None]
+        return jnp.sum(grouped_attention(q, k, v, mask) * weights)
+
+    def windowed(q, k, v):
+        windows = stream_windows(p.segment_ids, p.positions, p.row_length, block, sliding_window)
+        return jnp.sum(windows.attend(q, k, v) * weights)
+
+    want, got = jax.value_and_grad(whole, (0, 1, 2))(q, k, v), jax.value_and_grad(windowed, (0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for a, b in zip(got[1], want[1]):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("block", [None, 8])
+def test_scored_positions_alone_give_the_loss_and_gradient_of_every_logit(block):
+    """A packed stream listing its scored positions (pack(score_tokens=S)) gives the per-example
+    losses and gradients of the full-logit loss, taking logits at the S positions only."""
+    from fedlora_jax.tasks import task_kind
+
+    graphdef, params, frozen = split_model(_lm_with_head_matrix())
+    rows = _rows("causal_lm", b=6, length=12, seed=1)
+    mask = jnp.array([1, 1, 0, 1, 1, 1], jnp.float32)
+    targets = np.asarray(rows["attention_mask"][:, 1:] * rows["loss_mask"][:, 1:]) * np.asarray(mask)[:, None]
+    full, _ = pack(rows, mask, num_tokens=80)
+    scored, fits = pack(rows, mask, num_tokens=80, score_tokens=int(targets.sum()))
+    assert bool(fits) and not bool(pack(rows, mask, num_tokens=80, score_tokens=int(targets.sum()) - 1)[1])
+    index = np.asarray(scored["packing"].score_index)
+    np.testing.assert_array_equal(index, np.flatnonzero(np.asarray(scored["packing"].scored_next(scored["loss_mask"]))))
+    kind = task_kind("causal_lm")
+
+    def losses(params, batch, from_hidden):
+        model = nnx.merge(graphdef, params, frozen)
+        if not from_hidden:
+            return kind.loss(forward(model, batch), batch)
+        hidden = model.hidden_states(batch["input_ids"], packing=batch["packing"])
+        return kind.loss_from_hidden(hidden, model.output_weight(), batch, block)
+
+    def mean(params, batch, from_hidden):
+        return jnp.sum(losses(params, batch, from_hidden) * mask)
+
+    np.testing.assert_allclose(losses(params, scored, True) * mask, losses(params, full, False) * mask, rtol=1e-5)
+    got, want = jax.grad(mean)(params, scored, True), jax.grad(mean)(params, full, False)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def _lm_with_head_matrix():
+    """The tiny Llama with LoRA on its attention and MLP (the head stays a plain matrix) and
+    non-zero B factors."""
+    model = create_model("llama", LLAMA, task="causal_lm", seed=0)
+    inject_lora(model, LoRAConfig(rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj")), jax.random.key(1))
+    for _, layer in nnx.iter_graph(model):
+        if isinstance(layer, LoRALinear):
+            layer.lora_b[...] = 0.05 * jax.random.normal(jax.random.key(7), layer.lora_b[...].shape)
+    assert model.output_weight() is not None
+    return model

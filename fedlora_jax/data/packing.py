@@ -52,6 +52,8 @@ class Packing:
     positions: [1, T] int32, position of each token inside its example.
     starts: [b] int32, stream index of each example's first token.
     lengths: [b] int32, real tokens of each example (0 for an empty slot).
+    score_index: [S] int32 or None, the stream positions whose output is scored against the next
+      token (causal LM, :func:`pack` with ``score_tokens``), in order, then T - 1 (never scored).
     row_length: L, the longest an example can be (static).
     clients: C, the clients sharing the stream (static); client c owns examples
       [c b / C, (c + 1) b / C).
@@ -62,6 +64,7 @@ class Packing:
     positions: jax.Array
     starts: jax.Array
     lengths: jax.Array
+    score_index: jax.Array | None = None
     row_length: int = flax.struct.field(pytree_node=False, default=0)
     clients: int = flax.struct.field(pytree_node=False, default=1)
     aligned: bool = flax.struct.field(pytree_node=False, default=False)
@@ -82,6 +85,14 @@ class Packing:
         offsets = jnp.arange(self.row_length, dtype=jnp.int32)
         index = jnp.minimum(self.starts[:, None] + offsets, self.segment_ids.shape[1] - 1)
         return index, offsets < self.lengths[:, None]
+
+    def scored_next(self, loss_mask: jax.Array | None) -> jax.Array:
+        """[T] bool: the output at stream token t is scored on token t + 1, which is a scored
+        (``loss_mask`` [1, T], None: every real token) token of the same example (False at T - 1)."""
+        segments = self.segment_ids[0]
+        same = (segments[1:] == segments[:-1]) & (segments[1:] > 0)
+        scored = same if loss_mask is None else same & (loss_mask[0, 1:] > 0)
+        return jnp.append(scored, False)
 
     def segment_matrix(self, dtype=jnp.float32) -> jax.Array:
         """One-hot [b, T]: entry (i, t) is 1 where stream token t belongs to example i."""
@@ -110,7 +121,7 @@ def example_starts(lengths: jax.Array, block: int | None = None) -> tuple[jax.Ar
 
 
 def pack(rows: dict, example_mask: jax.Array, num_tokens: int, clients: int = 1,
-         aligned: bool = False) -> tuple[dict, jax.Array]:
+         aligned: bool = False, score_tokens: int = 0) -> tuple[dict, jax.Array]:
     """Packs the real tokens of a right-padded batch into a stream of ``num_tokens``.
 
     Args:
@@ -122,12 +133,14 @@ def pack(rows: dict, example_mask: jax.Array, num_tokens: int, clients: int = 1,
       clients: C, clients sharing the stream (b a multiple of C; the rows of client c are
         [c b / C, (c + 1) b / C)).
       aligned: no example crosses a boundary of the blocks of L tokens (L = the rows' length).
+      score_tokens: S > 0: list the S positions whose next token is scored (causal LM; see
+        :attr:`Packing.score_index`).
 
     Returns:
       (batch, fits): ``batch`` holds the per-token arrays as [1, T], the per-example arrays as
       they were, ``example_mask`` [b] float32 and ``packing`` (a :class:`Packing`); ``fits`` is a
-      bool scalar, False when the real tokens exceed T (the stream is then cut and must not be
-      used).
+      bool scalar, False when the real tokens exceed T or the scored ones S (the stream is then
+      cut and must not be used).
     """
     row_length = rows["attention_mask"].shape[-1]
     lengths = jnp.sum(rows["attention_mask"].astype(jnp.int32), axis=-1) * example_mask.astype(jnp.int32)
@@ -149,9 +162,16 @@ def pack(rows: dict, example_mask: jax.Array, num_tokens: int, clients: int = 1,
         else:
             batch[name] = values
     batch["example_mask"] = example_mask.astype(jnp.float32)
-    batch["packing"] = Packing(segment_ids[None], offset[None].astype(jnp.int32), starts.astype(jnp.int32),
-                               lengths.astype(jnp.int32), row_length, clients, aligned)
-    return batch, end <= num_tokens
+    packing = Packing(segment_ids[None], offset[None].astype(jnp.int32), starts.astype(jnp.int32),
+                      lengths.astype(jnp.int32), None, row_length, clients, aligned)
+    fits = end <= num_tokens
+    if score_tokens:
+        scored = packing.scored_next(batch.get("loss_mask"))
+        index = jnp.nonzero(scored, size=score_tokens, fill_value=num_tokens - 1)[0].astype(jnp.int32)
+        packing = packing.replace(score_index=index)
+        fits &= jnp.sum(scored) <= score_tokens
+    batch["packing"] = packing
+    return batch, fits
 
 
 def row_lengths(attention_mask: np.ndarray) -> np.ndarray:
@@ -176,6 +196,36 @@ def stream_length(lengths: np.ndarray, block: int | None = None) -> np.ndarray:
     return end.reshape(lengths.shape[:-1])
 
 
+def _simulated_steps(client_sizes: Sequence[int], rows_per_step: int, clients_per_step: int,
+                     sampling_rates: Sequence[float] | None, draws: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(clients [draws, group], rows [draws, group, b]) of simulated local steps: clients drawn at
+    random, rows by the engine's sampling (``rows_per_step`` without replacement, or Poisson with
+    ``sampling_rates`` into a buffer of ``rows_per_step``); -1 marks an empty slot (host-side)."""
+    rng = np.random.default_rng(seed)
+    group = min(clients_per_step, len(client_sizes))
+    clients = np.zeros((draws, group), np.int64)
+    rows = np.full((draws, group, rows_per_step), -1, np.int64)
+    for d in range(draws):
+        clients[d] = rng.choice(len(client_sizes), size=group, replace=False)
+        for j, u in enumerate(clients[d]):
+            if sampling_rates is None:
+                picked = rng.choice(client_sizes[u], size=min(rows_per_step, client_sizes[u]), replace=False)
+            else:
+                sampled = np.flatnonzero(rng.random(client_sizes[u]) < sampling_rates[u])
+                picked = rng.permutation(sampled)[:rows_per_step]
+            rows[d, j, : len(picked)] = picked
+    return clients, rows
+
+
+def _step_values(per_client: Sequence[np.ndarray], clients: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """[draws, group, b] per-row values (0 for an empty slot) of simulated steps."""
+    values = np.zeros(rows.shape, np.int64)
+    for index in np.ndindex(clients.shape):
+        picked = rows[index]
+        values[index][picked >= 0] = per_client[clients[index]][picked[picked >= 0]]
+    return values
+
+
 def token_buckets(
     client_lengths: Sequence[np.ndarray],
     rows_per_step: int,
@@ -188,7 +238,8 @@ def token_buckets(
     seed: int = 0,
     shared: bool = False,
     aligned: bool = False,
-) -> tuple[int, ...]:
+    client_scored: Sequence[np.ndarray] | None = None,
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Stream lengths to compile, from the distribution of a step's real tokens (host-side).
 
     Every local step packs the ``clients_per_step`` clients trained together (a chunk) either each
@@ -200,6 +251,11 @@ def token_buckets(
     deduplicated and below the padded size (``rows_per_step * max_length``, times the clients when
     shared), which is always the last resort and is not included. A step takes the smallest bucket
     that holds it.
+
+    With ``client_scored`` (per client, the scored next-token targets of each row: a causal LM
+    scoring its answers only), each bucket also gets a scored-token count S: the 99.9% quantile of
+    the scored need of the simulated steps that fit the bucket's length (at least the previous
+    bucket's), so a step holding more scored tokens takes a larger bucket.
 
     Args:
       client_lengths: per client, the real token count of each of its rows.
@@ -213,30 +269,32 @@ def token_buckets(
       seed: simulation seed.
       shared: the chunk's clients share one stream.
       aligned: streams are aligned to blocks of ``max_length`` tokens (see :func:`pack`).
+      client_scored: per client, scored targets of each row (None: no scored counts).
 
     Returns:
-      Increasing bucket lengths (possibly empty when packing cannot beat padding).
+      (increasing bucket lengths, possibly empty when packing cannot beat padding; their scored
+      counts, empty without ``client_scored``).
     """
-    rng = np.random.default_rng(seed)
-    num_clients = len(client_lengths)
-    group = min(clients_per_step, num_clients)
-    sampled = np.zeros((draws, group, rows_per_step), np.int64)  # each step's row lengths, in stream order
-    for d in range(draws):
-        for j, u in enumerate(rng.choice(num_clients, size=group, replace=False)):
-            lengths = client_lengths[u]
-            if sampling_rates is None:
-                rows = lengths[rng.choice(len(lengths), size=min(rows_per_step, len(lengths)), replace=False)]
-            else:
-                rows = rng.permutation(lengths[rng.random(len(lengths)) < sampling_rates[u]])[:rows_per_step]
-            sampled[d, j, : len(rows)] = rows
+    clients, rows = _simulated_steps([len(n) for n in client_lengths], rows_per_step, clients_per_step,
+                                     sampling_rates, draws, seed)
+    sampled = _step_values(client_lengths, clients, rows)  # each step's row lengths, in stream order
     block = max_length if aligned else None
     if shared:
         needs = stream_length(sampled.reshape(draws, -1), block)
     else:
         needs = stream_length(sampled, block).max(axis=1)
-    padded = rows_per_step * max_length * (group if shared else 1)
-    buckets = {min(padded, multiple * math.ceil(max(1.0, float(np.quantile(needs, q))) / multiple)) for q in quantiles}
-    return tuple(sorted(b for b in buckets if b < padded))
+    padded = rows_per_step * max_length * (clients.shape[1] if shared else 1)
+    round_up = lambda x: multiple * math.ceil(max(1.0, float(x)) / multiple)  # noqa: E731
+    buckets = tuple(sorted({min(padded, round_up(np.quantile(needs, q))) for q in quantiles} - {padded}))
+    if client_scored is None or not buckets:
+        return buckets, ()
+    scored = _step_values(client_scored, clients, rows).sum(axis=2)
+    scored = scored.sum(axis=1) if shared else scored.max(axis=1)
+    counts, previous = [], 0
+    for bucket in buckets:
+        previous = max(previous, min(bucket, round_up(np.quantile(scored[needs <= bucket], 0.999))))
+        counts.append(previous)
+    return buckets, tuple(counts)
 
 
 def eval_stream_length(attention_mask: np.ndarray, examples_per_batch: int, multiple: int = 16) -> int:

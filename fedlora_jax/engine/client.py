@@ -62,6 +62,9 @@ class LocalTrainer:
     (:mod:`fedlora_jax.privacy.bookkeeping`) instead of a vmap over examples.
     ``max_examples``: the largest client's number of rows, the static range clients sample
     indices from (a client's own count masks the rest).
+    ``score_buckets``: for a causal LM scoring its answers from its hidden states, the scored
+    next-token targets each bucket's stream lists (:attr:`fedlora_jax.data.packing.Packing.score_index`;
+    a step with more takes a larger bucket); empty: every stream position is scored.
     """
 
     graphdef: Any
@@ -76,6 +79,7 @@ class LocalTrainer:
     shared_stream: bool = False
     aligned_streams: bool = False
     max_examples: int = 1
+    score_buckets: tuple[int, ...] = ()
 
     def loss(self, params, frozen, batch: dict, mask: jax.Array) -> jax.Array:
         """Masked mean of per-example losses."""
@@ -166,26 +170,33 @@ def _gradients(trainer: LocalTrainer, frozen, params, client_rows: dict, offsets
     if not trainer.token_buckets:
         return padded(None) + (overflows,)
 
-    def packed(num_tokens, _):
-        batches, _ = jax.vmap(lambda r, m: pack(r, m, num_tokens, aligned=trainer.aligned_streams))(rows, masks)
+    def packed(num_tokens, score_tokens, _):
+        batches, _ = jax.vmap(lambda r, m: pack(r, m, num_tokens, aligned=trainer.aligned_streams,
+                                                score_tokens=score_tokens))(rows, masks)
         return jax.vmap(client_gradient)(params, batches, masks, expected, noise_keys)
 
-    def shared(num_tokens, _):
+    def shared(num_tokens, score_tokens, _):
         clients = masks.shape[0]
         flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), rows)
-        batch, _ = pack(flat, masks.reshape(-1), num_tokens, clients, trainer.aligned_streams)
+        batch, _ = pack(flat, masks.reshape(-1), num_tokens, clients, trainer.aligned_streams, score_tokens)
         return _shared_gradients(trainer, frozen, params, batch, masks, expected, noise_keys, train_mask)
 
-    lengths = jnp.sum(rows["attention_mask"].astype(jnp.int32), axis=2) * masks.astype(jnp.int32)  # [C, b]
+    real = rows["attention_mask"].astype(jnp.int32) * masks.astype(jnp.int32)[..., None]  # [C, b, L]
     block = rows["attention_mask"].shape[-1] if trainer.aligned_streams else None
     share = trainer.shared_stream and masks.shape[0] > 1
+    combine = jnp.sum if share else jnp.max  # one stream for the group, or the largest client's
     if share:
-        need = example_starts(lengths.reshape(-1), block)[1]
+        need = example_starts(jnp.sum(real, axis=2).reshape(-1), block)[1]
     else:
-        need = jnp.max(jax.vmap(lambda n: example_starts(n, block)[1])(lengths))
+        need = jnp.max(jax.vmap(lambda n: example_starts(n, block)[1])(jnp.sum(real, axis=2)))
     bucket = jnp.searchsorted(jnp.asarray(trainer.token_buckets), need)  # == len(buckets): padded
+    scores = trainer.score_buckets or (0,) * len(trainer.token_buckets)
+    if trainer.score_buckets:  # the scored targets: token t >= 1 of an example, where its loss mask is set
+        targets = real[:, :, 1:] * rows.get("loss_mask", rows["attention_mask"])[:, :, 1:].astype(jnp.int32)
+        scored_need = combine(jnp.sum(targets, axis=(1, 2)))
+        bucket = jnp.maximum(bucket, jnp.searchsorted(jnp.asarray(trainer.score_buckets), scored_need))
     stream = shared if share else packed
-    branches = [functools.partial(stream, t) for t in trainer.token_buckets] + [padded]
+    branches = [functools.partial(stream, t, s) for t, s in zip(trainer.token_buckets, scores)] + [padded]
     return jax.lax.switch(bucket, branches, None) + (overflows,)
 
 

@@ -157,7 +157,8 @@ def build_experiment(config: Config, data: FederatedData | None = None) -> Exper
         record_dp = RecordDP(p.clip_norm, ledger.noise_multiplier, p.per_layer_clipping, p.sampling == "poisson",
                              ledger.record_buffer)
     routable = not unsupported_leaves(graphdef, params, frozen)  # every trainable leaf in a LoRA layer or linear head
-    plan = make_plan(config, data, record_dp, routable, getattr(model, "aligned_packing", False))
+    scores_from_hidden = getattr(model, "output_weight", lambda: None)() is not None
+    plan = make_plan(config, data, record_dp, routable, getattr(model, "aligned_packing", False), scores_from_hidden)
     trainer = LocalTrainer(
         graphdef,
         data.task,
@@ -171,6 +172,7 @@ def build_experiment(config: Config, data: FederatedData | None = None) -> Exper
         plan.shared_stream,
         plan.aligned_streams,
         int(data.num_train.max()),
+        plan.score_buckets,
     )
     federation = build_federation(config, data, trainer, params, frozen, ledger, plan)
     if f.clients_per_chunk == "auto" and jax.default_backend() != "cpu":  # planned from the compiled round

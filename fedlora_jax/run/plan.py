@@ -31,6 +31,8 @@ class Plan:
     share: clients each group trains (the cohort padded to a multiple of the groups).
     clients_per_chunk: clients vmapped together (None: each device's whole share at once).
     token_buckets: packed stream lengths of the local steps (empty: padded rows).
+    score_buckets: for a causal LM scoring answers only from its hidden states, the scored tokens
+      each bucket holds (empty: every stream position is scored).
     shared_stream: the clients of a chunk share one packed stream (encoders).
     aligned_streams: streams aligned to blocks of the row length (the model asks for it).
     bookkeeping: DP-SGD takes per-example gradients from one batched backward.
@@ -43,6 +45,7 @@ class Plan:
     share: int
     clients_per_chunk: int | None
     token_buckets: tuple[int, ...]
+    score_buckets: tuple[int, ...]
     shared_stream: bool
     aligned_streams: bool
     bookkeeping: bool
@@ -51,10 +54,11 @@ class Plan:
 
 
 def make_plan(config: Config, data: FederatedData, record_dp: RecordDP | None, routable: bool,
-              aligned: bool) -> Plan:
+              aligned: bool, scores_from_hidden: bool = False) -> Plan:
     """The plan of a run of ``config`` on ``data``. ``routable``: every trainable leaf sits in a LoRA
     layer or linear head (per-client routing and DP bookkeeping apply); ``aligned``: the model
-    wants streams aligned to its row length."""
+    wants streams aligned to its row length; ``scores_from_hidden``: a language model whose
+    logits a loss can take at the scored positions only (``output_weight()``)."""
     f = config.federation
     bookkeeping = record_dp is not None and routable
     packs = config.data.packing == "auto" and (record_dp is None or bookkeeping)
@@ -66,13 +70,15 @@ def make_plan(config: Config, data: FederatedData, record_dp: RecordDP | None, r
     group = min(chunk or share, data.num_clients)  # clients vmapped together
     # encoders share one stream between the group's clients; decoders (token-level heads, T x T attention) do not
     shared = packs and routable and group > 1 and data.task != "causal_lm"
-    buckets = step_token_buckets(data, f.batch_size, record_dp, group, shared, aligned) if packs else ()
+    scored = scores_from_hidden and data.task == "causal_lm"
+    buckets, score_buckets = (step_token_buckets(data, f.batch_size, record_dp, group, shared, aligned, scored)
+                              if packs else ((), ()))
     eval_tokens = local_tokens = None
     if config.data.packing == "auto" and data.task != "causal_lm":  # causal LM scores padded token rows
         eval_tokens = eval_stream_length(data.global_test["attention_mask"], config.eval.batch_size)
         local_tokens = eval_stream_length(data.local_test["attention_mask"], config.eval.batch_size)
-    return Plan(devices, f.model_devices, share, chunk, buckets, shared and bool(buckets), aligned, bookkeeping,
-                eval_tokens, local_tokens)
+    return Plan(devices, f.model_devices, share, chunk, buckets, score_buckets, shared and bool(buckets), aligned,
+                bookkeeping, eval_tokens, local_tokens)
 
 
 def step_rows(batch_size: int, record_dp: RecordDP | None) -> int:
@@ -81,13 +87,19 @@ def step_rows(batch_size: int, record_dp: RecordDP | None) -> int:
 
 
 def step_token_buckets(data: FederatedData, batch_size: int, record_dp: RecordDP | None, group: int,
-                       shared: bool = False, aligned: bool = False) -> tuple[int, ...]:
-    """Packed stream lengths for the local steps (:func:`fedlora_jax.data.packing.token_buckets`)."""
+                       shared: bool = False, aligned: bool = False,
+                       scored: bool = False) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Packed stream lengths for the local steps and (``scored``: a causal LM scoring its targets
+    only) their scored-token counts (:func:`fedlora_jax.data.packing.token_buckets`)."""
     mask = data.train["attention_mask"]
     if np.any(np.diff(mask, axis=-1) > 0):
         raise ConfigError("config key 'data.packing': packing needs right-padded rows (a real prefix per row); "
                           "set data.packing=null")
     lengths = np.split(row_lengths(mask), np.cumsum(data.num_train)[:-1])
+    client_scored = None
+    if scored:
+        targets = mask[:, 1:] * data.train.get("loss_mask", mask)[:, 1:]  # the next-token targets scored
+        client_scored = np.split(targets.astype(bool).sum(axis=1), np.cumsum(data.num_train)[:-1])
     poisson = record_dp is not None and record_dp.poisson
     rates = np.minimum(1.0, batch_size / np.maximum(data.num_train, 1)) if poisson else None
     return token_buckets(
@@ -98,6 +110,7 @@ def step_token_buckets(data: FederatedData, batch_size: int, record_dp: RecordDP
         rates,
         shared=shared,
         aligned=aligned,
+        client_scored=client_scored,
     )
 
 

@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fedlora_jax.models.llama.attention import (KVCache, apply_rotary, causal_mask, grouped_attention,
-                                                positions_from_mask, rope_inverse_frequencies, rotary_cos_sin)
+from fedlora_jax.models.llama.attention import (KVCache, StreamWindows, apply_rotary, causal_mask,
+                                                grouped_attention, positions_from_mask, rope_inverse_frequencies,
+                                                rotary_cos_sin, stream_block, stream_windows)
 from fedlora_jax.models.llama.config import ACTIVATIONS, LlamaConfig
 from fedlora_jax.models.remat import run_layer
 
@@ -81,9 +82,12 @@ class LlamaAttention(nnx.Module):
         batch, length = attended.shape[:2]
         return self.o_proj(attended.reshape(batch, length, self.num_heads * self.head_dim))
 
-    def __call__(self, hidden: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        """[B, L, H] hidden, [B, L, D] cos/sin, [B, 1, L, L] mask -> [B, L, H]."""
+    def __call__(self, hidden: jax.Array, cos: jax.Array, sin: jax.Array, mask) -> jax.Array:
+        """[B, L, H] hidden, [B, L, D] cos/sin, [B, 1, L, L] mask (or a packed stream's
+        :class:`StreamWindows`) -> [B, L, H]."""
         query, key, value = self._project(hidden, cos, sin)
+        if isinstance(mask, StreamWindows):
+            return self._output(mask.attend(query, key, value))
         return self._output(grouped_attention(query, key, value, mask))
 
     def cached(
@@ -195,7 +199,8 @@ class LlamaModel(nnx.Module):
 
         With ``packing`` (a :class:`fedlora_jax.data.packing.Packing`), ``input_ids`` is a packed
         stream [1, T]: each token attends causally within its own example only, at positions that
-        restart per example, exactly as in its own padded row.
+        restart per example, exactly as in its own padded row; a stream longer than a few rows
+        attends block by block (:class:`StreamWindows`), not to all T keys.
         """
         length = input_ids.shape[1]
         if packing is not None:
@@ -207,6 +212,11 @@ class LlamaModel(nnx.Module):
             sequence = jnp.arange(length)
             masks = {
                 window: causal_mask(sequence, sequence, attention_mask, window)
+                for window in {layer.sliding_window for layer in self.layers}
+            }
+        elif (block := stream_block(packing.row_length, length)) is not None:
+            masks = {
+                window: stream_windows(packing.segment_ids, position_ids, packing.row_length, block, window)
                 for window in {layer.sliding_window for layer in self.layers}
             }
         else:
