@@ -68,7 +68,7 @@ def make_plan(config: Config, data: FederatedData, record_dp: RecordDP | None, r
     share = -(-cohort_size(config) // groups)  # clients each group trains (the cohort padded to a multiple)
     chunk = clients_per_chunk(config, data, packs, record_dp, share)
     group = min(chunk or share, data.num_clients)  # clients vmapped together
-    # encoders share one stream between the group's clients; decoders (token-level heads, T x T attention) do not
+    # encoders share one stream between the group's clients; decoders keep one each (sharing is untried for them)
     shared = packs and routable and group > 1 and data.task != "causal_lm"
     scored = scores_from_hidden and data.task == "causal_lm"
     buckets, score_buckets = (step_token_buckets(data, f.batch_size, record_dp, group, shared, aligned, scored)
