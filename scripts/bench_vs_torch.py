@@ -303,7 +303,8 @@ def run_w2(lengths: list[str], args, results: list, save, parity: dict, warmed: 
                             if k not in ("rows", "tolerance")), flush=True)
                         save()
                 plan = {"clients_per_chunk": exp.plan.clients_per_chunk,
-                        "token_buckets": list(exp.plan.token_buckets), "score_buckets": list(exp.plan.score_buckets),
+                        "token_buckets": list(exp.plan.streams.token_buckets),
+                        "score_buckets": list(exp.plan.streams.score_buckets),
                         "devices": exp.plan.devices}
                 del exp
                 columns = {"torch_padded": lambda: torch_fed.round(rows, dynamic=False)}

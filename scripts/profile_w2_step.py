@@ -60,9 +60,10 @@ def main() -> None:
     rows = {k: jnp.asarray(exp.data.train[k][:8]) for k in ("input_ids", "attention_mask", "loss_mask")}
     real = int(rows["attention_mask"].sum())
     scored_targets = int((rows["attention_mask"][:, 1:] * rows["loss_mask"][:, 1:]).sum())
-    tokens, scored = next((t, s) for t, s in zip(trainer.token_buckets, trainer.score_buckets) if t >= real)
+    streams = trainer.streams
+    tokens, scored = next((t, s) for t, s in zip(streams.token_buckets, streams.score_buckets) if t >= real)
     print(f"8 rows: {real} real tokens, {scored_targets} scored targets; stream bucket {tokens} tokens, "
-          f"{scored} scored slots (buckets {trainer.token_buckets}, scored {trainer.score_buckets})")
+          f"{scored} scored slots (buckets {streams.token_buckets}, scored {streams.score_buckets})")
 
     def step_loss(params, batch):
         return jnp.mean(model_losses(nnx.merge(trainer.graphdef, params, frozen), batch, trainer.task))

@@ -144,7 +144,7 @@ def test_packed_training_on_two_devices_gives_the_rounds_of_one(pairs):
     """Each device packs its share of the cohort (its own groups and token buckets): the same
     rounds as one device packing all of it."""
     pair = pairs("packed")
-    assert pair.exp2.federation.trainer.token_buckets and pair.exp1.federation.trainer.token_buckets
+    assert pair.exp2.federation.trainer.streams.token_buckets and pair.exp1.federation.trainer.streams.token_buckets
     assert_close_runs(pair.dir2, pair.dir1)
 
 

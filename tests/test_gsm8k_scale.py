@@ -60,9 +60,9 @@ def assert_metrics_close(got: list[dict], want: list[dict], atol: float) -> None
 def test_packed_streams_scoring_answers_only_give_the_metrics_of_padded_rows(runs, overrides):
     """The default run packs each client's step into a stream attended block by block and takes
     logits at the answer tokens only (score buckets planned); padded rows give the same metrics."""
-    trainer = build_experiment(load_config(CONFIG, overrides + ["federation.devices=1"])).federation.trainer
-    assert trainer.token_buckets and len(trainer.score_buckets) == len(trainer.token_buckets)
-    assert all(0 < s < t for s, t in zip(trainer.score_buckets, trainer.token_buckets))
+    streams = build_experiment(load_config(CONFIG, overrides + ["federation.devices=1"])).federation.trainer.streams
+    assert streams.token_buckets and len(streams.score_buckets) == len(streams.token_buckets)
+    assert all(0 < s < t for s, t in zip(streams.score_buckets, streams.token_buckets))
     assert_metrics_close(runs(), runs("data.packing=null"), 1e-4)
 
 

@@ -203,9 +203,9 @@ def test_shared_stream_round_equals_per_client_streams():
     for overrides in ({"data.packing": "auto"},):  # with DP: shared == padded in test_packed_round_equals_padded_round
         exp = tiny_experiment(**overrides)
         fed = exp.federation
-        assert fed.trainer.shared_stream
-        separate = dataclasses.replace(fed, trainer=dataclasses.replace(
-            fed.trainer, shared_stream=False, token_buckets=(fed.trainer.token_buckets[-1],)))
+        assert fed.trainer.streams.shared
+        separate = dataclasses.replace(fed, trainer=dataclasses.replace(fed.trainer, streams=dataclasses.replace(
+            fed.trainer.streams, shared=False, token_buckets=(fed.trainer.streams.token_buckets[-1],))))
         (_, o1), (_, o2) = _same_round(exp, fed, separate)
         np.testing.assert_allclose(o1.train_loss, o2.train_loss, rtol=1e-5)
         for a, b in zip(jax.tree.leaves(o1.client_params), jax.tree.leaves(o2.client_params)):
@@ -231,10 +231,11 @@ def _round_pair(**overrides):
     buckets = overrides.pop("buckets", None)
     packed_exp = tiny_experiment(**{**overrides, "data.packing": "auto"})
     padded_exp = tiny_experiment(**{**overrides, "data.packing": "null"})
-    assert packed_exp.federation.trainer.token_buckets and not padded_exp.federation.trainer.token_buckets
+    assert packed_exp.plan.streams.token_buckets and not padded_exp.plan.streams.token_buckets
     fed = packed_exp.federation
     if buckets is not None:
-        fed = dataclasses.replace(fed, trainer=dataclasses.replace(fed.trainer, token_buckets=buckets))
+        streams = dataclasses.replace(fed.trainer.streams, token_buckets=buckets)
+        fed = dataclasses.replace(fed, trainer=dataclasses.replace(fed.trainer, streams=streams))
     shards = device_shards(packed_exp.data)
     state = init_server_state(packed_exp.params, packed_exp.frozen, seed=0, federation=fed)
     return jax.jit(fed.round)(state, shards), jax.jit(padded_exp.federation.round)(state, shards)
@@ -292,8 +293,8 @@ def test_round_compiles_once_with_one_packed_shape_per_bucket(monkeypatch):
     round_traces = count_round_traces(monkeypatch)
     exp = tiny_experiment(**{"privacy.record_level": "true", "privacy.noise_multiplier": 1.0, "data.packing": "auto"})
     fed = exp.federation
-    buckets = fed.trainer.token_buckets
-    assert len(buckets) >= 2 and fed.trainer.shared_stream
+    buckets = fed.trainer.streams.token_buckets
+    assert len(buckets) >= 2 and fed.trainer.streams.shared
     round_fn = fed.compile_round()
     state = init_server_state(exp.params, exp.frozen, seed=0, federation=fed)
     shards = device_shards(exp.data)

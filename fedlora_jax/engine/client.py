@@ -49,22 +49,35 @@ class RecordDP:
 
 
 @dataclasses.dataclass(frozen=True)
-class LocalTrainer:
-    """Static description of local training (hashable; closed over by the jitted round).
+class StepStreams:
+    """How local steps pack their rows (static; :mod:`fedlora_jax.data.packing`).
 
     ``token_buckets``: packed stream lengths to compile (increasing; empty: no packing). Every step
     packs the sampled rows of the group of clients trained together into the smallest bucket that
-    holds them, or runs the padded rows when none does (see :mod:`fedlora_jax.data.packing`):
-    with ``shared_stream`` all the group's clients share one stream (a bucket holds the group's
-    total), else each client has its own stream (a bucket holds the largest client);
-    ``aligned_streams``: streams are aligned to blocks of the row length (encoders).
+    holds them, or runs the padded rows when none does.
+    ``score_buckets``: for a causal LM scoring its answers from its hidden states, the scored
+    next-token targets each bucket's stream lists (:attr:`fedlora_jax.data.packing.Packing.score_index`;
+    a step with more takes a larger bucket); empty: every stream position is scored.
+    ``shared``: all the group's clients share one stream (a bucket holds the group's total), else
+    each client has its own (a bucket holds the largest client's).
+    ``aligned``: streams are aligned to blocks of the row length (encoders).
+    """
+
+    token_buckets: tuple[int, ...] = ()
+    score_buckets: tuple[int, ...] = ()
+    shared: bool = False
+    aligned: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalTrainer:
+    """Static description of local training (hashable; closed over by the jitted round).
+
+    ``streams``: how each step packs its rows (:class:`StepStreams`; the default: padded rows).
     ``bookkeeping``: DP-SGD takes per-example gradients from one batched backward
     (:mod:`fedlora_jax.privacy.bookkeeping`) instead of a vmap over examples.
     ``max_examples``: the largest client's number of rows, the static range clients sample
     indices from (a client's own count masks the rest).
-    ``score_buckets``: for a causal LM scoring its answers from its hidden states, the scored
-    next-token targets each bucket's stream lists (:attr:`fedlora_jax.data.packing.Packing.score_index`;
-    a step with more takes a larger bucket); empty: every stream position is scored.
     """
 
     graphdef: Any
@@ -74,12 +87,9 @@ class LocalTrainer:
     local_steps: int
     batch_size: int
     dp: RecordDP | None = None
-    token_buckets: tuple[int, ...] = ()
+    streams: StepStreams = StepStreams()
     bookkeeping: bool = False
-    shared_stream: bool = False
-    aligned_streams: bool = False
     max_examples: int = 1
-    score_buckets: tuple[int, ...] = ()
 
     def loss(self, params, frozen, batch: dict, mask: jax.Array) -> jax.Array:
         """Masked mean of per-example losses."""
@@ -167,36 +177,37 @@ def _gradients(trainer: LocalTrainer, frozen, params, client_rows: dict, offsets
     def padded(_):
         return jax.vmap(client_gradient)(params, rows, masks, expected, noise_keys)
 
-    if not trainer.token_buckets:
+    streams = trainer.streams
+    if not streams.token_buckets:
         return padded(None) + (overflows,)
 
     def packed(num_tokens, score_tokens, _):
-        batches, _ = jax.vmap(lambda r, m: pack(r, m, num_tokens, aligned=trainer.aligned_streams,
+        batches, _ = jax.vmap(lambda r, m: pack(r, m, num_tokens, aligned=streams.aligned,
                                                 score_tokens=score_tokens))(rows, masks)
         return jax.vmap(client_gradient)(params, batches, masks, expected, noise_keys)
 
     def shared(num_tokens, score_tokens, _):
         clients = masks.shape[0]
         flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), rows)
-        batch, _ = pack(flat, masks.reshape(-1), num_tokens, clients, trainer.aligned_streams, score_tokens)
+        batch, _ = pack(flat, masks.reshape(-1), num_tokens, clients, streams.aligned, score_tokens)
         return _shared_gradients(trainer, frozen, params, batch, masks, expected, noise_keys, train_mask)
 
     real = rows["attention_mask"].astype(jnp.int32) * masks.astype(jnp.int32)[..., None]  # [C, b, L]
-    block = rows["attention_mask"].shape[-1] if trainer.aligned_streams else None
-    share = trainer.shared_stream and masks.shape[0] > 1
-    combine = jnp.sum if share else jnp.max  # one stream for the group, or the largest client's
+    block = rows["attention_mask"].shape[-1] if streams.aligned else None
+    share = streams.shared and masks.shape[0] > 1
     if share:
         need = example_starts(jnp.sum(real, axis=2).reshape(-1), block)[1]
     else:
         need = jnp.max(jax.vmap(lambda n: example_starts(n, block)[1])(jnp.sum(real, axis=2)))
-    bucket = jnp.searchsorted(jnp.asarray(trainer.token_buckets), need)  # == len(buckets): padded
-    scores = trainer.score_buckets or (0,) * len(trainer.token_buckets)
-    if trainer.score_buckets:  # the scored targets: token t >= 1 of an example, where its loss mask is set
+    bucket = jnp.searchsorted(jnp.asarray(streams.token_buckets), need)  # == len(buckets): padded
+    scores = streams.score_buckets or (0,) * len(streams.token_buckets)
+    if streams.score_buckets:  # the scored targets: token t >= 1 of an example, where its loss mask is set
         targets = real[:, :, 1:] * rows.get("loss_mask", rows["attention_mask"])[:, :, 1:].astype(jnp.int32)
-        scored_need = combine(jnp.sum(targets, axis=(1, 2)))
-        bucket = jnp.maximum(bucket, jnp.searchsorted(jnp.asarray(trainer.score_buckets), scored_need))
+        per_client = jnp.sum(targets, axis=(1, 2))
+        scored_need = jnp.sum(per_client) if share else jnp.max(per_client)  # one stream, or the largest client's
+        bucket = jnp.maximum(bucket, jnp.searchsorted(jnp.asarray(streams.score_buckets), scored_need))
     stream = shared if share else packed
-    branches = [functools.partial(stream, t, s) for t, s in zip(trainer.token_buckets, scores)] + [padded]
+    branches = [functools.partial(stream, t, s) for t, s in zip(streams.token_buckets, scores)] + [padded]
     return jax.lax.switch(bucket, branches, None) + (overflows,)
 
 

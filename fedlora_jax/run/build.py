@@ -166,13 +166,10 @@ def build_experiment(config: Config, data: FederatedData | None = None) -> Exper
         make_schedule(config.optim, f.rounds * f.local_steps),
         f.local_steps,
         f.batch_size,
-        record_dp,
-        plan.token_buckets,
-        plan.bookkeeping,
-        plan.shared_stream,
-        plan.aligned_streams,
-        int(data.num_train.max()),
-        plan.score_buckets,
+        dp=record_dp,
+        streams=plan.streams,
+        bookkeeping=plan.bookkeeping,
+        max_examples=int(data.num_train.max()),
     )
     federation = build_federation(config, data, trainer, params, frozen, ledger, plan)
     if f.clients_per_chunk == "auto" and jax.default_backend() != "cpu":  # planned from the compiled round

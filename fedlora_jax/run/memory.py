@@ -102,8 +102,8 @@ def step_tokens(federation: Federation, data) -> int:
     """Tokens one client's local step computes: the longest packed stream, or its rows x row length."""
     trainer = federation.trainer
     rows = trainer.dp.buffer_size if trainer.dp is not None and trainer.dp.poisson else trainer.batch_size
-    if trainer.token_buckets and not trainer.shared_stream:
-        return int(trainer.token_buckets[-1])
+    if trainer.streams.token_buckets and not trainer.streams.shared:
+        return int(trainer.streams.token_buckets[-1])
     return int(rows * data.train["attention_mask"].shape[-1])
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from fedlora_jax.config import Config, ConfigError, cohort_size
 from fedlora_jax.data.base import FederatedData
 from fedlora_jax.data.packing import eval_stream_length, row_lengths, token_buckets
-from fedlora_jax.engine import Federation, RecordDP
+from fedlora_jax.engine import Federation, RecordDP, StepStreams
 from fedlora_jax.methods import streaming_methods
 from fedlora_jax.models.weights import resolve_checkpoint_dir
 from fedlora_jax.params import leaf_bytes
@@ -30,11 +30,9 @@ class Plan:
       cohort's client axis is sharded over ``devices // model_devices`` groups.
     share: clients each group trains (the cohort padded to a multiple of the groups).
     clients_per_chunk: clients vmapped together (None: each device's whole share at once).
-    token_buckets: packed stream lengths of the local steps (empty: padded rows).
-    score_buckets: for a causal LM scoring answers only from its hidden states, the scored tokens
-      each bucket holds (empty: every stream position is scored).
-    shared_stream: the clients of a chunk share one packed stream (encoders).
-    aligned_streams: streams aligned to blocks of the row length (the model asks for it).
+    streams: how the local steps pack their rows (:class:`fedlora_jax.engine.StepStreams`: stream
+      length buckets, scored-token buckets of a causal LM, shared by a chunk's clients (encoders),
+      aligned to the row length (the model asks for it)).
     bookkeeping: DP-SGD takes per-example gradients from one batched backward.
     eval_tokens / local_eval_tokens: packed stream lengths of the global / local evaluation
       batches (None: padded rows).
@@ -44,10 +42,7 @@ class Plan:
     model_devices: int
     share: int
     clients_per_chunk: int | None
-    token_buckets: tuple[int, ...]
-    score_buckets: tuple[int, ...]
-    shared_stream: bool
-    aligned_streams: bool
+    streams: StepStreams
     bookkeeping: bool
     eval_tokens: int | None
     local_eval_tokens: int | None
@@ -77,8 +72,8 @@ def make_plan(config: Config, data: FederatedData, record_dp: RecordDP | None, r
     if config.data.packing == "auto" and data.task != "causal_lm":  # causal LM scores padded token rows
         eval_tokens = eval_stream_length(data.global_test["attention_mask"], config.eval.batch_size)
         local_tokens = eval_stream_length(data.local_test["attention_mask"], config.eval.batch_size)
-    return Plan(devices, f.model_devices, share, chunk, buckets, score_buckets, shared and bool(buckets), aligned,
-                bookkeeping, eval_tokens, local_tokens)
+    streams = StepStreams(buckets, score_buckets, shared and bool(buckets), aligned)
+    return Plan(devices, f.model_devices, share, chunk, streams, bookkeeping, eval_tokens, local_tokens)
 
 
 def step_rows(batch_size: int, record_dp: RecordDP | None) -> int:
