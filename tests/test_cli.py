@@ -92,6 +92,10 @@ BAD_INPUTS = {
                                                "config key 'federation.server_optimizer.learning_rate' is required"),
     "server momentum for adam": (["--set", "federation.server_optimizer={name: adam, learning_rate: 1, momentum: 0.5}"],
                                  "config key 'federation.server_optimizer.momentum' applies to sgd only"),
+    "bits for top-k": (["--set", "federation.compression={kind: topk, bits: 4}"],
+                       "config key 'federation.compression.bits' applies to quantize only, not to topk"),
+    "unknown compression": (["--set", "federation.compression={kind: zip}"],
+                            "config key 'federation.compression.kind' must be"),
     "unknown mlflow key": (["--set", "log.mlflow.project=p"], "unknown config key 'log.mlflow.project'"),
     "wandb not a mapping": (["--set", "log.wandb=true"], "config key 'log.wandb': expected dict, got True"),
 }

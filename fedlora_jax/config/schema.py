@@ -134,6 +134,31 @@ class ServerOptimizerConfig(Section):
         return self
 
 
+class CompressionConfig(Section):
+    """How clients compress what they upload (:mod:`fedlora_jax.aggregation.compression`): each
+    uploaded leaf's update, per client. ``quantize``: unbiased stochastic quantization to ``bits``
+    bits with one float32 scale per ``block`` values; ``topk``: the ``fraction`` of the values of
+    largest magnitude with their int32 indices; ``randk``: a random ``fraction`` of the values
+    from a seed the server shares (no indices), scaled to stay unbiased. ``bits`` and ``block``
+    are quantize's options, ``fraction`` topk's and randk's: another scheme's option away from its
+    default is an error."""
+
+    kind: one_of("quantize", "topk", "randk")
+    bits: bounded(int, ge=1, le=16) = 8
+    block: Count = 64
+    fraction: bounded(float, gt=0, le=1) = 0.1
+
+    @model_validator(mode="after")
+    def _options_of_this_scheme(self):
+        others = ("fraction",) if self.kind == "quantize" else ("bits", "block")
+        changed = [k for k in others if getattr(self, k) != type(self).model_fields[k].default]
+        if changed:
+            owner = "topk and randk" if self.kind == "quantize" else "quantize"
+            raise _rule_broken(f"config key 'federation.compression.{changed[0]}' applies to {owner} only, "
+                               f"not to {self.kind}")
+        return self
+
+
 class FederationConfig(Section):
     """Rounds, cohorts and local training.
 
@@ -166,6 +191,8 @@ class FederationConfig(Section):
     ``server_optimizer``: null averages the uploads into the new global factors; a
     :class:`ServerOptimizerConfig` steps the global factors along the averaged update instead
     (methods whose aggregate is a mean of the uploads).
+    ``compression``: null sends uploads as float32; a :class:`CompressionConfig` compresses every
+    uploaded leaf's update (``bytes_up`` counts the messages exactly; docs/aggregation.md).
     """
 
     rounds: Count = 20
@@ -181,6 +208,7 @@ class FederationConfig(Section):
     method: str = "fedit"
     method_options: dict = {}
     server_optimizer: ServerOptimizerConfig | None = None
+    compression: CompressionConfig | None = None
 
 
 class OptimConfig(Section):

@@ -20,8 +20,10 @@ from fedlora_jax.engine import sharding
 from fedlora_jax.engine.aggregate import BaseFolding, UserDP, aggregate_stacked, finalise, summarise_chunk
 from fedlora_jax.engine.client import LocalTrainer, train_clients
 from fedlora_jax.engine.cohort import Cohort, split_chunks
-from fedlora_jax.engine.state import ClientShards, RoundOutput, ServerState
-from fedlora_jax.methods import LoraBytes, Method, ServerUpdate
+from fedlora_jax.engine import uploads
+from fedlora_jax.engine.state import ClientShards, RoundOutput, ServerState, keep_if_finite
+from fedlora_jax.aggregation.compression import Compression
+from fedlora_jax.methods import Method, ServerUpdate
 from fedlora_jax.methods.server_optimizers import init_server_optimizer, server_optimizer_step
 from fedlora_jax.params import TrainableLayout, factor_mask, leaf_bytes
 
@@ -37,6 +39,7 @@ class Federation:
     client axis is sharded over ``devices // model_devices`` groups.
     ``server_optimizer``: an optax transform of the round's pseudo-gradient (global - aggregate;
     FedAvgM, FedAdam, FedYogi), or None for plain averaging.
+    ``compression``: what clients' uploads go through (:mod:`fedlora_jax.engine.uploads`), or None.
     """
 
     trainer: LocalTrainer
@@ -50,6 +53,7 @@ class Federation:
     devices: int = 1
     model_devices: int = 1
     server_optimizer: optax.GradientTransformation | None = None
+    compression: Compression | None = None
 
     def __post_init__(self):
         if self.user_dp is not None and not self.method.mean_based:
@@ -178,6 +182,7 @@ class Federation:
             start = method.client_start(state.method_state, state.params, ids, layout)
             trained, stats = train_clients(self.trainer, state.frozen, start, rows, first, n, key, state.round,
                                            train_mask)
+            trained = uploads.received(self.compression, method, layout, start, trained, state.round, key)
             return summarise_chunk(method, layout, trained, w), stats
 
         grouped, rest = split_chunks((cohort, offsets, counts, keys, weights), self.clients_per_chunk)
@@ -210,7 +215,7 @@ class Federation:
         rows = shards.arrays
         frozen = state.frozen
         if self.streams:
-            client_params = None
+            client_params = got = None  # never formed: each chunk is reduced as it finishes
 
             def stream(per_client, shared):
                 state, rows, mask = shared
@@ -231,39 +236,24 @@ class Federation:
             client_params, stats = sharding.shard_clients(train, (start, offsets, counts, keys),
                                                           (frozen, rows, state.round, mask), reduced=False,
                                                           mesh=self.mesh)
+            got = uploads.received(self.compression, self.method, self.layout, start, client_params, state.round, keys)
             if self.user_dp is None:
-                params, frozen, divergence = self.aggregate(client_params, weights, state.round, server_key, frozen,
-                                                            state.params)
+                params, frozen, divergence = self.aggregate(got, weights, state.round, server_key, frozen, state.params)
             else:
-                params, divergence = self.user_dp.mean(self.layout, state.params, client_params, taking_part, mask,
+                params, divergence = self.user_dp.mean(self.layout, state.params, got, taking_part, mask,
                                                        server_key, self.expected_cohort)
         params, method_state = self.method.update_state(state.method_state, ServerUpdate(
-            state.params, params, client_params, cohort, taking_part, state.round, self.layout))
+            state.params, params, got, cohort, taking_part, state.round, self.layout))
         optimizer_state = state.optimizer_state
         if self.server_optimizer is not None:
             params, optimizer_state = server_optimizer_step(self.server_optimizer, optimizer_state, state.params,
                                                             params, trained=mask)
         new_state = ServerState(params, frozen, state.round + 1, key, method_state, optimizer_state)
         train_loss = jnp.sum(weights * stats.loss)
-        finite, new_state = self._keep_if_finite(train_loss, new_state, state)
+        finite, new_state = keep_if_finite(train_loss, new_state, state, self.method.modifies_base)
         return new_state, RoundOutput(train_loss, divergence, cohort, taking_part, overflow,
                                       client_params, jnp.sum(stats.non_finite * taking_part),
                                       jnp.sum(stats.overflows * taking_part), finite)
-
-    def _keep_if_finite(self, train_loss, new_state: ServerState, old_state: ServerState):
-        """(finite flags, the new state if every flag holds, else the old one). The old state's
-        buffers are donated to the round, so the last good state must come back from it."""
-        checked = [new_state.params] + ([new_state.frozen] if self.method.modifies_base else [])
-        finite = jnp.stack([jnp.isfinite(train_loss)] + [jnp.all(jnp.isfinite(x)) for t in checked
-                                                          for x in jax.tree.leaves(t)])
-        ok = jnp.all(finite)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-        frozen = keep(new_state.frozen, old_state.frozen) if self.method.modifies_base else new_state.frozen
-        key = jax.random.wrap_key_data(keep(jax.random.key_data(new_state.key), jax.random.key_data(old_state.key)))
-        state = ServerState(keep(new_state.params, old_state.params), frozen, keep(new_state.round, old_state.round),
-                            key, keep(new_state.method_state, old_state.method_state),
-                            keep(new_state.optimizer_state, old_state.optimizer_state))
-        return finite, state
 
     def compile_round(self, donate: bool = True, template: ServerState | None = None):
         """The jitted round; the server state's buffers are donated (unless not ``donate``). On
@@ -283,13 +273,12 @@ class Federation:
         """Exact (bytes_up, bytes_down) of one round over the ``clients`` that took part (default K)."""
         sizes, frozen_sizes = leaf_bytes(params), leaf_bytes(frozen)
         k = self.cohort.size if clients is None else clients
-        head = int(sum(sizes[i] for i in self.layout.other_indices))
-        lora = LoraBytes(int(sum(sizes[m.a_index] for m in self.layout.modules)),
-                         int(sum(sizes[m.b_index] for m in self.layout.modules)),
-                         int(sum(frozen_sizes[j] for j in self.folding.kernels)))
-        up = int(self.method.upload_bytes(round_index, lora))
+        base = int(sum(frozen_sizes[j] for j in self.folding.kernels))
+        lora, head = uploads.upload_sizes(None, self.layout, params, sizes, base)
+        sent, sent_head = uploads.upload_sizes(self.compression, self.layout, params, sizes, base)
+        up = int(self.method.upload_bytes(round_index, sent))
         down = int(self.method.download_bytes(round_index, lora, k))
-        return k * (up + head), k * (down + head)
+        return k * (up + sent_head), k * (down + head)
 
 
 def init_server_state(params, frozen, seed: int, federation: Federation | None = None) -> ServerState:

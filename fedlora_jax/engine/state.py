@@ -59,3 +59,21 @@ def device_shards(data: FederatedData) -> ClientShards:
     """The client rows of ``data`` as device arrays."""
     return ClientShards({k: jnp.asarray(v) for k, v in data.train.items()}, jnp.asarray(data.num_train),
                         jnp.asarray(data.train_offsets, jnp.int32))
+
+
+def keep_if_finite(train_loss: jax.Array, new_state: ServerState, old_state: ServerState,
+                   modifies_base: bool) -> tuple[jax.Array, ServerState]:
+    """(finite flags, the new state if every flag holds, else the old one). The old state's
+    buffers are donated to the round, so the last good state must come back from it. The flags:
+    the training loss, each new trainable leaf and (``modifies_base``) each new frozen leaf."""
+    checked = [new_state.params] + ([new_state.frozen] if modifies_base else [])
+    finite = jnp.stack([jnp.isfinite(train_loss)] + [jnp.all(jnp.isfinite(x)) for t in checked
+                                                      for x in jax.tree.leaves(t)])
+    ok = jnp.all(finite)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+    frozen = keep(new_state.frozen, old_state.frozen) if modifies_base else new_state.frozen
+    key = jax.random.wrap_key_data(keep(jax.random.key_data(new_state.key), jax.random.key_data(old_state.key)))
+    state = ServerState(keep(new_state.params, old_state.params), frozen, keep(new_state.round, old_state.round),
+                        key, keep(new_state.method_state, old_state.method_state),
+                        keep(new_state.optimizer_state, old_state.optimizer_state))
+    return finite, state

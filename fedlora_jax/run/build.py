@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from fedlora_jax import models
+from fedlora_jax.aggregation.compression import Compression
 from fedlora_jax.config import Config, ConfigError, ModelConfig, cohort_size
 from fedlora_jax.data.base import FederatedData
 from fedlora_jax.data.sources import SOURCES, load_federated
@@ -212,4 +213,5 @@ def build_federation(config: Config, data: FederatedData, trainer: LocalTrainer,
         server_optimizer = make_server_optimizer(**f.server_optimizer.model_dump())
     return Federation(trainer, method, layout, cohort, plan.clients_per_chunk, user_dp, folding,
                       keep_client_params=config.eval.local, devices=plan.devices, model_devices=plan.model_devices,
-                      server_optimizer=server_optimizer)
+                      server_optimizer=server_optimizer,
+                      compression=None if f.compression is None else Compression(**f.compression.model_dump()))
