@@ -147,3 +147,69 @@ def test_user_level_dp_clips_the_decoded_uploads():
     pairs = zip(jax.tree.leaves(state.params), jax.tree.leaves(start.params))
     norm = math.sqrt(sum(float(np.sum((np.asarray(a) - np.asarray(b)) ** 2)) for a, b in pairs))
     assert 0 < norm <= clip * (1 + 1e-5)
+
+
+def test_error_feedback_sends_what_earlier_messages_left_out():
+    """Per client and uploaded leaf: decoded + new residual = update + old residual; a leaf the
+    client keeps (FFA's A) passes through with its residual untouched."""
+    from fedlora_jax.engine import uploads
+
+    exp = tiny_experiment(**{"federation.method": "ffa"})
+    fed, k = exp.federation, 3
+    rng = np.random.default_rng(0)
+    start = jax.tree.map(lambda x: jnp.broadcast_to(x, (k,) + x.shape), exp.params)
+    trained = jax.tree.map(lambda x: x + jnp.asarray(rng.normal(size=x.shape), x.dtype), start)
+    owed = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), start)
+    keys = jax.random.split(jax.random.key(0), k)
+    got, left = uploads.received(Compression("topk", fraction=0.2), fed.method, fed.layout, start, trained, 0,
+                                 keys, owed)
+    a_leaves = {m.a_index for m in fed.layout.modules}
+    for i, (s, t, g, o, n) in enumerate(zip(*(jax.tree.leaves(x) for x in (start, trained, got, owed, left)))):
+        if i in a_leaves:
+            np.testing.assert_array_equal(g, t)
+            np.testing.assert_array_equal(n, o)
+        else:
+            np.testing.assert_allclose(np.asarray(g - s) + np.asarray(n), np.asarray(t - s) + np.asarray(o), atol=1e-5)
+            assert float(jnp.max(jnp.abs(n))) > 0
+
+
+def test_error_feedback_banks_follow_the_cohort_and_survive_a_resume(tmp_path, monkeypatch, capsys):
+    """The residual banks change only for clients that took part, and a run stopped after round 2
+    and resumed ends as the uninterrupted run (the banks are in the checkpoint)."""
+    from pathlib import Path
+
+    from fedlora_jax.cli import main
+    from processes import press_ctrl_c_in_round
+    from rundirs import assert_same_run, final_state
+
+    exp = tiny_experiment(**{"federation.compression": "{kind: topk, fraction: 0.2, error_feedback: true}"})
+    fed = exp.federation
+    assert not fed.streams
+    _, (state, out) = _one_round(exp)
+    took = np.zeros(fed.cohort.num_clients, bool)
+    took[np.asarray(out.cohort)[np.asarray(out.cohort_mask)]] = True
+    for bank in jax.tree.leaves(state.residuals):
+        touched = np.any(np.asarray(bank).reshape(bank.shape[0], -1) != 0, axis=1)
+        np.testing.assert_array_equal(touched, took)
+
+    config = str(Path(__file__).resolve().parents[1] / "configs/quickstart.yaml")
+    args = ["--quiet", "--set", "federation.compression={kind: topk, fraction: 0.2, error_feedback: true}",
+            "--set", "federation.rounds=4", "--set", "checkpoint.every=2", "--set", "eval.every=2",
+            "--set", "federation.devices=1", "--set", "data.packing=null", "--set", "eval.local=false"]
+    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
+    assert main(["run", config, "--out", str(reference), *args]) == 0
+    assert any(name.startswith("residual/") for name in final_state(reference))
+    press_ctrl_c_in_round(monkeypatch, 2)
+    assert main(["run", config, "--out", str(stopped), *args]) == 130
+    monkeypatch.undo()
+    assert main(["resume", str(stopped), "--quiet"]) == 0
+    assert_same_run(stopped, reference)
+
+
+def test_error_feedback_that_cannot_fit_is_refused_in_one_line(monkeypatch):
+    from fedlora_jax.config import ConfigError
+    from fedlora_jax.run import build as build_module
+
+    monkeypatch.setattr(build_module, "memory_available", lambda: 1024)
+    with pytest.raises(ConfigError, match="federation.compression.error_feedback': the residuals of 6 clients"):
+        tiny_experiment(**{"federation.compression": "{kind: topk, error_feedback: true}"})

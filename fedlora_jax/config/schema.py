@@ -141,12 +141,16 @@ class CompressionConfig(Section):
     largest magnitude with their int32 indices; ``randk``: a random ``fraction`` of the values
     from a seed the server shares (no indices), scaled to stay unbiased. ``bits`` and ``block``
     are quantize's options, ``fraction`` topk's and randk's: another scheme's option away from its
-    default is an error."""
+    default is an error. ``error_feedback``: each client adds to its next upload what its
+    messages have left out so far (a residual as large as the trainable state, kept for every
+    client of the population: refused when those would take more than a quarter of the memory).
+    """
 
     kind: one_of("quantize", "topk", "randk")
     bits: bounded(int, ge=1, le=16) = 8
     block: Count = 64
     fraction: bounded(float, gt=0, le=1) = 0.1
+    error_feedback: bool = False
 
     @model_validator(mode="after")
     def _options_of_this_scheme(self):

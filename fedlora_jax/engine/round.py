@@ -39,7 +39,9 @@ class Federation:
     client axis is sharded over ``devices // model_devices`` groups.
     ``server_optimizer``: an optax transform of the round's pseudo-gradient (global - aggregate;
     FedAvgM, FedAdam, FedYogi), or None for plain averaging.
-    ``compression``: what clients' uploads go through (:mod:`fedlora_jax.engine.uploads`), or None.
+    ``compression``: what clients' uploads go through (:mod:`fedlora_jax.engine.uploads`), or None;
+    with ``error_feedback`` each client adds what its earlier messages left out (the state's
+    residual banks [U, ...]), and the round holds the cohort's states (it does not stream).
     """
 
     trainer: LocalTrainer
@@ -54,8 +56,11 @@ class Federation:
     model_devices: int = 1
     server_optimizer: optax.GradientTransformation | None = None
     compression: Compression | None = None
+    error_feedback: bool = False
 
     def __post_init__(self):
+        if self.error_feedback and self.compression is None:
+            raise ValueError("error feedback needs a compression scheme")
         if self.user_dp is not None and not self.method.mean_based:
             raise ValueError(
                 f"user-level DP needs a method that averages uploads (fedit, ffa, rolora), not {self.method.name!r}"
@@ -81,7 +86,7 @@ class Federation:
         Its memory then grows with ``clients_per_chunk``, not with the cohort."""
         chunk = self.clients_per_chunk
         return (self.method.streaming and self.user_dp is None and not self.keep_client_params
-                and chunk is not None and chunk < self.cohort.size)
+                and not self.error_feedback and chunk is not None and chunk < self.cohort.size)
 
     # -- placement -------------------------------------------------------------------------------
 
@@ -106,7 +111,7 @@ class Federation:
         :meth:`base_shardings` says, everything else whole on every device."""
         everywhere = self.everywhere
         return ServerState(everywhere, self.base_shardings(state.frozen), everywhere, everywhere, everywhere,
-                           everywhere)
+                           everywhere, everywhere)
 
     def placed(self, state: ServerState) -> ServerState:
         """``state`` placed as the round takes it; unchanged on one device."""
@@ -116,8 +121,9 @@ class Federation:
         """Round 0's state (the method's and the server optimiser's initial states), not placed."""
         method_state = self.method.init_state(params, self.layout, self.cohort.num_clients)
         optimizer_state = () if self.server_optimizer is None else init_server_optimizer(self.server_optimizer, params)
+        residuals = uploads.residual_banks(params, self.cohort.num_clients) if self.error_feedback else ()
         return ServerState(params, frozen, jnp.zeros((), jnp.int32), jax.random.key(seed), method_state,
-                           optimizer_state)
+                           optimizer_state, residuals)
 
     def init_state(self, params, frozen, seed: int) -> ServerState:
         """Round 0's state placed as the round takes it (:meth:`placed`)."""
@@ -182,7 +188,7 @@ class Federation:
             start = method.client_start(state.method_state, state.params, ids, layout)
             trained, stats = train_clients(self.trainer, state.frozen, start, rows, first, n, key, state.round,
                                            train_mask)
-            trained = uploads.received(self.compression, method, layout, start, trained, state.round, key)
+            trained, _ = uploads.received(self.compression, method, layout, start, trained, state.round, key)
             return summarise_chunk(method, layout, trained, w), stats
 
         grouped, rest = split_chunks((cohort, offsets, counts, keys, weights), self.clients_per_chunk)
@@ -213,7 +219,7 @@ class Federation:
         mask = factor_mask(self.layout, state.params, train_a, train_b)
         keys = jax.random.split(train_key, self.cohort.size)
         rows = shards.arrays
-        frozen = state.frozen
+        frozen, residuals = state.frozen, state.residuals
         if self.streams:
             client_params = got = None  # never formed: each chunk is reduced as it finishes
 
@@ -236,7 +242,11 @@ class Federation:
             client_params, stats = sharding.shard_clients(train, (start, offsets, counts, keys),
                                                           (frozen, rows, state.round, mask), reduced=False,
                                                           mesh=self.mesh)
-            got = uploads.received(self.compression, self.method, self.layout, start, client_params, state.round, keys)
+            owed = jax.tree.map(lambda bank: bank[cohort], residuals) if self.error_feedback else None
+            got, owed = uploads.received(self.compression, self.method, self.layout, start, client_params, state.round,
+                                         keys, owed)
+            if self.error_feedback:
+                residuals = uploads.write_residuals(residuals, cohort, taking_part, owed)
             if self.user_dp is None:
                 params, frozen, divergence = self.aggregate(got, weights, state.round, server_key, frozen, state.params)
             else:
@@ -248,7 +258,7 @@ class Federation:
         if self.server_optimizer is not None:
             params, optimizer_state = server_optimizer_step(self.server_optimizer, optimizer_state, state.params,
                                                             params, trained=mask)
-        new_state = ServerState(params, frozen, state.round + 1, key, method_state, optimizer_state)
+        new_state = ServerState(params, frozen, state.round + 1, key, method_state, optimizer_state, residuals)
         train_loss = jnp.sum(weights * stats.loss)
         finite, new_state = keep_if_finite(train_loss, new_state, state, self.method.modifies_base)
         return new_state, RoundOutput(train_loss, divergence, cohort, taking_part, overflow,

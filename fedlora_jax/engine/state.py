@@ -21,6 +21,8 @@ class ServerState(NamedTuple):
       per-client B banks [U, d_out, r]); () for most methods.
     optimizer_state: the server optimiser's state (FedAvgM's momentum, FedAdam's moments; the
       optax state of ``federation.server_optimizer``); () with plain averaging.
+    residuals: with error feedback on compressed uploads, what each client has not yet sent, a
+      tree like ``params`` with leaves [U, ...] (float32); () without.
     """
 
     params: Any
@@ -29,6 +31,7 @@ class ServerState(NamedTuple):
     key: jax.Array
     method_state: Any = ()
     optimizer_state: Any = ()
+    residuals: Any = ()
 
 
 class ClientShards(NamedTuple):
@@ -75,5 +78,6 @@ def keep_if_finite(train_loss: jax.Array, new_state: ServerState, old_state: Ser
     key = jax.random.wrap_key_data(keep(jax.random.key_data(new_state.key), jax.random.key_data(old_state.key)))
     state = ServerState(keep(new_state.params, old_state.params), frozen, keep(new_state.round, old_state.round),
                         key, keep(new_state.method_state, old_state.method_state),
-                        keep(new_state.optimizer_state, old_state.optimizer_state))
+                        keep(new_state.optimizer_state, old_state.optimizer_state),
+                        keep(new_state.residuals, old_state.residuals))
     return finite, state

@@ -25,12 +25,15 @@ def uploaded_leaves(method: Method, layout: TrainableLayout, round_index, num_le
 
 
 def received(compression: Compression | None, method: Method, layout: TrainableLayout, start, trained,
-             round_index, keys):
-    """The cohort's states as the server decodes them: leaves [K, ...].
+             round_index, keys, residuals=None):
+    """The cohort's states as the server decodes them, and (error feedback) what each client keeps
+    back for its next upload.
 
     Each uploaded leaf (:func:`uploaded_leaves`) arrives as start + the decoded message of its
-    update (trained - start), compressed independently per client and leaf; a leaf the client
-    keeps (e.g. FedSA's B, FFA's frozen A) stays as trained. Without compression: ``trained``.
+    update (trained - start), plus the client's residual with error feedback, compressed
+    independently per client and leaf; the client's new residual is what its message did not
+    carry ((update + residual) - decoded). A leaf the client keeps (e.g. FedSA's B, FFA's frozen
+    A) stays as trained and its residual as it was. Without compression: ``trained``.
 
     Args:
       compression: the scheme, or None.
@@ -39,22 +42,46 @@ def received(compression: Compression | None, method: Method, layout: TrainableL
       trained: the clients' trained states, leaves [K, ...].
       round_index: the round (may be traced).
       keys: [K] the clients' training keys (their upload randomness is folded from them).
+      residuals: the cohort's residuals, leaves [K, ...] float32, or None (no error feedback).
+
+    Returns:
+      (decoded states [K, ...], new residuals [K, ...] or None).
     """
     if compression is None:
-        return trained
+        return trained, residuals
     upload_keys = jax.vmap(lambda k: jax.random.fold_in(k, _UPLOAD_STREAM))(keys)
     leaves, treedef = jax.tree.flatten(trained)
-    out = []
-    for i, (sent, begin, after) in enumerate(zip(uploaded_leaves(method, layout, round_index, len(leaves)),
-                                                 jax.tree.leaves(start), leaves)):
+    kept = [None] * len(leaves) if residuals is None else jax.tree.leaves(residuals)
+    out, left = [], []
+    for i, (sent, begin, after, owed) in enumerate(zip(uploaded_leaves(method, layout, round_index, len(leaves)),
+                                                       jax.tree.leaves(start), leaves, kept)):
         if sent is False:
             out.append(after)
+            left.append(owed)
             continue
         leaf_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(upload_keys)
-        update = (after - begin).astype(jnp.float32)
-        decoded = (begin + jax.vmap(compression.roundtrip)(update, leaf_keys)).astype(after.dtype)
-        out.append(decoded if sent is True else jnp.where(sent, decoded, after))
-    return jax.tree.unflatten(treedef, out)
+        message = (after - begin).astype(jnp.float32) + (0.0 if owed is None else owed)
+        decoded = jax.vmap(compression.roundtrip)(message, leaf_keys)
+        arrived = (begin + decoded).astype(after.dtype)
+        out.append(arrived if sent is True else jnp.where(sent, arrived, after))
+        if owed is not None:
+            left.append(message - decoded if sent is True else jnp.where(sent, message - decoded, owed))
+    return jax.tree.unflatten(treedef, out), None if residuals is None else jax.tree.unflatten(treedef, left)
+
+
+def residual_banks(params, num_clients: int):
+    """Every client's zero residual: a tree like ``params`` with float32 leaves [U, ...]."""
+    return jax.tree.map(lambda x: jnp.zeros((num_clients,) + x.shape, jnp.float32), params)
+
+
+def write_residuals(banks, cohort: jax.Array, taking_part: jax.Array, new):
+    """``banks`` [U, ...] with the cohort's slots [K] replaced by ``new`` [K, ...] where the slot
+    took part (a scatter-add of the change, so a repeated id of an empty slot changes nothing)."""
+    def write(bank, fresh):
+        took = taking_part.reshape((-1,) + (1,) * (fresh.ndim - 1))
+        return bank.at[cohort].add(jnp.where(took, fresh - bank[cohort], 0.0))
+
+    return jax.tree.map(write, banks, new)
 
 
 def upload_sizes(compression: Compression | None, layout: TrainableLayout, params, sizes: list[int],

@@ -213,5 +213,21 @@ def build_federation(config: Config, data: FederatedData, trainer: LocalTrainer,
         server_optimizer = make_server_optimizer(**f.server_optimizer.model_dump())
     return Federation(trainer, method, layout, cohort, plan.clients_per_chunk, user_dp, folding,
                       keep_client_params=config.eval.local, devices=plan.devices, model_devices=plan.model_devices,
-                      server_optimizer=server_optimizer,
-                      compression=None if f.compression is None else Compression(**f.compression.model_dump()))
+                      server_optimizer=server_optimizer, compression=upload_compression(config, params, data.num_clients),
+                      error_feedback=f.compression is not None and f.compression.error_feedback)
+
+
+def upload_compression(config: Config, params, num_clients: int) -> Compression | None:
+    """The upload compression of ``config`` (None: float32 uploads). Error feedback keeps a float32
+    residual of the trainable state for every client: refused when those take more than a quarter
+    of the memory available."""
+    c = config.federation.compression
+    if c is None:
+        return None
+    if c.error_feedback:
+        need = num_clients * 4 * sum(int(x.size) for x in jax.tree.leaves(params))
+        if need > memory_available() // 4:
+            raise ConfigError(f"config key 'federation.compression.error_feedback': the residuals of {num_clients} "
+                              f"clients take {need / 2**30:.1f} GiB, more than a quarter of the "
+                              f"{memory_available() / 2**30:.1f} GiB available; turn it off or use fewer clients")
+    return Compression(c.kind, c.bits, c.block, c.fraction)

@@ -79,6 +79,8 @@ def _flatten(state: ServerState, with_frozen: bool) -> dict[str, np.ndarray]:
                    for n, x in zip(leaf_names(state.method_state), jax.tree.leaves(state.method_state))})
     arrays.update({f"optimizer/{n}": np.asarray(x)
                    for n, x in zip(path_names(state.optimizer_state), jax.tree.leaves(state.optimizer_state))})
+    arrays.update({f"residual/{n}": np.asarray(x)
+                   for n, x in zip(leaf_names(state.residuals), jax.tree.leaves(state.residuals))})
     arrays["round"] = np.asarray(state.round)
     arrays["key"] = np.asarray(jax.random.key_data(state.key))
     return arrays
@@ -184,8 +186,10 @@ class Checkpointer:
         frozen = restore("frozen", template.frozen) if self.with_frozen else template.frozen
         method_state = restore("method", template.method_state)
         optimizer_state = restore("optimizer", template.optimizer_state, path_names)
+        residuals = restore("residual", template.residuals)
         key = jax.random.wrap_key_data(jnp.asarray(arrays["key"]))
-        state = ServerState(params, frozen, jnp.asarray(arrays["round"]), key, method_state, optimizer_state)
+        state = ServerState(params, frozen, jnp.asarray(arrays["round"]), key, method_state, optimizer_state,
+                            residuals)
         return Checkpoint(int(meta["round"]), state, np.asarray(meta["participations"], np.int64),
                           int(meta["rounds_spent"]), path)
 
