@@ -197,6 +197,10 @@ class FederationConfig(Section):
     (methods whose aggregate is a mean of the uploads).
     ``compression``: null sends uploads as float32; a :class:`CompressionConfig` compresses every
     uploaded leaf's update (``bytes_up`` counts the messages exactly; docs/aggregation.md).
+    ``dropout``: the probability that a sampled client trains but its upload never arrives (drawn
+    per client and round); the round aggregates the uploads that arrive, with their weights
+    renormalised, and keeps the global state when none does (docs/privacy.md: epsilon is charged
+    as if every sampled client had reported).
     """
 
     rounds: Count = 20
@@ -213,6 +217,7 @@ class FederationConfig(Section):
     method_options: dict = {}
     server_optimizer: ServerOptimizerConfig | None = None
     compression: CompressionConfig | None = None
+    dropout: bounded(float, ge=0, lt=1) = 0.0
 
 
 class OptimConfig(Section):

@@ -17,15 +17,17 @@ import numpy as np
 import optax
 
 from fedlora_jax.engine import sharding
-from fedlora_jax.engine.aggregate import BaseFolding, UserDP, aggregate_stacked, finalise, summarise_chunk
+from fedlora_jax.engine.aggregate import BaseFolding, UserDP, aggregate_stacked, finalise
 from fedlora_jax.engine.client import LocalTrainer, train_clients
 from fedlora_jax.engine.cohort import Cohort, split_chunks
+from fedlora_jax.engine.streaming import stream_totals
 from fedlora_jax.engine import uploads
-from fedlora_jax.engine.state import ClientShards, RoundOutput, ServerState, keep_if_finite
+from fedlora_jax.engine.state import (ClientShards, RoundOutput, ServerState, keep_if_finite,
+                                      unless_nobody_reported)
 from fedlora_jax.aggregation.compression import Compression
 from fedlora_jax.methods import Method, ServerUpdate
 from fedlora_jax.methods.server_optimizers import init_server_optimizer, server_optimizer_step
-from fedlora_jax.params import TrainableLayout, factor_mask, leaf_bytes
+from fedlora_jax.params import TrainableLayout, factor_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +44,9 @@ class Federation:
     ``compression``: what clients' uploads go through (:mod:`fedlora_jax.engine.uploads`), or None;
     with ``error_feedback`` each client adds what its earlier messages left out (the state's
     residual banks [U, ...]), and the round holds the cohort's states (it does not stream).
+    ``dropout``: the probability that a sampled client trains but its upload never arrives; the
+    round aggregates the uploads that arrive (weights renormalised) and keeps the trained state
+    when none does.
     """
 
     trainer: LocalTrainer
@@ -57,6 +62,7 @@ class Federation:
     server_optimizer: optax.GradientTransformation | None = None
     compression: Compression | None = None
     error_feedback: bool = False
+    dropout: float = 0.0
 
     def __post_init__(self):
         if self.error_feedback and self.compression is None:
@@ -81,7 +87,7 @@ class Federation:
 
     @property
     def streams(self) -> bool:
-        """The round reduces the uploads chunk by chunk (:meth:`stream_totals`): a streaming
+        """The round reduces the uploads chunk by chunk (:func:`stream_totals`): a streaming
         method, a chunked cohort, no user-level DP and no need for the cohort's trained states.
         Its memory then grows with ``clients_per_chunk``, not with the cohort."""
         chunk = self.clients_per_chunk
@@ -177,44 +183,16 @@ class Federation:
         return aggregate_stacked(self.method, self.layout, self.folding, client_params, weights, round_index, key,
                                  frozen, params_before)
 
-    def stream_totals(self, state: ServerState, rows: dict, cohort, offsets, counts, keys, weights, train_mask):
-        """Trains the given clients chunk by chunk and reduces each chunk's uploads into running
-        sums as it goes (``lax.scan``; a last smaller chunk takes the remainder), so no [K, ...]
-        trained state is ever formed. Returns (totals of :func:`summarise_chunk`, local stats)."""
-        method, layout = self.method, self.layout
-
-        def train_and_summarise(args):
-            ids, first, n, key, w = args
-            start = method.client_start(state.method_state, state.params, ids, layout)
-            trained, stats = train_clients(self.trainer, state.frozen, start, rows, first, n, key, state.round,
-                                           train_mask)
-            trained, _ = uploads.received(self.compression, method, layout, start, trained, state.round, key)
-            return summarise_chunk(method, layout, trained, w), stats
-
-        grouped, rest = split_chunks((cohort, offsets, counts, keys, weights), self.clients_per_chunk)
-        if grouped is None:
-            return train_and_summarise(rest)
-        first = jax.tree.map(lambda x: x[0], grouped)
-        zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(train_and_summarise, first)[0])
-
-        def body(total, group):
-            summary, stats = train_and_summarise(group)
-            return jax.tree.map(jnp.add, total, summary), stats
-
-        total, stats = jax.lax.scan(body, zero, grouped)
-        stats = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), stats)
-        if rest is not None:
-            summary, rest_stats = train_and_summarise(rest)
-            total = jax.tree.map(jnp.add, total, summary)
-            stats = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), stats, rest_stats)
-        return total, stats
-
     def round(self, state: ServerState, shards: ClientShards) -> tuple[ServerState, RoundOutput]:
         """One federated round (pure; jit it with :meth:`compile_round`)."""
         key, cohort_key, train_key, server_key = self.split_key(state.key)
         cohort, taking_part, overflow = self.sample_cohort(cohort_key)
+        reported = taking_part
+        if self.dropout:
+            reported = taking_part & (jax.random.uniform(jax.random.fold_in(cohort_key, 1), taking_part.shape)
+                                      >= self.dropout)
         counts, offsets = shards.num_examples[cohort], shards.offsets[cohort]
-        weights = self.client_weights(counts, taking_part)
+        weights = self.client_weights(counts, reported)
         train_a, train_b = self.method.trains(state.round)
         mask = factor_mask(self.layout, state.params, train_a, train_b)
         keys = jax.random.split(train_key, self.cohort.size)
@@ -225,7 +203,7 @@ class Federation:
 
             def stream(per_client, shared):
                 state, rows, mask = shared
-                return self.stream_totals(state, rows, *per_client, mask)
+                return stream_totals(self, state, rows, *per_client, mask)
 
             totals, stats = sharding.shard_clients(stream, (cohort, offsets, counts, keys, weights),
                                                    (state, rows, mask), reduced=True, mesh=self.mesh)
@@ -246,22 +224,24 @@ class Federation:
             got, owed = uploads.received(self.compression, self.method, self.layout, start, client_params, state.round,
                                          keys, owed)
             if self.error_feedback:
-                residuals = uploads.write_residuals(residuals, cohort, taking_part, owed)
+                residuals = uploads.write_residuals(residuals, cohort, reported, owed)
             if self.user_dp is None:
                 params, frozen, divergence = self.aggregate(got, weights, state.round, server_key, frozen, state.params)
             else:
-                params, divergence = self.user_dp.mean(self.layout, state.params, got, taking_part, mask,
+                params, divergence = self.user_dp.mean(self.layout, state.params, got, reported, mask,
                                                        server_key, self.expected_cohort)
         params, method_state = self.method.update_state(state.method_state, ServerUpdate(
-            state.params, params, got, cohort, taking_part, state.round, self.layout))
+            state.params, params, got, cohort, reported, state.round, self.layout))
         optimizer_state = state.optimizer_state
         if self.server_optimizer is not None:
             params, optimizer_state = server_optimizer_step(self.server_optimizer, optimizer_state, state.params,
                                                             params, trained=mask)
         new_state = ServerState(params, frozen, state.round + 1, key, method_state, optimizer_state, residuals)
-        train_loss = jnp.sum(weights * stats.loss)
+        if self.dropout:
+            new_state = unless_nobody_reported(reported, new_state, state)
+        train_loss = jnp.sum(self.client_weights(counts, taking_part) * stats.loss)  # of every client that trained
         finite, new_state = keep_if_finite(train_loss, new_state, state, self.method.modifies_base)
-        return new_state, RoundOutput(train_loss, divergence, cohort, taking_part, overflow,
+        return new_state, RoundOutput(train_loss, divergence, cohort, taking_part, reported, overflow,
                                       client_params, jnp.sum(stats.non_finite * taking_part),
                                       jnp.sum(stats.overflows * taking_part), finite)
 
@@ -279,16 +259,12 @@ class Federation:
         shardings = (state, self.everywhere)
         return jax.jit(self.round, donate_argnums=donated, in_shardings=shardings, out_shardings=shardings)
 
-    def communication_bytes(self, params, frozen, round_index: int, clients: int | None = None) -> tuple[int, int]:
-        """Exact (bytes_up, bytes_down) of one round over the ``clients`` that took part (default K)."""
-        sizes, frozen_sizes = leaf_bytes(params), leaf_bytes(frozen)
+    def communication_bytes(self, params, frozen, round_index: int, clients: int | None = None,
+                            reported: int | None = None) -> tuple[int, int]:
+        """Exact (bytes_up, bytes_down) of one round: ``clients`` took part (default K) and the
+        uploads of ``reported`` of them arrived (default all)."""
         k = self.cohort.size if clients is None else clients
-        base = int(sum(frozen_sizes[j] for j in self.folding.kernels))
-        lora, head = uploads.upload_sizes(None, self.layout, params, sizes, base)
-        sent, sent_head = uploads.upload_sizes(self.compression, self.layout, params, sizes, base)
-        up = int(self.method.upload_bytes(round_index, sent))
-        down = int(self.method.download_bytes(round_index, lora, k))
-        return k * (up + sent_head), k * (down + head)
+        return uploads.communication_bytes(self, params, frozen, round_index, k if reported is None else reported, k)
 
 
 def init_server_state(params, frozen, seed: int, federation: Federation | None = None) -> ServerState:

@@ -50,6 +50,7 @@ class RoundOutput(NamedTuple):
     divergence: jax.Array  # [num_lora_modules] normalised aggregation error
     cohort: jax.Array  # [K] client ids
     cohort_mask: jax.Array  # [K] bool: the slot holds a client that took part (all True for fixed cohorts)
+    reported: jax.Array  # [K] bool: the client took part and its upload arrived (federation.dropout)
     cohort_overflow: jax.Array  # bool scalar: a Poisson cohort drew more clients than K slots
     client_params: Any  # trained client states, leaves [K, ...]; None when the round streams (Federation.streams)
     dp_non_finite: jax.Array  # int32 scalar: DP-SGD examples whose gradient held NaN or inf, over the cohort
@@ -81,3 +82,14 @@ def keep_if_finite(train_loss: jax.Array, new_state: ServerState, old_state: Ser
                         keep(new_state.optimizer_state, old_state.optimizer_state),
                         keep(new_state.residuals, old_state.residuals))
     return finite, state
+
+
+def unless_nobody_reported(reported: jax.Array, new_state: ServerState, old_state: ServerState) -> ServerState:
+    """``new_state``, or, when no client's upload arrived (``reported`` [K] all False), the old
+    trained state (params, base, method, optimiser and residuals) with the new round and key."""
+    nobody = ~jnp.any(reported)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(nobody, o, n), new, old)  # noqa: E731
+    return ServerState(keep(new_state.params, old_state.params), keep(new_state.frozen, old_state.frozen),
+                       new_state.round, new_state.key, keep(new_state.method_state, old_state.method_state),
+                       keep(new_state.optimizer_state, old_state.optimizer_state),
+                       keep(new_state.residuals, old_state.residuals))

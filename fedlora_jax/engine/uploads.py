@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from fedlora_jax.aggregation.compression import Compression
 from fedlora_jax.methods import LoraBytes, Method
-from fedlora_jax.params import TrainableLayout
+from fedlora_jax.params import TrainableLayout, leaf_bytes
 
 _UPLOAD_STREAM = 0x75706C64  # folded into a client's training key for its uploads' randomness ("upld")
 
@@ -94,3 +94,15 @@ def upload_sizes(compression: Compression | None, layout: TrainableLayout, param
     lora = LoraBytes(int(sum(sizes[m.a_index] for m in layout.modules)),
                      int(sum(sizes[m.b_index] for m in layout.modules)), base)
     return lora, int(sum(sizes[i] for i in layout.other_indices))
+
+
+def communication_bytes(federation, params, frozen, round_index: int, sent: int, received: int) -> tuple[int, int]:
+    """Exact (bytes_up, bytes_down) of one round of ``federation``: ``sent`` clients' uploads
+    arrived and ``received`` clients got the model."""
+    sizes, frozen_sizes = leaf_bytes(params), leaf_bytes(frozen)
+    base = int(sum(frozen_sizes[j] for j in federation.folding.kernels))
+    lora, head = upload_sizes(None, federation.layout, params, sizes, base)
+    up_lora, up_head = upload_sizes(federation.compression, federation.layout, params, sizes, base)
+    up = int(federation.method.upload_bytes(round_index, up_lora))
+    down = int(federation.method.download_bytes(round_index, lora, received))
+    return sent * (up + up_head), received * (down + head)

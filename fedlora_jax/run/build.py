@@ -213,8 +213,9 @@ def build_federation(config: Config, data: FederatedData, trainer: LocalTrainer,
         server_optimizer = make_server_optimizer(**f.server_optimizer.model_dump())
     return Federation(trainer, method, layout, cohort, plan.clients_per_chunk, user_dp, folding,
                       keep_client_params=config.eval.local, devices=plan.devices, model_devices=plan.model_devices,
-                      server_optimizer=server_optimizer, compression=upload_compression(config, params, data.num_clients),
-                      error_feedback=f.compression is not None and f.compression.error_feedback)
+                      server_optimizer=server_optimizer,
+                      compression=upload_compression(config, params, data.num_clients),
+                      error_feedback=f.compression is not None and f.compression.error_feedback, dropout=f.dropout)
 
 
 def upload_compression(config: Config, params, num_clients: int) -> Compression | None:

@@ -176,8 +176,9 @@ def budget_stop(ledger: PrivacyLedger, fed: Federation, state: ServerState) -> s
 def round_record(exp: Experiment, state: ServerState, out, r: int, train_loss: float, wall_s: float,
                  privacy: dict) -> dict:
     """The metrics.jsonl record of round r (0-based) before evaluation."""
-    fed, taking_part = exp.federation, np.asarray(out.cohort_mask)
-    bytes_up, bytes_down = fed.communication_bytes(state.params, state.frozen, r, int(taking_part.sum()))
+    fed, taking_part, reported = exp.federation, np.asarray(out.cohort_mask), np.asarray(out.reported)
+    bytes_up, bytes_down = fed.communication_bytes(state.params, state.frozen, r, int(taking_part.sum()),
+                                                   int(reported.sum()))
     divergence = np.asarray(out.divergence)
     record = {
         "round": r + 1,
@@ -189,6 +190,8 @@ def round_record(exp: Experiment, state: ServerState, out, r: int, train_loss: f
     }
     if fed.cohort.sampling_rate is not None:
         record.update(cohort_size=int(taking_part.sum()), cohort_overflow=bool(out.cohort_overflow))
+    if fed.dropout:
+        record["reported"] = int(reported.sum())  # 0: no upload arrived and the global state was kept
     record.update(privacy)
     dp = fed.trainer.dp
     if dp is not None:

@@ -32,6 +32,9 @@ class RoundProgress:
         status = f"loss {record['train_loss']:.4f}"
         if f"global_{self.headline}" in record:
             status += f"  {self.headline} {record[f'global_{self.headline}']:.4f}"
+        if record.get("reported") == 0:
+            self.bar.console.print(f"[yellow]round {record['round']}: no client's upload arrived "
+                                   "(federation.dropout); the global state is kept[/yellow]", soft_wrap=True)
         self.bar.update(self.task, advance=1, status=status)
 
 
