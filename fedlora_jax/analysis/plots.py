@@ -309,7 +309,7 @@ def plot_canary_scores(results: Mapping[str, Mapping], path: str | os.PathLike) 
 
 def plot_audit_bounds(rows: Sequence[Mapping], path: str | os.PathLike, title: str) -> Path:
     """Audited lower bound against accounted epsilon, one point per audit, with the diagonal a
-    bound may never cross and each row's largest certifiable bound.
+    bound may never cross and the largest bound the canaries can certify.
 
     Args:
       rows: {"label", "epsilon_accounted", "epsilon_lower_bound", "largest_certifiable"} each.
@@ -324,7 +324,8 @@ def plot_audit_bounds(rows: Sequence[Mapping], path: str | os.PathLike, title: s
         style = _line_style(i, 1)
         axes.scatter([r["epsilon_accounted"]], [r["epsilon_lower_bound"]], color=style["color"],
                      marker=style["marker"], s=60, label=r["label"], zorder=3)
-        axes.hlines(r["largest_certifiable"], 0, top, color=style["color"], linestyle=":", alpha=0.5)
+    for ceiling in sorted({round(r["largest_certifiable"], 3) for r in rows}):
+        axes.axhline(ceiling, color="black", linestyle=":", alpha=0.6, label=f"largest certifiable ({ceiling:.2f})")
     axes.set_xlim(0, top)
     axes.set_ylim(0, top)
     _legend(axes)

@@ -49,11 +49,15 @@ def audit(config: Config, num_canaries: int = DEFAULT_CANARIES, tamper: Tamper |
     """Audits every DP level the config turns on; returns ``{level: result}`` (see :func:`_result`).
 
     Raises:
-      ConfigError: when the config has no DP level on, or fewer than 2 canaries are asked for.
+      ConfigError: when the config has no DP level on, shuffled record-level batches, or fewer than 2
+        canaries.
     """
     p = config.privacy
     if not (p.record_level or p.user_level):
         raise ConfigError("audit needs privacy.record_level or privacy.user_level to be true")
+    if p.record_level and p.sampling != "poisson":
+        raise ConfigError("audit needs privacy.sampling=poisson: shuffled batches are accounted as Poisson only "
+                          "approximately, and the audit samples canaries as the accountant assumes")
     if num_canaries < 2:
         raise ConfigError(f"--canaries must be at least 2, got {num_canaries}")
     exp = build_experiment(config)
