@@ -94,12 +94,27 @@ def test_perfect_separation_reaches_the_largest_certifiable_bound():
     assert 0.0 < perfect < largest_certifiable(canary_inclusion(jax.random.key(0), 1000), 1e-5)
 
 
-def test_audit_without_dp_is_one_line_and_writes_nothing(tmp_path, capsys):
+@pytest.mark.parametrize("extra, expected", [
+    ([], "audit needs privacy.record_level or privacy.user_level to be true"),
+    (["--set", "privacy.record_level=true", "--set", "privacy.sampling=shuffle", "--set", "privacy.target_epsilon=8"],
+     "audit needs privacy.sampling=poisson"),
+    (["--set", "privacy.record_level=true", "--set", "privacy.target_epsilon=8", "--canaries", "1"],
+     "--canaries must be at least 2, got 1"),
+])
+def test_bad_audit_input_is_one_line_and_writes_nothing(extra, expected, tmp_path, capsys):
     out = tmp_path / "audit"
-    assert main(["audit", str(ROOT / "configs/quickstart.yaml"), "--out", str(out)]) == 2
+    assert main(["audit", str(ROOT / "configs/quickstart.yaml"), "--out", str(out), *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["fedlora-jax: error: audit needs privacy.record_level or privacy.user_level to be true"]
+    assert len(err) == 1 and err[0].startswith(f"fedlora-jax: error: {expected}"), err
     assert not out.exists()
+
+
+def test_audit_refuses_a_non_empty_output_directory(tmp_path, capsys):
+    (tmp_path / "keep.txt").write_text("x")
+    assert main(["audit", str(ROOT / "configs/quickstart.yaml"), "--out", str(tmp_path),
+                 "--set", "privacy.record_level=true", "--set", "privacy.target_epsilon=8"]) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
 
 
 def test_quickstart_audit_in_a_fresh_process(tmp_path):
