@@ -49,8 +49,7 @@ def _parser() -> argparse.ArgumentParser:
                           help="also print the round's memory plan per device (compiles the round)")
     audit = add("audit", "run the config's DP mechanisms with canaries; an empirical lower bound on epsilon",
                 "output directory for audit.json and canary_scores.png (default: runs/audit-<name>-<time>)")
-    audit.add_argument("--canaries", type=int, default=1000,
-                       help="canaries, each included with probability 1/2 (default: 1000)")
+    audit.add_argument("--canaries", type=int, help="canaries, each included with probability 1/2 (default: 1000)")
     resume = sub.add_parser("resume", help="continue a run from its newest checkpoint")
     resume.add_argument("run_dir", help="the run directory (holds config.yaml and checkpoints/)")
     resume.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
@@ -157,12 +156,12 @@ def _audit(args) -> int:
 
     from fedlora_jax.analysis.plots import plot_canary_scores
     from fedlora_jax.config import load_config
-    from fedlora_jax.run.audit import audit, audit_table, check_out_dir, write_audit
+    from fedlora_jax.run.audit import DEFAULT_CANARIES, audit, audit_table, check_out_dir, write_audit
 
     config = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / f"audit-{_stamp(args.config)}"
     check_out_dir(out)
-    results = audit(config, args.canaries)
+    results = audit(config, DEFAULT_CANARIES if args.canaries is None else args.canaries)
     path = write_audit(config, results, out)
     plot_canary_scores(results, out / "canary_scores.png")
     Console(width=max(Console().width, 110)).print(audit_table(results, f"{config.name}: canary audit"))
