@@ -58,6 +58,15 @@ def test_record_level_bound_never_exceeds_the_accounted_epsilon(seed):
     assert result["confidence"] == 0.95 and len(result["scores"]) == len(result["included"]) == CANARIES
 
 
+@pytest.mark.parametrize("variant", [{"federation.method": "ffa"}, {"privacy.per_layer_clipping": "true"}])
+def test_frozen_factors_and_per_layer_clipping_are_audited_as_built(variant):
+    """FFA-LoRA's frozen A gets no canary (nor noise); per-layer clipping keeps the whole norm <= C."""
+    built = _audited(RECORD, **variant, **{"privacy.target_epsilon": 6})
+    assert 0.0 < built["epsilon_lower_bound"] <= built["epsilon_accounted"]
+    unclipped = _audited(RECORD, BROKEN["clipping off"], **variant)
+    assert unclipped["epsilon_lower_bound"] > unclipped["epsilon_accounted"]
+
+
 def test_user_level_audit_catches_missing_noise_and_not_the_mechanism_as_built():
     broken = _audited(USER, BROKEN["noise off"])
     assert broken["epsilon_lower_bound"] > broken["epsilon_accounted"]
