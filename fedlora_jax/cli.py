@@ -6,6 +6,7 @@
   fedlora-jax export RUN_DIR --out DIR [--clients]
   fedlora-jax compare CONFIG.yaml --methods fedit,ffa,fra,flora_na --seeds 0,1,2 [--set ...] [--out DIR]
   fedlora-jax describe CONFIG.yaml [--set ...] [--out HEATMAP.png] [--plan]
+  fedlora-jax audit CONFIG.yaml [--canaries N] [--set ...] [--out DIR]
 
 Bad input prints one line ``fedlora-jax: error: ...`` and exits with status 2. A run whose loss or
 parameters go non-finite stops after that round, keeps what it logged before, prints one such
@@ -46,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
                    "PNG path for the client x label heat map")
     describe.add_argument("--plan", action="store_true",
                           help="also print the round's memory plan per device (compiles the round)")
+    audit = add("audit", "run the config's DP mechanisms with canaries; an empirical lower bound on epsilon",
+                "output directory for audit.json and canary_scores.png (default: runs/audit-<name>-<time>)")
+    audit.add_argument("--canaries", type=int, help="canaries, each included with probability 1/2 (default: 1000)")
     resume = sub.add_parser("resume", help="continue a run from its newest checkpoint")
     resume.add_argument("run_dir", help="the run directory (holds config.yaml and checkpoints/)")
     resume.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
@@ -147,6 +151,24 @@ def _describe(args) -> int:
     return 0
 
 
+def _audit(args) -> int:
+    from rich.console import Console
+
+    from fedlora_jax.analysis.plots import plot_canary_scores
+    from fedlora_jax.config import load_config
+    from fedlora_jax.run.audit import DEFAULT_CANARIES, audit, audit_table, check_out_dir, write_audit
+
+    config = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else Path("runs") / f"audit-{_stamp(args.config)}"
+    check_out_dir(out)
+    results = audit(config, DEFAULT_CANARIES if args.canaries is None else args.canaries)
+    path = write_audit(config, results, out)
+    plot_canary_scores(results, out / "canary_scores.png")
+    Console(width=max(Console().width, 110)).print(audit_table(results, f"{config.name}: canary audit"))
+    print(f"audit: {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     # Small LAPACK calls (QR/SVD in aggregation) slow down badly with multi-threaded OpenBLAS
     # competing with XLA's own threads on a CPU; one BLAS thread is faster.
@@ -154,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return {"run": _run, "resume": _resume, "export": _export, "compare": _compare,
-                "describe": _describe}[args.command](args)
+                "describe": _describe, "audit": _audit}[args.command](args)
     except (ValueError, FileNotFoundError, OSError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"fedlora-jax: error: {message}", file=sys.stderr)

@@ -280,3 +280,53 @@ def plot_cumulative_bytes(
         axes.plot(rounds, cumulative / size, label=name, **_line_style(index, len(rounds)))
     _legend(axes)
     return _save(figure, path)
+
+
+def plot_canary_scores(results: Mapping[str, Mapping], path: str | os.PathLike) -> Path:
+    """Histograms of canary scores, in vs out, one panel per audited level (audit.json's levels).
+
+    Args:
+      results: level -> {"scores": [m], "included": [m] bools, "epsilon_lower_bound",
+        "epsilon_accounted"} as :func:`fedlora_jax.run.audit.audit` returns.
+      path: output PNG file.
+    """
+    figure = Figure(figsize=(6.0 * len(results), 4.0), dpi=120)
+    FigureCanvasAgg(figure)
+    for i, (level, r) in enumerate(results.items()):
+        axes = figure.add_subplot(1, len(results), i + 1)
+        scores, included = np.asarray(r["scores"]), np.asarray(r["included"], bool)
+        bins = np.histogram_bin_edges(scores, bins=40)
+        axes.hist(scores[~included], bins=bins, alpha=0.6, label=f"out ({(~included).sum()})")
+        axes.hist(scores[included], bins=bins, alpha=0.6, label=f"in ({included.sum()})")
+        accounted = r["epsilon_accounted"]
+        accounted = "inf" if accounted is None else f"{accounted:.2f}"
+        axes.set_title(f"{level}: lower bound {r['epsilon_lower_bound']:.2f}, accounted {accounted}")
+        axes.set_xlabel("canary score" if level == "record_level" else "cosine with the released update")
+        axes.set_ylabel("canaries")
+        axes.legend()
+    return _save(figure, path)
+
+
+def plot_audit_bounds(rows: Sequence[Mapping], path: str | os.PathLike, title: str) -> Path:
+    """Audited lower bound against accounted epsilon, one point per audit, with the diagonal a
+    bound may never cross and the largest bound the canaries can certify.
+
+    Args:
+      rows: {"label", "epsilon_accounted", "epsilon_lower_bound", "largest_certifiable"} each.
+      path: output PNG file.
+      title: figure title.
+    """
+    figure, axes = _curve_figure(title, "accounted epsilon", "audited lower bound on epsilon (95%)")
+    axes.xaxis.set_major_locator(MaxNLocator())
+    top = max(max(r["epsilon_accounted"], r["epsilon_lower_bound"]) for r in rows) * 1.1
+    axes.plot([0, top], [0, top], color="grey", linestyle="--", label="bound = accounted")
+    for i, r in enumerate(rows):
+        style = _line_style(i, 1)
+        axes.scatter([r["epsilon_accounted"]], [r["epsilon_lower_bound"]], color=style["color"],
+                     marker=style["marker"], s=60, label=r["label"], zorder=3)
+    for ceiling in sorted({round(r["largest_certifiable"], 3) for r in rows}):
+        axes.axhline(ceiling, color="black", linestyle=":", alpha=0.6, label=f"largest certifiable ({ceiling:.2f})")
+    axes.set_xlim(0, top)
+    axes.set_ylim(0, top)
+    _legend(axes)
+    return _save(figure, path)

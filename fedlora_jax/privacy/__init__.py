@@ -5,7 +5,9 @@ Mechanisms (pure JAX, jit-able, vmappable over a client axis):
   * :func:`noisy_mean_of_updates` / :func:`clip_update`: user-level DP-FedAvg at the server.
   * :func:`poisson_sample` / :func:`shuffled_batch`: static-shape batch selection.
 Accounting (host-side numpy + dp-accounting): :func:`epsilon`, :func:`noise_multiplier_for`,
-:func:`user_level_epsilon`, :func:`poisson_buffer_size`, :func:`overflow_delta`. See docs/privacy.md.
+:func:`user_level_epsilon`, :func:`poisson_buffer_size`, :func:`overflow_delta`.
+Audits (canaries in the mechanisms, jax-privacy's one-run bound): :mod:`fedlora_jax.privacy.audit`.
+See docs/privacy.md.
 """
 
 from fedlora_jax.privacy.accounting import (
