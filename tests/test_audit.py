@@ -21,7 +21,7 @@ from fedlora_jax.privacy.audit import (
     record_level_scores,
 )
 from fedlora_jax.run.audit import audit
-from tests.tiny import tiny_config
+from tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CANARIES = 500  # at most the tiny model's trainable coordinates, so the canaries are orthonormal
