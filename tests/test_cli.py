@@ -96,6 +96,8 @@ BAD_INPUTS = {
                        "config key 'federation.compression.bits' applies to quantize only, not to topk"),
     "unknown compression": (["--set", "federation.compression={kind: zip}"],
                             "config key 'federation.compression.kind' must be"),
+    "stragglers with more steps": (["--set", "federation.client_steps={fraction: 0.3, steps: 99}"],
+                                   "'federation.client_steps.steps' is 99, more than federation.local_steps"),
     "unknown mlflow key": (["--set", "log.mlflow.project=p"], "unknown config key 'log.mlflow.project'"),
     "wandb not a mapping": (["--set", "log.wandb=true"], "config key 'log.wandb': expected dict, got True"),
 }

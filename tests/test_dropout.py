@@ -5,6 +5,7 @@ says so; bytes and privacy follow."""
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -61,3 +62,47 @@ def test_bytes_count_the_uploads_that_arrived_and_epsilon_every_sampled_client(t
         assert r["bytes_up"] == n * up // k and r["bytes_down"] == down
     if extra:
         assert [r["epsilon"] for r in records[0.4]] == [r["epsilon"] for r in records[0.0]]
+
+
+def test_a_straggler_trains_as_a_client_with_its_own_step_budget():
+    """With budgets [local_steps, 1, 2], client c's trained state (and loss) is what a trainer of
+    budgets[c] local steps gives it; the masked steps leave it untouched."""
+    import dataclasses
+
+    from fedlora_jax.engine import train_clients
+    from fedlora_jax.params import factor_mask
+
+    exp = tiny_experiment()
+    fed, shards = exp.federation, device_shards(exp.data)
+    trainer = fed.trainer
+    ids = jnp.array([0, 1, 2])
+    start = jax.tree.map(lambda x: jnp.broadcast_to(x, (3,) + x.shape), exp.params)
+    keys = jax.random.split(jax.random.key(5), 3)
+    mask = factor_mask(fed.layout, exp.params, 1.0, 1.0)
+    args = (exp.frozen, start, shards.arrays, shards.offsets[ids], shards.num_examples[ids], keys, 0, mask)
+    budgets = jnp.array([trainer.local_steps, 1, 2], jnp.int32)
+    mixed, mixed_stats = train_clients(trainer, *args, budgets)
+    for c, steps in enumerate(np.asarray(budgets)):
+        alone, alone_stats = train_clients(dataclasses.replace(trainer, local_steps=int(steps),
+                                                               schedule=trainer.schedule), *args)
+        for got, want in zip(jax.tree.leaves(mixed), jax.tree.leaves(alone)):
+            np.testing.assert_allclose(got[c], want[c], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(mixed_stats.loss[c], alone_stats.loss[c], rtol=1e-5)
+
+
+def test_stragglers_are_charged_the_steps_they_run():
+    """Record-level epsilon per client follows its own step count: a straggler of 1 step per
+    round spends less than a client of 3, and the logged worst case is the full clients'."""
+    exp = tiny_experiment(**{"federation.client_steps": "{fraction: 0.5, steps: 1}", "privacy.record_level": "true",
+                             "privacy.noise_multiplier": 1.0})
+    ledger = exp.ledger
+    steps = ledger.steps_per_participation
+    stragglers = np.asarray(exp.federation.client_steps.stragglers(exp.data.num_clients))
+    assert stragglers.any() and not stragglers.all()
+    np.testing.assert_array_equal(steps, np.where(stragglers, 1, exp.config.federation.local_steps))
+    once = np.ones(exp.data.num_clients, np.int64)
+    eps = ledger.client_epsilons(once)
+    plain = tiny_experiment(**{"privacy.record_level": "true", "privacy.noise_multiplier": 1.0}).ledger
+    plain_eps = plain.client_epsilons(once)
+    np.testing.assert_allclose(eps[~stragglers], plain_eps[~stragglers])
+    assert np.all(eps[stragglers] < plain_eps[stragglers])

@@ -31,7 +31,7 @@ def test_vmapped_clients_equal_one_at_a_time():
     fed = exp.federation
     start, rows, offsets, counts, keys, mask = cohort_inputs(exp, fed.cohort_size)
     round_index = jnp.int32(0)
-    batched, stats = jax.jit(fed.run_clients)(exp.frozen, start, rows, offsets, counts, keys, round_index, mask)
+    batched, stats = jax.jit(fed.run_clients)(exp.frozen, start, rows, offsets, counts, keys, None, round_index, mask)
     def one_client(params, offset, n, key):  # a group of one client
         params, offset, n, key = jax.tree.map(lambda x: x[None], (params, offset, n, key))
         return jax.tree.map(lambda x: x[0], train_clients(fed.trainer, exp.frozen, params, rows, offset, n, key,
@@ -191,8 +191,8 @@ def test_other_clients_rows_do_not_affect_training():
         garbage[name] = jnp.where(jnp.asarray(own).reshape((-1,) + (1,) * (x.ndim - 1)), x, fill)
     assert any(not np.array_equal(garbage[k], rows[k]) for k in rows) and not own.all()
     run = jax.jit(fed.run_clients)
-    p1, _ = run(exp.frozen, start, rows, offsets, counts, keys, jnp.int32(0), mask)
-    p2, _ = run(exp.frozen, start, garbage, offsets, counts, keys, jnp.int32(0), mask)
+    p1, _ = run(exp.frozen, start, rows, offsets, counts, keys, None, jnp.int32(0), mask)
+    p2, _ = run(exp.frozen, start, garbage, offsets, counts, keys, None, jnp.int32(0), mask)
     assert_trees_close(p1, p2, atol=0)
 
 
@@ -200,7 +200,7 @@ def test_fedit_aggregate_is_example_weighted_mean():
     exp = tiny_experiment()
     fed = exp.federation
     start, rows, offsets, counts, keys, mask = cohort_inputs(exp, 3)
-    client_params, _ = fed.run_clients(exp.frozen, start, rows, offsets, counts, keys, jnp.int32(0), mask)
+    client_params, _ = fed.run_clients(exp.frozen, start, rows, offsets, counts, keys, None, jnp.int32(0), mask)
     w = counts / counts.sum()
     new, frozen, divergence = fed.aggregate(client_params, w.astype(jnp.float32), jnp.int32(0), jax.random.key(0),
                                             exp.frozen)

@@ -163,6 +163,14 @@ class CompressionConfig(Section):
         return self
 
 
+class ClientStepsConfig(Section):
+    """Stragglers: a ``fraction`` of the clients, drawn once from the run's seed, run only
+    ``steps`` local steps each round (the others all ``local_steps``)."""
+
+    fraction: bounded(float, ge=0, le=1)
+    steps: Count
+
+
 class FederationConfig(Section):
     """Rounds, cohorts and local training.
 
@@ -201,6 +209,8 @@ class FederationConfig(Section):
     per client and round); the round aggregates the uploads that arrive, with their weights
     renormalised, and keeps the global state when none does (docs/privacy.md: epsilon is charged
     as if every sampled client had reported).
+    ``client_steps``: null (every client runs ``local_steps``) or stragglers
+    (:class:`ClientStepsConfig`); record-level epsilon counts the steps each client runs.
     """
 
     rounds: Count = 20
@@ -218,6 +228,14 @@ class FederationConfig(Section):
     server_optimizer: ServerOptimizerConfig | None = None
     compression: CompressionConfig | None = None
     dropout: bounded(float, ge=0, lt=1) = 0.0
+    client_steps: ClientStepsConfig | None = None
+
+    @model_validator(mode="after")
+    def _stragglers_run_fewer_steps(self):
+        if self.client_steps is not None and self.client_steps.steps > self.local_steps:
+            raise _rule_broken(f"config key 'federation.client_steps.steps' is {self.client_steps.steps}, more than "
+                               f"federation.local_steps ({self.local_steps})")
+        return self
 
 
 class OptimConfig(Section):

@@ -107,8 +107,9 @@ class LocalStats(NamedTuple):
 
 
 def train_clients(trainer: LocalTrainer, frozen, params, rows: dict, offsets, num_examples, keys, round_index,
-                  train_mask):
-    """Runs ``local_steps`` optimiser steps on a group of C clients trained together.
+                  train_mask, budgets=None):
+    """Runs ``local_steps`` optimiser steps on a group of C clients trained together (client c only
+    its first ``budgets[c]`` of them: a straggler's later steps leave its state as it was).
 
     Steps are the outer loop (``lax.scan``) and clients the inner one (``vmap``), so each step can
     choose one packed stream length for the whole group (an unbatched ``lax.switch``).
@@ -123,25 +124,37 @@ def train_clients(trainer: LocalTrainer, frozen, params, rows: dict, offsets, nu
       keys: [C] the clients' PRNG keys for this round.
       round_index: global round (int scalar), for the learning-rate schedule.
       train_mask: tree like one client's ``params`` of scalars; 0 freezes a leaf.
+      budgets: [C] int32 local steps each client runs (None: all ``local_steps``).
     Returns:
-      (params after training [C, ...], :class:`LocalStats`).
+      (params after training [C, ...], :class:`LocalStats` over the steps each client ran).
     """
     opt_state = jax.vmap(trainer.optimizer.init)(params)
+    stragglers = budgets is not None
+    budgets = jnp.full(offsets.shape, trainer.local_steps, jnp.int32) if budgets is None else budgets
 
     def step(carry, t):
         params, opt_state = carry
         step_keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(keys)
         losses, grads, non_finite, overflows = _gradients(trainer, frozen, params, rows, offsets, num_examples,
                                                           step_keys, train_mask)
-        direction, opt_state = jax.vmap(trainer.optimizer.update)(grads, opt_state, params)
+        direction, new_opt_state = jax.vmap(trainer.optimizer.update)(grads, opt_state, params)
         lr = trainer.schedule(round_index * trainer.local_steps + t)
-        params = jax.tree.map(lambda p, d, m: p - (lr * m * d).astype(p.dtype), params, direction, train_mask)
-        return (params, opt_state), (losses, non_finite, overflows)
+        new_params = jax.tree.map(lambda p, d, m: p - (lr * m * d).astype(p.dtype), params, direction, train_mask)
+        ran = t < budgets  # [C]
+        if stragglers:  # a straggler past its budget keeps its state
+            keep = lambda new, old: jnp.where(ran.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)  # noqa: E731
+            new_params, new_opt_state = keep_tree(keep, new_params, params), keep_tree(keep, new_opt_state, opt_state)
+        return (new_params, new_opt_state), (losses * ran, non_finite * ran, overflows & ran)
 
     (params, _), (losses, non_finite, overflows) = jax.lax.scan(step, (params, opt_state),
                                                                 jnp.arange(trainer.local_steps))
-    return params, LocalStats(jnp.mean(losses, axis=0), jnp.sum(non_finite, axis=0),
+    return params, LocalStats(jnp.sum(losses, axis=0) / jnp.maximum(budgets, 1), jnp.sum(non_finite, axis=0),
                               jnp.sum(overflows.astype(jnp.int32), axis=0))
+
+
+def keep_tree(keep, new, old):
+    """``keep(new_leaf, old_leaf)`` over two trees of one structure (non-array leaves from ``new``)."""
+    return jax.tree.map(lambda n, o: keep(n, o) if hasattr(n, "ndim") and n.ndim >= 1 else n, new, old)
 
 
 def _sample(trainer: LocalTrainer, rows: dict, offset, num_examples, key):

@@ -51,6 +51,24 @@ class Cohort:
         return normalised_weights(counted)
 
 
+@dataclasses.dataclass(frozen=True)
+class ClientSteps:
+    """Stragglers (static): a ``fraction`` of the population, drawn once from ``seed``, run only
+    ``steps`` local steps each round; the other clients run all of them."""
+
+    fraction: float
+    steps: int
+    seed: int = 0
+
+    def stragglers(self, num_clients: int) -> jax.Array:
+        """[U] bool, the clients that are stragglers (the same in every round and on the host)."""
+        return jax.random.bernoulli(jax.random.key(self.seed), self.fraction, (num_clients,))
+
+    def budgets(self, cohort: jax.Array, num_clients: int, local_steps: int) -> jax.Array:
+        """[K] int32 local steps of each cohort client."""
+        return jnp.where(self.stragglers(num_clients)[cohort], self.steps, local_steps).astype(jnp.int32)
+
+
 def normalised_weights(counted: jax.Array) -> jax.Array:
     """Client weights [K] from non-negative per-slot amounts [K]: they sum to 1 (all zero when
     every amount is 0, e.g. a Poisson cohort that drew nobody)."""

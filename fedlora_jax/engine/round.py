@@ -19,7 +19,7 @@ import optax
 from fedlora_jax.engine import sharding
 from fedlora_jax.engine.aggregate import BaseFolding, UserDP, aggregate_stacked, finalise
 from fedlora_jax.engine.client import LocalTrainer, train_clients
-from fedlora_jax.engine.cohort import Cohort, split_chunks
+from fedlora_jax.engine.cohort import ClientSteps, Cohort, split_chunks
 from fedlora_jax.engine.streaming import stream_totals
 from fedlora_jax.engine import uploads
 from fedlora_jax.engine.state import (ClientShards, RoundOutput, ServerState, keep_if_finite,
@@ -46,7 +46,7 @@ class Federation:
     residual banks [U, ...]), and the round holds the cohort's states (it does not stream).
     ``dropout``: the probability that a sampled client trains but its upload never arrives; the
     round aggregates the uploads that arrive (weights renormalised) and keeps the trained state
-    when none does.
+    when none does. ``client_steps``: stragglers that run fewer local steps (:class:`ClientSteps`).
     """
 
     trainer: LocalTrainer
@@ -63,6 +63,7 @@ class Federation:
     compression: Compression | None = None
     error_feedback: bool = False
     dropout: float = 0.0
+    client_steps: ClientSteps | None = None
 
     def __post_init__(self):
         if self.error_feedback and self.compression is None:
@@ -154,20 +155,21 @@ class Federation:
 
     # -- training and aggregation ----------------------------------------------------------------
 
-    def run_clients(self, frozen, start_params, rows: dict, offsets, counts, keys, round_index, train_mask):
+    def run_clients(self, frozen, start_params, rows: dict, offsets, counts, keys, budgets, round_index,
+                    train_mask):
         """Local updates of K clients: all at once, or in groups of ``clients_per_chunk`` mapped one
         after another (``lax.map``; a last smaller group takes the remainder).
 
-        ``start_params``/``offsets``/``counts``/``keys`` carry a leading [K] axis; ``frozen`` and
-        ``rows`` (every client's rows [N, ...]) do not.
+        ``start_params``/``offsets``/``counts``/``keys``/``budgets`` (local steps, or None for all)
+        carry a leading [K] axis; ``frozen`` and ``rows`` (every client's rows [N, ...]) do not.
         Returns (trained params [K, ...], :class:`fedlora_jax.engine.client.LocalStats` over [K]).
         """
 
         def train(args):
-            params, first, n, key = args
-            return train_clients(self.trainer, frozen, params, rows, first, n, key, round_index, train_mask)
+            params, first, n, key, budget = args
+            return train_clients(self.trainer, frozen, params, rows, first, n, key, round_index, train_mask, budget)
 
-        args = (start_params, offsets, counts, keys)
+        args = (start_params, offsets, counts, keys, budgets)
         chunk = self.clients_per_chunk
         if chunk is None or chunk >= counts.shape[0]:
             return train(args)
@@ -196,6 +198,8 @@ class Federation:
         train_a, train_b = self.method.trains(state.round)
         mask = factor_mask(self.layout, state.params, train_a, train_b)
         keys = jax.random.split(train_key, self.cohort.size)
+        budgets = (None if self.client_steps is None else
+                   self.client_steps.budgets(cohort, self.cohort.num_clients, self.trainer.local_steps))
         rows = shards.arrays
         frozen, residuals = state.frozen, state.residuals
         if self.streams:
@@ -205,7 +209,7 @@ class Federation:
                 state, rows, mask = shared
                 return stream_totals(self, state, rows, *per_client, mask)
 
-            totals, stats = sharding.shard_clients(stream, (cohort, offsets, counts, keys, weights),
+            totals, stats = sharding.shard_clients(stream, (cohort, offsets, counts, keys, weights, budgets),
                                                    (state, rows, mask), reduced=True, mesh=self.mesh)
             params, frozen, divergence = finalise(self.method, self.layout, self.folding, totals, state.params,
                                                   frozen, state.round, server_key)
@@ -217,7 +221,7 @@ class Federation:
                 start, *sampling = per_client
                 return self.run_clients(frozen, start, rows, *sampling, round_index, mask)
 
-            client_params, stats = sharding.shard_clients(train, (start, offsets, counts, keys),
+            client_params, stats = sharding.shard_clients(train, (start, offsets, counts, keys, budgets),
                                                           (frozen, rows, state.round, mask), reduced=False,
                                                           mesh=self.mesh)
             owed = jax.tree.map(lambda bank: bank[cohort], residuals) if self.error_feedback else None

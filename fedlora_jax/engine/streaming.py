@@ -13,23 +13,23 @@ from fedlora_jax.engine.cohort import split_chunks
 from fedlora_jax.engine.state import ServerState
 
 
-def stream_totals(federation, state: ServerState, rows: dict, cohort, offsets, counts, keys, weights,
+def stream_totals(federation, state: ServerState, rows: dict, cohort, offsets, counts, keys, weights, budgets,
                   train_mask):
     """Trains the given clients of ``federation``'s round chunk by chunk and reduces each chunk's
     uploads into running sums as it goes (``lax.scan``; a last smaller chunk takes the remainder),
     so no [K, ...] trained state is ever formed. Returns (totals of :func:`summarise_chunk`, local
-    stats)."""
+    stats). ``budgets``: [K] local steps of each client, or None (all)."""
     method, layout, trainer = federation.method, federation.layout, federation.trainer
 
     def train_and_summarise(args):
-        ids, first, n, key, w = args
+        ids, first, n, key, w, budget = args
         start = method.client_start(state.method_state, state.params, ids, layout)
         trained, stats = train_clients(trainer, state.frozen, start, rows, first, n, key, state.round,
-                                       train_mask)
+                                       train_mask, budget)
         trained, _ = uploads.received(federation.compression, method, layout, start, trained, state.round, key)
         return summarise_chunk(method, layout, trained, w), stats
 
-    grouped, rest = split_chunks((cohort, offsets, counts, keys, weights), federation.clients_per_chunk)
+    grouped, rest = split_chunks((cohort, offsets, counts, keys, weights, budgets), federation.clients_per_chunk)
     if grouped is None:
         return train_and_summarise(rest)
     first = jax.tree.map(lambda x: x[0], grouped)

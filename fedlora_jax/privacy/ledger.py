@@ -73,6 +73,8 @@ class PrivacyLedger:
       delta, accountant: shared.
       participations: [U] rounds each client has taken part in so far.
       rounds_done: rounds completed.
+      client_steps: [U] DP-SGD steps of each client per participation when they differ
+        (stragglers); None: ``local_steps`` for every client.
     """
 
     client_rates: np.ndarray | None
@@ -92,12 +94,15 @@ class PrivacyLedger:
     accountant: str
     participations: np.ndarray
     rounds_done: int = 0
+    client_steps: np.ndarray | None = None
 
     @classmethod
     def create(cls, privacy, num_train: np.ndarray, batch_size: int, local_steps: int, rounds: int,
-               cohort_size: int) -> "PrivacyLedger":
-        """Builds the ledger: calibrates any noise multiplier given only as a target epsilon and
-        sizes the Poisson buffers (``privacy.overflow_probability`` per draw)."""
+               cohort_size: int, client_steps: np.ndarray | None = None) -> "PrivacyLedger":
+        """Builds the ledger: calibrates any noise multiplier given only as a target epsilon (for
+        clients running all ``local_steps``) and sizes the Poisson buffers
+        (``privacy.overflow_probability`` per draw). ``client_steps``: [U] steps per
+        participation of each client, when stragglers run fewer."""
         num_train = np.asarray(num_train)
         num_clients = len(num_train)
         bound = privacy.overflow_probability
@@ -125,7 +130,8 @@ class PrivacyLedger:
         return cls(rates, local_steps, sigma, privacy.target_epsilon if privacy.record_level else None,
                    buffer or 0, overflow, num_clients, cohort, privacy.client_sampling, slots, user_overflow,
                    user_sigma, privacy.user_target_epsilon if privacy.user_level else None,
-                   privacy.delta, privacy.accountant, np.zeros(num_clients, np.int64))
+                   privacy.delta, privacy.accountant, np.zeros(num_clients, np.int64),
+                   client_steps=None if client_steps is None else np.asarray(client_steps, np.int64))
 
     @property
     def active(self) -> bool:
@@ -136,15 +142,23 @@ class PrivacyLedger:
         """[U] record-level epsilon of every client after the given participations (0 for none)."""
         if self.client_rates is None:
             return np.zeros(len(participations))
-        return np.array([_cached_epsilon(self.noise_multiplier, float(q), int(k) * self.local_steps, self.delta,
+        return np.array([_cached_epsilon(self.noise_multiplier, float(q), int(k) * int(s), self.delta,
                                          self.accountant) if k > 0 else 0.0
-                         for q, k in zip(self.client_rates, participations)])
+                         for q, k, s in zip(self.client_rates, participations, self.steps_per_participation)])
+
+    @property
+    def steps_per_participation(self) -> np.ndarray:
+        """[U] DP-SGD steps each client runs per round it takes part in."""
+        if self.client_steps is not None:
+            return self.client_steps
+        return np.full(self.num_clients, self.local_steps, np.int64)
 
     def client_deltas(self, participations: np.ndarray) -> np.ndarray:
         """[U] record-level delta of every client: the target plus its buffer overflows' share."""
         eps = self.client_epsilons(participations)
-        return np.array([min(1.0, self.delta + overflow_delta(e, int(k) * self.local_steps, float(p)))
-                         for e, k, p in zip(eps, participations, self.record_overflow)])
+        return np.array([min(1.0, self.delta + overflow_delta(e, int(k) * int(s), float(p)))
+                         for e, k, s, p in zip(eps, participations, self.steps_per_participation,
+                                               self.record_overflow)])
 
     def record_epsilon(self, participations: np.ndarray) -> float:
         """Max over clients of the record-level epsilon after the given participations."""

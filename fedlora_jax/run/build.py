@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fedlora_jax import models
@@ -17,7 +18,7 @@ from fedlora_jax.config import Config, ConfigError, ModelConfig, cohort_size
 from fedlora_jax.data.base import FederatedData
 from fedlora_jax.data.sources import SOURCES, load_federated
 from fedlora_jax.data.synthetic import make_synthetic
-from fedlora_jax.engine import BaseFolding, Cohort, Federation, LocalTrainer, RecordDP, UserDP
+from fedlora_jax.engine import BaseFolding, ClientSteps, Cohort, Federation, LocalTrainer, RecordDP, UserDP
 from fedlora_jax.eval.evaluate import Evaluator
 from fedlora_jax.eval.evaluation import Evaluation
 from fedlora_jax.hf import load_adapter
@@ -152,7 +153,10 @@ def build_experiment(config: Config, data: FederatedData | None = None) -> Exper
         params = load_adapter(config.model.adapter, params, model_type_of(config.model), data.task, lora_config(config),
                               config.model.pooling)
     f, p = config.federation, config.privacy
-    ledger = PrivacyLedger.create(p, data.num_train, f.batch_size, f.local_steps, f.rounds, cohort_size(config))
+    stragglers = client_steps(config)
+    steps = (None if stragglers is None else
+             np.where(np.asarray(stragglers.stragglers(data.num_clients)), stragglers.steps, f.local_steps))
+    ledger = PrivacyLedger.create(p, data.num_train, f.batch_size, f.local_steps, f.rounds, cohort_size(config), steps)
     record_dp = None
     if p.record_level:
         record_dp = RecordDP(p.clip_norm, ledger.noise_multiplier, p.per_layer_clipping, p.sampling == "poisson",
@@ -215,7 +219,14 @@ def build_federation(config: Config, data: FederatedData, trainer: LocalTrainer,
                       keep_client_params=config.eval.local, devices=plan.devices, model_devices=plan.model_devices,
                       server_optimizer=server_optimizer,
                       compression=upload_compression(config, params, data.num_clients),
-                      error_feedback=f.compression is not None and f.compression.error_feedback, dropout=f.dropout)
+                      error_feedback=f.compression is not None and f.compression.error_feedback, dropout=f.dropout,
+                      client_steps=client_steps(config))
+
+
+def client_steps(config: Config) -> ClientSteps | None:
+    """The stragglers of ``config`` (drawn from its seed), or None."""
+    c = config.federation.client_steps
+    return None if c is None else ClientSteps(c.fraction, c.steps, config.seed)
 
 
 def upload_compression(config: Config, params, num_clients: int) -> Compression | None:
