@@ -72,7 +72,7 @@ class DataConfig(Section):
 
     ``source: synthetic`` needs no files: token sequences whose label is set by planted
     class-specific tokens, with per-client label skew Dirichlet(``label_skew_alpha``).
-    ``source: glue | files | gsm8k`` reads real data with the loader options in ``load``
+    ``source: glue | files | gsm8k | code`` reads real data with the loader options in ``load``
     (e.g. ``{task: sst2, dir: ../shared/data/glue/SST-2}``), tokenises with ``tokenizer``
     (default: the model's directory) and partitions with ``partition``
     (``{scheme: iid | dirichlet | label_proportions | imbalanced | quantity, ...options}``).

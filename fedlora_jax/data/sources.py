@@ -1,8 +1,9 @@
 """Real data sources to federated shards: load -> tokenise (cached) -> partition -> local tests.
 
 Sources (``data.source`` in a config): ``glue`` (a GLUE task from a local GLUE-layout folder or
-the hub), ``files`` (JSON lines / CSV / TSV / parquet with named columns) and ``gsm8k``
-(causal LM on question/answer pairs, loss on answer tokens only). ``data.load`` holds the
+the hub), ``files`` (JSON lines / CSV / TSV / parquet with named columns), ``gsm8k``
+(causal LM on question/answer pairs, loss on answer tokens only) and ``code`` (causal LM on
+prompt/completion pairs, loss on the completion only). ``data.load`` holds the
 loader's own options (see :func:`fedlora_jax.data.text.load_text_dataset`).
 """
 
@@ -18,11 +19,13 @@ import dataclasses
 
 from fedlora_jax.data.base import FederatedData, GenerationTask, federate
 from fedlora_jax.data.partition import partition, split_local_test
+from fedlora_jax.data.code import CodeSplit, load_code_sft
 from fedlora_jax.data.gsm8k import GSM8KSplit, load_gsm8k
 from fedlora_jax.data.text import GLUE_TASKS, TextSplit, glue_task, load_files, load_glue_hub, load_glue_local
 from fedlora_jax.data.tokenise import tokenize_prompt_answer, tokenize_texts
 
-SOURCES = ("synthetic", "glue", "files", "gsm8k")
+SOURCES = ("synthetic", "glue", "files", "gsm8k", "code")
+_PROMPTED = (GSM8KSplit, CodeSplit)  # causal LM splits of prompts and the answers trained on
 
 
 def default_cache_dir() -> Path:
@@ -37,10 +40,12 @@ def _subsample(n: int, limit: int | None, rng: np.random.Generator) -> np.ndarra
 
 
 def _size(split) -> int:
-    return len(split.prompts) if isinstance(split, GSM8KSplit) else len(split.labels)
+    return len(split.prompts) if isinstance(split, _PROMPTED) else len(split.labels)
 
 
 def _pick(split, index: np.ndarray):
+    if isinstance(split, CodeSplit):
+        return CodeSplit([split.prompts[i] for i in index], [split.answers[i] for i in index])
     if isinstance(split, GSM8KSplit):
         return GSM8KSplit([split.prompts[i] for i in index], [split.answers[i] for i in index],
                           [split.final_answers[i] for i in index])
@@ -49,7 +54,7 @@ def _pick(split, index: np.ndarray):
 
 
 def _tokenise(split, tokenizer, max_length: int, cache_dir, eos_token: str | None) -> dict[str, np.ndarray]:
-    if isinstance(split, GSM8KSplit):
+    if isinstance(split, _PROMPTED):
         return tokenize_prompt_answer(tokenizer, split.prompts, split.answers, max_length, eos_token, cache_dir)
     arrays = tokenize_texts(tokenizer, split.texts_a, split.texts_b, max_length, cache_dir=cache_dir)
     arrays["labels"] = split.labels.astype(np.float32 if split.labels.dtype.kind == "f" else np.int32)
@@ -61,7 +66,7 @@ def load_federated(settings, tokenizer, seed: int) -> FederatedData:
 
     Args:
       settings: the data settings (the config's ``data`` section, or any object with these fields):
-        source (``glue``, ``files`` or ``gsm8k``); load (loader options: ``task``/``dir``/``root``/
+        source (``glue``, ``files``, ``gsm8k`` or ``code``); load (loader options: ``task``/``dir``/``root``/
         ``hub`` for glue; ``files``, columns...); num_clients (U); partition (``{"scheme": name,
         **scheme options}``, default iid); max_length (L, tokens per training example: client
         train and local test shards); train_split / test_split (the test split is the global test
@@ -94,8 +99,8 @@ def load_federated(settings, tokenizer, seed: int) -> FederatedData:
 
     options = dict(settings.partition or {"scheme": "iid"})
     scheme = options.pop("scheme", "iid")
-    if source == "gsm8k":
-        task, num_labels, label_names, name = "causal_lm", 0, None, "gsm8k"
+    if source in ("gsm8k", "code"):
+        task, num_labels, label_names, name = "causal_lm", 0, None, source
         labels_for_partition = np.zeros(len(train.answers), np.int64)
     else:
         info = GLUE_TASKS.get(load.get("task")) if source == "glue" else None
@@ -118,12 +123,13 @@ def load_text_dataset(source: Mapping[str, Any]) -> dict[str, TextSplit | GSM8KS
     """Reads the data set a config's ``source`` dict describes (see the module docstring).
 
     Args:
-      source: ``{"kind": "glue" | "files" | "gsm8k", ...}``. ``glue`` takes ``task`` and one of
+      source: ``{"kind": "glue" | "files" | "gsm8k" | "code", ...}``. ``glue`` takes ``task`` and one of
         ``dir`` (the task folder), ``root`` (the GLUE folder holding task folders) or
         ``hub: True``, and optionally ``splits``. ``files`` takes ``files`` (split -> path),
         ``text_columns``, ``label_column`` and optionally ``format``, ``label_names``,
         ``label_map``, ``regression``. ``gsm8k`` takes ``files`` (split -> path) and optionally
-        ``prompt_template``, ``answer_prefix``.
+        ``prompt_template``, ``answer_prefix``. ``code`` takes one of ``dir``, ``files``, ``hub``
+        and optionally ``prompt_column``, ``completion_column`` (:mod:`fedlora_jax.data.code`).
 
     Returns:
       split name -> TextSplit (``glue``, ``files``) or GSM8KSplit (``gsm8k``).
@@ -135,6 +141,7 @@ def load_text_dataset(source: Mapping[str, Any]) -> dict[str, TextSplit | GSM8KS
         "files": {"files", "text_columns", "label_column", "format", "label_names", "label_map",
                   "regression"},
         "gsm8k": {"files", "prompt_template", "answer_prefix"},
+        "code": {"dir", "files", "hub", "prompt_column", "completion_column"},
     }
     if kind not in allowed:
         raise ValueError(f"unknown data source kind {kind!r} (known: {', '.join(allowed)})")
@@ -144,6 +151,8 @@ def load_text_dataset(source: Mapping[str, Any]) -> dict[str, TextSplit | GSM8KS
             f"{kind} source: unknown option(s) {', '.join(sorted(unknown))} "
             f"(allowed: {', '.join(sorted(allowed[kind]))})"
         )
+    if kind == "code":
+        return load_code_sft(**options)
     if kind == "glue":
         if "task" not in options:
             raise ValueError("glue source needs 'task'")
