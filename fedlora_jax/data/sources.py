@@ -19,6 +19,7 @@ import dataclasses
 
 from fedlora_jax.data.base import FederatedData, GenerationTask, federate
 from fedlora_jax.data.partition import partition, split_local_test
+from fedlora_jax.data.chat import apply_chat_template, chat_template_of
 from fedlora_jax.data.code import CodeSplit, load_code_sft
 from fedlora_jax.data.gsm8k import GSM8KSplit, load_gsm8k
 from fedlora_jax.data.text import GLUE_TASKS, TextSplit, glue_task, load_files, load_glue_hub, load_glue_local
@@ -66,11 +67,12 @@ def load_federated(settings, tokenizer, seed: int) -> FederatedData:
 
     Args:
       settings: the data settings (the config's ``data`` section, or any object with these fields):
-        source (``glue``, ``files``, ``gsm8k`` or ``code``); load (loader options: ``task``/``dir``/``root``/
-        ``hub`` for glue; ``files``, columns...); num_clients (U); partition (``{"scheme": name,
-        **scheme options}``, default iid); max_length (L, tokens per training example: client
-        train and local test shards); train_split / test_split (the test split is the global test
-        set); local_test_fraction (each client's share held out as its local test split);
+        source (``glue``, ``files``, ``gsm8k`` or ``code``); load (loader options: ``task``/
+        ``dir``/``root``/``hub`` for glue; ``files``, columns...; for gsm8k/code ``chat: true``
+        puts each prompt in a user turn of the tokenizer's chat template); num_clients (U);
+        partition (``{"scheme": name, **scheme options}``, default iid); max_length (L, tokens
+        per training example: client train and local test shards); train_split / test_split (the
+        test split is the global test set); local_test_fraction (each client's share held out as its local test split);
         max_train_examples / max_test_examples (optional random subsets); cache_dir (tokenisation
         cache, default ~/.cache/fedlora_jax/tokens); eos_token (causal LM: token appended to every
         answer and trained on, so generation learns to stop); test_max_length (tokens per global
@@ -85,7 +87,11 @@ def load_federated(settings, tokenizer, seed: int) -> FederatedData:
     eos_token, test_max_length = settings.eos_token, settings.test_max_length
     if source not in SOURCES[1:]:
         raise ValueError(f"unknown data source {source!r} (known: {', '.join(SOURCES)})")
+    load = dict(load)
+    chat = load.pop("chat", False) if source in ("gsm8k", "code") else False
     splits = load_text_dataset({"kind": source, **load})
+    if chat:
+        splits = _chat_prompts(splits, tokenizer)
     for name in (train_split, test_split):
         if name not in splits:
             raise ValueError(f"data split {name!r} not loaded (available: {', '.join(splits)})")
@@ -117,6 +123,15 @@ def load_federated(settings, tokenizer, seed: int) -> FederatedData:
         generation = GenerationTask(test.prompts, test.final_answers, str(tokenizer), eos_token)
         data = dataclasses.replace(data, generation=generation)
     return data
+
+
+def _chat_prompts(splits: dict, tokenizer) -> dict:
+    """Every prompt as one user turn of the tokenizer's chat template (``load.chat: true``)."""
+    template = chat_template_of(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else None
+    if template is None:
+        raise ValueError(f"data.load.chat is set but tokenizer {tokenizer} has no chat template")
+    return {name: dataclasses.replace(split, prompts=apply_chat_template(template, split.prompts))
+            for name, split in splits.items()}
 
 
 def load_text_dataset(source: Mapping[str, Any]) -> dict[str, TextSplit | GSM8KSplit]:
