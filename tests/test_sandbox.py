@@ -95,3 +95,24 @@ def test_wrong_completions_fail_and_a_jsonl_file_loads(tmp_path):
     scores, _ = evaluate_completions(problems, completions, ks=(1, 2), limits=LIMITS, workers=2)
     assert scores == {"pass@1": pytest.approx(0.5), "pass@2": 1.0}
     assert program(problems[0], "X").startswith(problems[0].prompt + "X")
+
+
+def test_model_pass_at_k_runs_generated_completions(monkeypatch):
+    from fedlora_jax.eval import generate, humaneval
+
+    problems = load_problems()[:3]
+    seen = {}
+
+    def fake_generate_texts(graphdef, params, frozen, tokenizer, prompts, *args):
+        seen["prompts"], seen["args"] = prompts, args
+        # sample 0 of each problem: its solution then a stray def (truncated away); sample 1: wrong
+        by_prompt = {p.prompt: p.canonical_solution for p in problems}
+        return [by_prompt[p] + "\ndef junk(:\n" if i % 2 == 0 else "    return None\n" for i, p in enumerate(prompts)]
+
+    monkeypatch.setattr(generate, "generate_texts", fake_generate_texts)
+    scores, outcomes = humaneval.humaneval_pass_at_k(None, None, None, None, problems, samples=2, ks=(1, 2),
+                                                     temperature=0.8, limits=LIMITS, workers=2)
+    assert seen["prompts"] == [p.prompt for p in problems for _ in range(2)]
+    assert scores == {"pass@1": pytest.approx(0.5), "pass@2": 1.0}
+    with pytest.raises(ValueError, match="needs temperature > 0"):
+        humaneval.humaneval_pass_at_k(None, None, None, None, problems, samples=2)

@@ -19,6 +19,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from fedlora_jax.eval import generate
 from fedlora_jax.eval.sandbox import Limits, Outcome, run_programs
 
 STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
@@ -110,3 +111,20 @@ def evaluate_completions(problems: Sequence[Problem], completions: Mapping[str, 
     scores = {f"pass@{k}": float(np.mean([pass_at_k(len(o), sum(x.passed for x in o), k) for o in by_task.values()]))
               for k in ks}
     return scores, by_task
+
+
+def humaneval_pass_at_k(graphdef, params, frozen, tokenizer, problems: Sequence[Problem], samples: int = 1,
+                        ks: Sequence[int] = (1,), temperature: float = 0.0, max_prompt_len: int = 512,
+                        max_new_tokens: int = 256, batch_size: int = 8, eos_token: str | None = None, seed: int = 0,
+                        limits: Limits = Limits(), workers: int | None = None):
+    """pass@k of a model: ``samples`` continuations of each prompt (greedy: 1 at temperature 0;
+    sampled: n > 1 at temperature > 0, seeded by ``seed``), cut by :func:`truncate_completion`,
+    run in the sandbox. Returns what :func:`evaluate_completions` returns."""
+    if samples > 1 and temperature <= 0:
+        raise ValueError("more than one sample per problem needs temperature > 0 (greedy samples are identical)")
+    prompts = [p.prompt for p in problems for _ in range(samples)]
+    texts = generate.generate_texts(graphdef, params, frozen, tokenizer, prompts, max_prompt_len, max_new_tokens,
+                                    batch_size, eos_token, temperature, seed)
+    completions = {p.task_id: [truncate_completion(t) for t in texts[i * samples:(i + 1) * samples]]
+                   for i, p in enumerate(problems)}
+    return evaluate_completions(problems, completions, ks, limits, workers)
