@@ -166,6 +166,7 @@ def tiny_version(config: Config, where: str, stand_in_dirs, tmp_path: Path) -> C
             data["tokenizer"] = str(MINILM_DIR)
         if data["eos_token"] is not None:  # every stand-in tokenises with MiniLM's vocabulary
             data["eos_token"] = "[SEP]"
+            data["load"].pop("chat", None)  # MiniLM has no chat template
         data["max_length"] = MAX_LENGTH_CAUSAL_LM if data["source"] == "gsm8k" else MAX_LENGTH
         partition = data["partition"]
         partition.pop("sizes", None)  # real client sizes do not fit the capped data

@@ -445,3 +445,22 @@ def test_answer_only_loss_goes_down_in_short_federated_run(tmp_path, monkeypatch
 
     assert score == share_right(run_generations, references)
     assert accuracy == share_right(generations, answers)
+
+
+def test_sampled_generation_is_seeded_and_approaches_greedy_when_cold():
+    from fedlora_jax.eval.generate import generate, generate_texts
+
+    graphdef, params, frozen = split_model(rigged_llama())
+    ids, mask = left_pad_prompts(word_tokenizer(), ["Q A1", "A2", "A3"], max_prompt_len=3)
+    ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+    # 3 tokens: each argmax is unique (SUCCESSOR) until "Q", whose logits all tie
+    greedy = greedy_generate(graphdef, params, frozen, ids, mask, 3)
+    cold = generate(graphdef, params, frozen, ids, mask, 3, temperature=1e-3, key=jax.random.key(0))
+    np.testing.assert_array_equal(cold, greedy)
+    hot = [generate(graphdef, params, frozen, ids, mask, 3, temperature=5.0, key=jax.random.key(s)) for s in (0, 0, 1)]
+    np.testing.assert_array_equal(hot[0], hot[1])
+    assert not np.array_equal(hot[0], hot[2]) and not np.array_equal(hot[0], greedy)
+    with pytest.raises(ValueError, match="needs a PRNG key"):
+        generate(graphdef, params, frozen, ids, mask, 2, temperature=1.0)
+    texts = generate_texts(graphdef, params, frozen, word_tokenizer(), ["A1"], 2, 2, 1, eos_token="[EOS]")
+    assert texts == ["1"]

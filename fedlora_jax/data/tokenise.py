@@ -29,6 +29,7 @@ def load_tokenizer(tokenizer_dir_or_id: str | os.PathLike | Tokenizer) -> Tokeni
 
     Args:
       tokenizer_dir_or_id: a ``Tokenizer`` (copied, never modified), a ``tokenizer.json`` file,
+        a ``.gguf`` model file (its tokenizer metadata, converted by transformers),
         a folder holding one, a folder without one (read with ``transformers.AutoTokenizer``,
         e.g. from ``vocab.txt``), or a hub model id (AutoTokenizer; needs the network or cache).
 
@@ -49,7 +50,9 @@ def _prepare(tokenizer_dir_or_id: str | os.PathLike | Tokenizer) -> tuple[Tokeni
     else:
         name = os.fspath(tokenizer_dir_or_id)
         path = Path(name).expanduser()
-        if path.is_file():
+        if path.is_file() and path.suffix.lower() == ".gguf":  # built from the GGUF metadata
+            tokenizer = _from_transformers(str(path.parent), gguf_file=path.name)
+        elif path.is_file():
             tokenizer = Tokenizer.from_file(str(path))
         elif (path / "tokenizer.json").is_file():
             tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
@@ -63,10 +66,10 @@ def _prepare(tokenizer_dir_or_id: str | os.PathLike | Tokenizer) -> tuple[Tokeni
     return tokenizer, pad_id
 
 
-def _from_transformers(name: str) -> Tokenizer:
+def _from_transformers(name: str, **kwargs) -> Tokenizer:
     from transformers import AutoTokenizer  # deferred: slow import, only for this fallback
 
-    hf_tokenizer = AutoTokenizer.from_pretrained(name)
+    hf_tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
     backend = getattr(hf_tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise ValueError(f"tokenizer {name} has no fast (tokenizers) backend")

@@ -32,6 +32,7 @@ from flax import nnx
 from safetensors import safe_open
 
 from fedlora_jax.models.family import Family
+from fedlora_jax.models.gguf import is_gguf, read_gguf
 from fedlora_jax.models.registry import builder_of, family_of
 
 logger = logging.getLogger(__name__)
@@ -113,7 +114,10 @@ def _read_config(directory: Path) -> dict[str, Any]:
 
 
 def model_config_from_pretrained(path_or_hub_id: str | os.PathLike) -> dict[str, Any]:
-    """The Hugging Face ``config.json`` dict of a local directory or hub repo."""
+    """The Hugging Face ``config.json`` dict of a local directory or hub repo (of a ``.gguf``
+    file: the one its metadata gives)."""
+    if is_gguf(path_or_hub_id):
+        return read_gguf(path_or_hub_id)[0]
     return _read_config(resolve_checkpoint_dir(path_or_hub_id))
 
 
@@ -193,7 +197,8 @@ def load_pretrained(
 
     Args:
       path_or_hub_id: a local directory with config.json and *.safetensors (sharded with
-        model.safetensors.index.json, or not), or a hub repo id (downloaded when not a directory).
+        model.safetensors.index.json, or not), a hub repo id (downloaded when not a directory),
+        or a ``.gguf`` file of a Llama decoder (dequantized; :mod:`fedlora_jax.models.gguf`).
       task: "classification", "regression", "encoder" (bert/roberta) or "causal_lm" (llama family).
       num_labels: outputs of the classification head (regression: always 1).
       dtype: parameter and compute dtype.
@@ -207,21 +212,28 @@ def load_pretrained(
     Raises:
       ValueError: unsupported model_type/task, no safetensors, or a missing/mis-shaped tensor.
     """
-    directory = resolve_checkpoint_dir(path_or_hub_id)
-    config = _read_config(directory)
+    gguf_tensors = None
+    if is_gguf(path_or_hub_id):
+        directory = Path(path_or_hub_id)
+        config, gguf_tensors = read_gguf(directory)
+    else:
+        directory = resolve_checkpoint_dir(path_or_hub_id)
+        config = _read_config(directory)
     family, family_config, build = _model_builder(config.get("model_type"), config, task, num_labels, dtype, pooling)
     abstract = nnx.eval_shape(lambda: build(nnx.Rngs(seed)))
     graphdef, abstract_state = nnx.split(abstract)
-    index = _checkpoint_index(directory, family)
-    fused = family.fused_projections(family_config) if family.fused_projections else {}
+    if gguf_tensors is None:
+        index = _checkpoint_index(directory, family)
+        fused = family.fused_projections(family_config) if family.fused_projections else {}
 
     loaded, missing_head = [], []
     with contextlib.ExitStack() as stack:
-        source = _TensorSource(index, fused, stack)
+        find = ({family.checkpoint_name(n): read for n, read in gguf_tensors.items()}.get if gguf_tensors is not None
+                else _TensorSource(index, fused, stack).find)
         for path, variable in nnx.to_flat_state(abstract_state):
             expected = variable.get_value()
             name = family.tensor_name(path)
-            read = source.find(name)
+            read = find(name)
             if read is None:
                 if HEAD in path:
                     missing_head.append((path, variable))
@@ -247,5 +259,5 @@ def load_pretrained(
         fresh = nnx.to_flat_state(jax.jit(lambda: nnx.state(build(nnx.Rngs(seed)), nnx.PathContains(HEAD)))())
         fresh_values = dict(fresh)
         loaded.extend((path, variable.replace(fresh_values[path].get_value())) for path, variable in missing_head)
-    logger.debug("loaded %d parameters from %d checkpoint tensors in %s", len(loaded), len(index), directory)
+    logger.debug("loaded %d parameters from %s", len(loaded), directory)
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))

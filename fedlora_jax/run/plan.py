@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -17,6 +18,7 @@ from fedlora_jax.data.base import FederatedData
 from fedlora_jax.data.packing import eval_stream_length, row_lengths, token_buckets
 from fedlora_jax.engine import Federation, RecordDP, StepStreams
 from fedlora_jax.methods import streaming_methods
+from fedlora_jax.models.gguf import is_gguf
 from fedlora_jax.models.weights import resolve_checkpoint_dir
 from fedlora_jax.params import leaf_bytes
 
@@ -170,6 +172,8 @@ def weight_file_bytes(config: Config) -> int:
     """Bytes of the pretrained checkpoint's weight files (0 for a model built from its config)."""
     if not config.model.pretrained:
         return 0
+    if is_gguf(config.model.pretrained):
+        return Path(config.model.pretrained).expanduser().stat().st_size
     folder = resolve_checkpoint_dir(config.model.pretrained)
     return sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin") for f in folder.glob(pattern))
 
