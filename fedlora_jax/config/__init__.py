@@ -6,6 +6,7 @@ a :class:`ConfigError` of one line naming the key. ``load_config`` returns a val
 :class:`Config`.
 """
 
+from fedlora_jax.config.federation import ClientStepsConfig, CompressionConfig, ServerOptimizerConfig
 from fedlora_jax.config.load import ConfigError, load_config, parse_overrides
 from fedlora_jax.config.schema import (
     CheckpointConfig,
@@ -19,12 +20,13 @@ from fedlora_jax.config.schema import (
     ModelConfig,
     OptimConfig,
     PrivacyConfig,
-    ServerOptimizerConfig,
     cohort_size,
 )
 
 __all__ = [
     "CheckpointConfig",
+    "ClientStepsConfig",
+    "CompressionConfig",
     "Config",
     "ConfigError",
     "DataConfig",
