@@ -131,16 +131,11 @@ class CausalLM(TaskKind):
     def scored_mean(self, token_loss: jax.Array, batch: dict) -> jax.Array:
         """Per-example mean of the next-token losses [b, L-1] over the scored targets."""
         packing = batch.get("packing")
-        targets = batch["input_ids"][:, 1:]
         if packing is None:
             scored = batch.get("loss_mask", batch["attention_mask"])[:, 1:].astype(jnp.float32)
             return jnp.sum(token_loss * scored, axis=-1) / jnp.maximum(jnp.sum(scored, axis=-1), 1.0)
-        # a stream token is scored when its successor belongs to the same example and is scored
-        segments = packing.segment_ids
-        same = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] > 0)
-        scored = (batch["loss_mask"][:, 1:] if "loss_mask" in batch else jnp.ones_like(targets)) * same
         owner = packing.segment_matrix()[:, 1:]  # [b, T-1]: the example of each scored successor
-        weights = scored[0].astype(jnp.float32)
+        weights = packing.scored_next(batch.get("loss_mask"))[:-1].astype(jnp.float32)
         return (owner @ (token_loss[0] * weights)) / jnp.maximum(owner @ weights, 1.0)
 
     def predictions(self, logits):

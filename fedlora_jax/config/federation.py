@@ -17,6 +17,17 @@ from fedlora_jax.config.types import (
 )
 
 
+def _reject_other_choices_options(section: Section, key: str, choice: str, owners: dict[str, tuple[str, ...]]):
+    """Raises the one-line rule error when an option that belongs to other choices than ``choice``
+    (``owners``: option -> the choices it applies to) is away from its default in section
+    ``federation.<key>``."""
+    changed = [k for k, own in owners.items()
+               if choice not in own and getattr(section, k) != type(section).model_fields[k].default]
+    if changed:
+        raise _rule_broken(f"config key 'federation.{key}.{changed[0]}' applies to "
+                           f"{' and '.join(owners[changed[0]])} only, not to {choice}")
+
+
 class ServerOptimizerConfig(Section):
     """The server's optimiser over the aggregate (FedOpt, Reddi et al., 2021): minus the round's
     averaged update is its gradient. ``sgd`` with ``momentum`` is FedAvgM, ``adam`` FedAdam and
@@ -34,12 +45,9 @@ class ServerOptimizerConfig(Section):
 
     @model_validator(mode="after")
     def _options_of_this_optimizer(self):
-        others = ("b1", "b2", "eps") if self.name == "sgd" else ("momentum",)
-        changed = [k for k in others if getattr(self, k) != type(self).model_fields[k].default]
-        if changed:
-            owner = "adam and yogi" if self.name == "sgd" else "sgd"
-            raise _rule_broken(f"config key 'federation.server_optimizer.{changed[0]}' applies to {owner} only, "
-                               f"not to {self.name}")
+        adaptive = ("adam", "yogi")
+        _reject_other_choices_options(self, "server_optimizer", self.name, {
+            "momentum": ("sgd",), "b1": adaptive, "b2": adaptive, "eps": adaptive})
         return self
 
 
@@ -63,12 +71,8 @@ class CompressionConfig(Section):
 
     @model_validator(mode="after")
     def _options_of_this_scheme(self):
-        others = ("fraction",) if self.kind == "quantize" else ("bits", "block")
-        changed = [k for k in others if getattr(self, k) != type(self).model_fields[k].default]
-        if changed:
-            owner = "topk and randk" if self.kind == "quantize" else "quantize"
-            raise _rule_broken(f"config key 'federation.compression.{changed[0]}' applies to {owner} only, "
-                               f"not to {self.kind}")
+        _reject_other_choices_options(self, "compression", self.kind, {
+            "bits": ("quantize",), "block": ("quantize",), "fraction": ("topk", "randk")})
         return self
 
 
